@@ -1,0 +1,311 @@
+"""The thin layer over nats-py's JetStream API: the one place that catches nats errors.
+
+Every write here is revision-checked except ``create`` (which expects "no value yet").
+Reads are direct gets (any replica may answer); ``leader=True`` routes a read through
+the stream leader, which the update loop uses after repeated conflicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+
+from kvstate.errors import (
+    BucketError,
+    ConflictError,
+    ConnectionLostError,
+    KvstateError,
+    ValueTooLarge,
+)
+
+__all__ = ["BucketConfig", "KvEntry", "KvStore", "nats_errors"]
+
+KV_OPERATION = "KV-Operation"
+MARKER_REASON = "Nats-Marker-Reason"
+CONFLICT_CODES = frozenset({10071, 10164})
+_MESSAGE_TOO_LARGE = 10054
+_STREAM_NOT_FOUND = 10059
+
+
+@dataclass(frozen=True, slots=True)
+class KvEntry:
+    """One stored revision of a key: a value, or a delete/purge marker (``value`` None)."""
+
+    key: str
+    revision: int
+    value: bytes | None
+    operation: str | None = None
+    created: datetime | None = None
+
+    @property
+    def deleted(self) -> bool:
+        """True for a delete or purge marker."""
+        return self.value is None
+
+
+@dataclass(frozen=True, slots=True)
+class BucketConfig:
+    """How kvstate creates its bucket (docs/state-format.md#bucket).
+
+    File storage; ``history`` revisions kept per key; values up to ``max_value_size``
+    bytes; direct get on (reads served by any replica); per-message TTL allowed so that
+    delete markers expire.
+    """
+
+    name: str = "operations"
+    replicas: int = 1
+    history: int = 10
+    max_value_size: int = 262144
+    description: str = "kvstate: live state of pipeline operations"
+
+    @property
+    def stream(self) -> str:
+        """The JetStream stream behind the bucket."""
+        return f"KV_{self.name}"
+
+
+@contextmanager
+def nats_errors(key: str = "", last: int | None = None) -> Iterator[None]:
+    """Re-raise nats errors raised inside the block as kvstate errors, the original as cause."""
+    try:
+        yield
+    except nats.js.errors.KeyWrongLastSequenceError as exc:
+        raise ConflictError(key, last, 1) from exc
+    except nats.js.errors.APIError as exc:
+        if exc.err_code in CONFLICT_CODES:
+            raise ConflictError(key, last, 1) from exc
+        if exc.err_code == _MESSAGE_TOO_LARGE:
+            raise ValueTooLarge(key, -1, -1) from exc
+        if exc.err_code == _STREAM_NOT_FOUND:
+            raise BucketError(f"the bucket's stream is missing ({exc.description}); run `kvstate bucket init`") from exc
+        if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+            raise ConnectionLostError(f"JetStream unavailable: {exc.description}") from exc
+        raise KvstateError(f"JetStream error {exc.err_code}: {exc.description}") from exc
+    except nats.js.errors.NoStreamResponseError as exc:
+        raise BucketError("no stream answered for the bucket; run `kvstate bucket init`") from exc
+    except (TimeoutError, nats.errors.TimeoutError) as exc:
+        raise ConnectionLostError(f"NATS did not answer in time (key {key!r})") from exc
+    except nats.errors.NoRespondersError as exc:
+        raise BucketError(f"no responders for {key!r}: the bucket is missing or JetStream is off") from exc
+    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
+        raise ConnectionLostError(f"NATS connection unavailable: {exc}") from exc
+
+
+class KvStore:
+    """Revision-checked access to one bucket."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, config: BucketConfig, direct: bool) -> None:
+        self.nc = nc
+        self.js = js
+        self.config = config
+        self.direct = direct
+        self._prefix = f"$KV.{config.name}."
+
+    @classmethod
+    async def open(cls, nc: NATS, config: BucketConfig, *, create: bool, timeout: float) -> KvStore:
+        """Open the bucket; with ``create``, create it when missing. Verifies its configuration."""
+        js = nc.jetstream(timeout=timeout)
+        try:
+            with nats_errors(config.name):
+                info = await js.stream_info(config.stream)
+        except BucketError:
+            if not create:
+                raise BucketError(
+                    f"bucket {config.name!r} does not exist; create it with `kvstate bucket init`"
+                ) from None
+            kv_config = api.KeyValueConfig(
+                bucket=config.name,
+                description=config.description,
+                history=config.history,
+                max_value_size=config.max_value_size,
+                storage=api.StorageType.FILE,
+                replicas=config.replicas,
+                direct=True,
+            )
+            try:
+                with nats_errors(config.name):
+                    await js.create_key_value(kv_config)
+            except KvstateError as exc:
+                # A concurrent creator may have won; the verification below decides.
+                if "already in use" not in str(exc):
+                    raise
+            with nats_errors(config.name):
+                info = await js.stream_info(config.stream)
+        problems = bucket_problems(info.config)
+        if problems:
+            raise BucketError(f"bucket {config.name!r} is not usable by kvstate: " + "; ".join(problems))
+        return cls(nc, js, config, direct=bool(info.config.allow_direct))
+
+    def subject(self, key: str) -> str:
+        """The stream subject of ``key``."""
+        return self._prefix + key
+
+    async def get(self, key: str, *, leader: bool = False) -> KvEntry | None:
+        """The latest revision of ``key``; None when missing or deleted."""
+        entry = await self._last_message(key, direct=self.direct and not leader)
+        return None if entry is None or entry.deleted else entry
+
+    async def get_revision(self, key: str, revision: int) -> KvEntry | None:
+        """Revision ``revision`` of ``key``; None when it is gone or belongs to another key."""
+        with nats_errors(key):
+            try:
+                msg = await self.js.get_msg(self.config.stream, seq=revision, direct=self.direct)
+            except nats.js.errors.NotFoundError:
+                return None
+        if msg.subject != self._prefix + key:
+            return None
+        return _entry(key, revision, msg.data, msg.headers)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Store ``value`` only if ``key`` holds nothing (or a delete marker); ConflictError otherwise."""
+        try:
+            return await self._publish(key, value, {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: "0"}, 0)
+        except ConflictError:
+            current = await self._last_message(key, direct=False)
+            if current is None or not current.deleted:
+                raise
+            return await self.update(key, value, current.revision)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Store ``value`` only if the latest revision of ``key`` is ``last``; ConflictError otherwise."""
+        return await self._publish(key, value, {api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)}, last)
+
+    async def purge(self, key: str, last: int, marker_ttl: float | None) -> int:
+        """Remove ``key`` and all its revisions only if its latest revision is ``last``.
+
+        Leaves one purge marker (so watchers see the removal) that expires after
+        ``marker_ttl`` seconds when given, so markers never pile up.
+        """
+        headers = {
+            KV_OPERATION: "PURGE",
+            api.Header.ROLLUP: "sub",
+            api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last),
+        }
+        if marker_ttl is not None:
+            headers[api.Header.MSG_TTL] = f"{max(1, int(marker_ttl))}s"
+        return await self._publish(key, b"", headers, last)
+
+    async def history(self, key: str) -> list[KvEntry]:
+        """Every stored revision of ``key``, oldest first (markers included)."""
+        return [entry async for entry in self.scan(key, history=True)]
+
+    async def scan(
+        self, pattern: str = ">", *, history: bool = False, headers_only: bool = False
+    ) -> AsyncIterator[KvEntry]:
+        """The latest entry (or with ``history`` every entry) of keys matching ``pattern``, then stop.
+
+        Deleted keys are skipped unless ``history`` is set. Values written after the scan
+        started may or may not be included.
+        """
+        queue: asyncio.Queue[KvEntry | None] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            entry = self.decode_message(msg)
+            if history or not entry.deleted:
+                queue.put_nowait(entry)
+            if msg.metadata.num_pending == 0:
+                queue.put_nowait(None)
+
+        policy = api.DeliverPolicy.ALL if history else api.DeliverPolicy.LAST_PER_SUBJECT
+        with nats_errors(pattern):
+            sub = await self.js.subscribe(
+                self._prefix + pattern,
+                stream=self.config.stream,
+                cb=on_msg,
+                ordered_consumer=True,
+                deliver_policy=policy,
+                headers_only=headers_only,
+                inactive_threshold=30.0,
+            )
+        try:
+            with nats_errors(pattern):
+                info = await sub.consumer_info()
+            if info.num_pending == 0 and sub.delivered == 0:
+                queue.put_nowait(None)
+            while (item := await queue.get()) is not None:
+                yield item
+        finally:
+            with nats_errors(pattern):
+                await sub.unsubscribe()
+
+    async def subscribe(
+        self, pattern: str, cb: Callable[[Msg], Awaitable[None]], *, start_sequence: int | None
+    ) -> JetStreamContext.PushSubscription:
+        """An ordered push consumer on ``pattern``: from ``start_sequence``, or each key's latest value."""
+        if start_sequence is None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+        else:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_sequence
+            )
+        with nats_errors(pattern):
+            return await self.js.subscribe(
+                self._prefix + pattern,
+                stream=self.config.stream,
+                cb=cb,
+                ordered_consumer=True,
+                config=config,
+                idle_heartbeat=2.0,
+                inactive_threshold=60.0,
+            )
+
+    def decode_message(self, msg: Msg) -> KvEntry:
+        """A watch message as an entry."""
+        meta = msg.metadata
+        return _entry(msg.subject[len(self._prefix) :], meta.sequence.stream, msg.data, msg.headers, meta.timestamp)
+
+    async def info(self) -> api.StreamInfo:
+        """The stream info of the bucket (configuration and message counts)."""
+        with nats_errors(self.config.name):
+            return await self.js.stream_info(self.config.stream)
+
+    async def _publish(self, key: str, value: bytes, headers: dict[str, str], last: int) -> int:
+        with nats_errors(key, last):
+            ack = await self.js.publish(self._prefix + key, value, headers=headers)
+        return int(ack.seq)
+
+    async def _last_message(self, key: str, *, direct: bool) -> KvEntry | None:
+        with nats_errors(key):
+            try:
+                msg = await self.js.get_msg(self.config.stream, subject=self._prefix + key, direct=direct)
+            except nats.js.errors.NotFoundError:
+                return None
+        return _entry(key, msg.seq or 0, msg.data, msg.headers)
+
+
+def _entry(
+    key: str, revision: int, data: bytes | None, headers: dict[str, str] | None, created: datetime | None = None
+) -> KvEntry:
+    operation = None
+    if headers:
+        operation = headers.get(KV_OPERATION)
+        if operation is None and headers.get(MARKER_REASON) is not None:
+            operation = "PURGE"
+    if operation in ("DEL", "PURGE"):
+        return KvEntry(key, revision, None, operation, created)
+    return KvEntry(key, revision, data or b"", "PUT", created)
+
+
+def bucket_problems(config: api.StreamConfig) -> list[str]:
+    """Why a stream configuration does not suit kvstate (empty when it does)."""
+    problems = []
+    if config.storage != api.StorageType.FILE:
+        problems.append("storage must be file")
+    if (config.max_msgs_per_subject or 0) < 10:
+        problems.append(f"history is {config.max_msgs_per_subject}, kvstate needs at least 10")
+    if not config.allow_direct:
+        problems.append("direct get must be enabled")
+    if not config.allow_rollup_hdrs:
+        problems.append("rollup headers must be allowed (revision-checked purge)")
+    if not config.allow_msg_ttl:
+        problems.append("per-message TTL must be allowed (expiring delete markers)")
+    return problems

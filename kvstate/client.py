@@ -1,0 +1,628 @@
+"""The kvstate client: what pipeline services import to report and read operation state.
+
+    async with kvstate.Client(Settings.from_env(os.environ)) as client:
+        op = await client.create("orders", metadata={"customer": 42})
+        await client.start(op.id, "ingest", worker="ingest-1")
+        await client.succeed(op.id, "ingest", metadata={"bytes": 1234})
+
+Every write after creation is a compare-and-set on the revision it was computed from,
+through the group committer (kvstate._committer). Each update returns an UpdateResult
+saying whether it was applied, a duplicate (same event id seen before) or stale (too
+late for the state machine); only real errors raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import version as package_version
+from types import TracebackType
+from typing import Self
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from kvstate._committer import GroupCommitter, Mutation, RevisionCache
+from kvstate._kv import BucketConfig, KvStore, nats_errors
+from kvstate._time import new_ulid, utcnow
+from kvstate.codec import (
+    decode_operation,
+    decode_pipeline,
+    encode_operation,
+    encode_pipeline,
+    normalize_json_object,
+)
+from kvstate.errors import (
+    ClientClosedError,
+    ConflictError,
+    ConnectionLostError,
+    CorruptValue,
+    KvstateError,
+    OperationExists,
+    OperationNotFound,
+    ServerVersionError,
+    UnknownPipeline,
+    WaitTimeout,
+)
+from kvstate.events import (
+    Cancel,
+    Event,
+    FailStage,
+    Heartbeat,
+    MergeMetadata,
+    Reopen,
+    SkipStage,
+    StartStage,
+    SucceedStage,
+)
+from kvstate.keys import OPERATION_PREFIX, PIPELINE_PREFIX, operation_key, pipeline_key, validate_id
+from kvstate.machine import Decision, apply_event, new_operation
+from kvstate.model import JSONObject, Operation, OpStatus, Outcome, StageStatus, UpdateResult
+from kvstate.pipeline import Pipeline
+from kvstate.settings import Settings
+from kvstate.watch import Watcher
+
+__all__ = ["Client", "Revision"]
+
+log = logging.getLogger("kvstate.client")
+
+MIN_SERVER_VERSION = (2, 11, 0)
+MIN_NATS_PY_VERSION = (2, 15, 0)
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """One stored revision of an operation key (``kvstate history``)."""
+
+    revision: int
+    created: datetime | None
+    operation: Operation | None
+    deleted: bool = False
+    error: CorruptValue | None = None
+
+
+def _check_nats_py() -> None:
+    found = package_version("nats-py")
+    parts = tuple(int(p) for p in found.split(".")[:3] if p.isdigit())
+    if parts < MIN_NATS_PY_VERSION:
+        raise ServerVersionError("nats-py", found, ".".join(map(str, MIN_NATS_PY_VERSION)))
+
+
+class Client:
+    """Async client for operation state in a NATS KV bucket.
+
+    Use it as an async context manager; it refuses use before ``__aenter__`` and after
+    ``__aexit__``. Pass ``nc`` to reuse a NATS connection you own (it is then not closed).
+    ``create_bucket=True`` creates the bucket when it is missing (otherwise BucketError).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        nc: NATS | None = None,
+        create_bucket: bool = False,
+        name: str = "kvstate",
+        cache_size: int = 10_000,
+    ) -> None:
+        self.settings = settings or Settings()
+        self._nc = nc
+        self._owns_nc = nc is None
+        self._create_bucket = create_bucket
+        self._name = name
+        self._state = _State.UNOPENED
+        self._store: KvStore | None = None
+        self._committer: GroupCommitter | None = None
+        self._cache = RevisionCache(cache_size)
+        self._pipelines: dict[str, Pipeline] = {}
+        self._watchers: set[Watcher] = set()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.UNOPENED:
+            raise ClientClosedError(f"a kvstate Client cannot be reopened (it is {self._state.value})")
+        _check_nats_py()
+        if self._nc is None:
+            self._nc = await self._connect()
+        try:
+            self._check_server_version(self._nc)
+            config = BucketConfig(
+                name=self.settings.bucket,
+                replicas=self.settings.replicas,
+                history=self.settings.history,
+                max_value_size=self.settings.max_value_size,
+            )
+            self._store = await KvStore.open(
+                self._nc, config, create=self._create_bucket, timeout=self.settings.timeout
+            )
+        except BaseException:
+            if self._owns_nc:
+                await self._nc.close()
+            self._state = _State.CLOSED
+            raise
+        self._committer = GroupCommitter(
+            self._store,
+            self._cache,
+            self.pipeline,
+            max_attempts=self.settings.max_retries,
+            max_value_size=self.settings.max_value_size,
+        )
+        self._state = _State.OPEN
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop watchers, finish queued writes, then drain the NATS connection (if ours)."""
+        if self._state is not _State.OPEN:
+            self._state = _State.CLOSED
+            return
+        self._state = _State.CLOSED
+        for watcher in list(self._watchers):
+            await watcher.stop()
+        if self._committer is not None:
+            await self._committer.wait_idle()
+        if self._owns_nc and self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError):
+                await self._nc.close()
+
+    async def _connect(self) -> NATS:
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS error: %s", exc)
+
+        async def on_disconnect() -> None:
+            log.warning("disconnected from NATS; reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info("reconnected to NATS")
+
+        try:
+            return await nats.connect(
+                servers=self.settings.servers,
+                name=self._name,
+                connect_timeout=self.settings.timeout,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+            raise ConnectionLostError(f"cannot connect to NATS at {self.settings.nats_url}: {exc}") from exc
+
+    @staticmethod
+    def _check_server_version(nc: NATS) -> None:
+        version = nc.connected_server_version
+        found = (version.major, version.minor, version.patch)
+        if found < MIN_SERVER_VERSION:
+            raise ServerVersionError(
+                "nats-server",
+                f"{version.major}.{version.minor}.{version.patch}",
+                ".".join(map(str, MIN_SERVER_VERSION)),
+            )
+        if not nc._server_info.get("jetstream"):
+            raise ServerVersionError("nats-server", "without JetStream", "JetStream enabled (-js)")
+
+    def _open_store(self) -> KvStore:
+        if self._state is not _State.OPEN or self._store is None:
+            raise ClientClosedError(f"the kvstate Client is {self._state.value}; use it inside `async with`")
+        return self._store
+
+    @property
+    def store(self) -> KvStore:
+        """The bucket access layer (for the archiver and the dashboard)."""
+        return self._open_store()
+
+    @property
+    def connected(self) -> bool:
+        """True while the NATS connection is up."""
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: compare-and-set writes and conflicts, cached revisions."""
+        committer = self._committer
+        return {
+            "writes": committer.writes if committer else 0,
+            "conflicts": committer.conflicts if committer else 0,
+            "cached": len(self._cache),
+        }
+
+    # ----------------------------------------------------------------- pipelines
+
+    async def set_pipeline(self, pipeline: Pipeline) -> int:
+        """Store ``pipeline`` in the bucket (revision-checked); returns the new revision."""
+        store = self._open_store()
+        key = pipeline_key(pipeline.name)
+        data = encode_pipeline(pipeline)
+        for attempt in range(1, self.settings.max_retries + 1):
+            current = await store.get(key, leader=True)
+            try:
+                if current is None:
+                    revision = await store.create(key, data)
+                elif current.value == data:
+                    revision = current.revision
+                else:
+                    revision = await store.update(key, data, current.revision)
+            except ConflictError:
+                if attempt == self.settings.max_retries:
+                    raise
+                continue
+            self._pipelines[pipeline.name] = pipeline
+            return revision
+        raise ConflictError(key, None, self.settings.max_retries)  # pragma: no cover - loop returns or raises
+
+    async def pipeline(self, name: str) -> Pipeline:
+        """The pipeline ``name`` (cached after the first read); UnknownPipeline when absent."""
+        cached = self._pipelines.get(name)
+        if cached is not None:
+            return cached
+        return await self.refresh_pipeline(name)
+
+    async def refresh_pipeline(self, name: str) -> Pipeline:
+        """Read pipeline ``name`` from the bucket again."""
+        store = self._open_store()
+        key = pipeline_key(name)
+        entry = await store.get(key)
+        if entry is None or entry.value is None:
+            raise UnknownPipeline(name)
+        pipeline = decode_pipeline(key, entry.revision, entry.value)
+        self._pipelines[name] = pipeline
+        return pipeline
+
+    async def pipelines(self) -> list[Pipeline]:
+        """Every pipeline stored in the bucket (corrupt ones are skipped with a warning)."""
+        found = []
+        async for entry in self._open_store().scan(PIPELINE_PREFIX + "*"):
+            try:
+                pipeline = decode_pipeline(entry.key, entry.revision, entry.value or b"")
+            except CorruptValue as exc:
+                log.warning("skipping corrupt pipeline: %s", exc)
+                continue
+            self._pipelines[pipeline.name] = pipeline
+            found.append(pipeline)
+        return found
+
+    # ----------------------------------------------------------------- operations
+
+    async def create(
+        self,
+        pipeline: str,
+        *,
+        op_id: str | None = None,
+        metadata: JSONObject | None = None,
+        event_id: str | None = None,
+    ) -> Operation:
+        """Create a pending operation of ``pipeline``; returns it with its revision.
+
+        ``op_id`` defaults to a new ULID. When the id exists: with the same ``event_id``
+        (a retried creation) the existing operation is returned, otherwise OperationExists.
+        """
+        store = self._open_store()
+        definition = await self.pipeline(pipeline)
+        op_id = validate_id(op_id) if op_id is not None else new_ulid()
+        key = operation_key(op_id)
+        given_event = event_id
+        event_id = event_id or new_ulid()
+        initial = normalize_json_object(metadata) if metadata is not None else {}
+        op = new_operation(op_id, definition, utcnow(), initial, event_id)
+        data = encode_operation(op, self.settings.max_value_size)
+        for attempt in range(1, 4):
+            try:
+                revision = await store.create(key, data)
+                break
+            except ConflictError:
+                existing = await self._read(op_id)
+                if existing.origin == event_id and (given_event is not None or attempt > 1):
+                    return existing  # an idempotent retry, or our own earlier attempt landed
+                raise OperationExists(op_id, existing.revision) from None
+            except ConnectionLostError:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.1 * attempt)
+        self._cache.put(key, revision, data)
+        return _with_revision(op, revision)
+
+    async def get(self, op_id: str) -> Operation:
+        """The current state of ``op_id``; OperationNotFound when it is not in the bucket."""
+        return await self._read(op_id)
+
+    async def _read(self, op_id: str) -> Operation:
+        store = self._open_store()
+        key = operation_key(op_id)
+        entry = await store.get(key)
+        if entry is None or entry.value is None:
+            raise OperationNotFound(op_id, await self._not_found_hint(key))
+        self._cache.put(key, entry.revision, entry.value)
+        return decode_operation(key, entry.revision, entry.value)
+
+    async def _not_found_hint(self, key: str) -> str:
+        history = await self._open_store().history(key)
+        if history and history[-1].deleted:
+            return (
+                f"it was removed from the bucket at revision {history[-1].revision}, most likely after "
+                "archiving: look it up with `kvstate archive get ID`"
+            )
+        return "finished operations are archived and removed: try `kvstate archive get ID`"
+
+    async def apply(self, op_id: str, event: Event) -> UpdateResult:
+        """Apply one event (compare-and-set, batched with concurrent updates of the same operation)."""
+
+        def mutation(op: Operation, pipeline: Pipeline) -> Decision:
+            return apply_event(op, pipeline, event, utcnow())
+
+        return await self._submit(op_id, mutation)
+
+    async def update(self, op_id: str, fn: Callable[[Operation], Operation]) -> UpdateResult:
+        """Apply a custom pure function to the operation under compare-and-set.
+
+        ``fn`` may run several times (after conflicts) and must not mutate its argument;
+        returning the same object means no change (outcome ``stale``, nothing written).
+        """
+
+        def mutation(op: Operation, pipeline: Pipeline) -> Decision:
+            new = fn(op)
+            if new is op:
+                return Decision(Outcome.STALE, op, "update function made no change")
+            if new.id != op.id:
+                raise KvstateError(f"update function changed the operation id {op.id!r} to {new.id!r}")
+            return Decision(Outcome.APPLIED, new)
+
+        return await self._submit(op_id, mutation)
+
+    async def _submit(self, op_id: str, mutation: Mutation) -> UpdateResult:
+        self._open_store()
+        assert self._committer is not None
+        return await self._committer.submit(operation_key(op_id), mutation)
+
+    async def start(
+        self,
+        op_id: str,
+        stage: str,
+        *,
+        worker: str | None = None,
+        attempt: int | None = None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """An attempt of ``stage`` began (``attempt`` defaults to the next one)."""
+        return await self.apply(op_id, StartStage(stage=stage, worker=worker, attempt=attempt, **_eid(event_id)))
+
+    async def heartbeat(
+        self, op_id: str, stage: str, *, worker: str | None = None, attempt: int | None = None
+    ) -> UpdateResult:
+        """The running attempt of ``stage`` is alive (refreshes ``heartbeat_at``)."""
+        return await self.apply(op_id, Heartbeat(stage=stage, worker=worker, attempt=attempt))
+
+    async def succeed(
+        self,
+        op_id: str,
+        stage: str,
+        *,
+        metadata: JSONObject | None = None,
+        worker: str | None = None,
+        attempt: int | None = None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """``stage`` finished well; ``metadata`` is merged into the stage's own namespace."""
+        patch = normalize_json_object(metadata) if metadata is not None else None
+        event = SucceedStage(stage=stage, metadata=patch, worker=worker, attempt=attempt, **_eid(event_id))
+        return await self.apply(op_id, event)
+
+    async def fail(
+        self,
+        op_id: str,
+        stage: str,
+        error: str,
+        *,
+        retryable: bool = True,
+        code: str | None = None,
+        metadata: JSONObject | None = None,
+        worker: str | None = None,
+        attempt: int | None = None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """An attempt of ``stage`` failed; retried while ``retryable`` and attempts remain."""
+        patch = normalize_json_object(metadata) if metadata is not None else None
+        event = FailStage(
+            stage=stage,
+            error=str(error),
+            retryable=retryable,
+            code=code,
+            metadata=patch,
+            worker=worker,
+            attempt=attempt,
+            **_eid(event_id),
+        )
+        return await self.apply(op_id, event)
+
+    async def skip(
+        self,
+        op_id: str,
+        stage: str,
+        *,
+        reason: str | None = None,
+        worker: str | None = None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """An optional ``stage`` will not run."""
+        return await self.apply(op_id, SkipStage(stage=stage, reason=reason, worker=worker, **_eid(event_id)))
+
+    async def merge_metadata(
+        self,
+        op_id: str,
+        patch: JSONObject,
+        *,
+        stage: str | None = None,
+        worker: str | None = None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """Merge ``patch`` (RFC 7386: null removes) into the shared metadata or ``stage``'s namespace."""
+        normalized = normalize_json_object(patch, "metadata patch")
+        if stage is not None:
+            (await self._pipeline_of(op_id)).stage(stage)  # UnknownStage before anything is written
+        event = MergeMetadata(patch=normalized, stage=stage, worker=worker, **_eid(event_id))
+        return await self.apply(op_id, event)
+
+    async def cancel(
+        self, op_id: str, *, reason: str | None = None, by: str | None = None, event_id: str | None = None
+    ) -> UpdateResult:
+        """Cancel the operation (stale when it already finished)."""
+        return await self.apply(op_id, Cancel(reason=reason, worker=by, **_eid(event_id)))
+
+    async def reopen(
+        self, op_id: str, stages: list[str] | tuple[str, ...], *, event_id: str | None = None
+    ) -> UpdateResult:
+        """Put ``stages`` and every stage after them back to waiting (also un-cancels)."""
+        return await self.apply(op_id, Reopen(stages=tuple(stages), **_eid(event_id)))
+
+    async def _pipeline_of(self, op_id: str) -> Pipeline:
+        key = operation_key(op_id)
+        cached = self._cache.get(key)
+        op = decode_operation(key, cached[0], cached[1]) if cached else await self._read(op_id)
+        return await self.pipeline(op.pipeline)
+
+    async def remove(self, op_id: str, revision: int, *, marker_ttl: float | None = 300.0) -> int:
+        """Remove the operation only if it is still at ``revision`` (ConflictError otherwise).
+
+        Used by the archiver after a snapshot. All revisions go; one purge marker stays
+        for watchers and expires after ``marker_ttl`` seconds.
+        """
+        key = operation_key(op_id)
+        result = await self._open_store().purge(key, revision, marker_ttl)
+        self._cache.discard(key)
+        return result
+
+    # ----------------------------------------------------------------- reading many
+
+    def watch(
+        self, op_id: str | None = None, *, include_existing: bool = True, include_corrupt: bool = False
+    ) -> Watcher:
+        """Changes of every operation (or of ``op_id``), as ``async with client.watch() as changes``.
+
+        With ``include_existing`` the current state of every key comes first (marked
+        ``initial``). Corrupt values are skipped with a warning unless ``include_corrupt``.
+        """
+        if op_id is not None:
+            validate_id(op_id)
+        watcher = Watcher(
+            self._open_store(), op_id=op_id, include_existing=include_existing, include_corrupt=include_corrupt
+        )
+        self._watchers.add(watcher)
+        return watcher
+
+    async def wait(self, op_id: str, timeout: float | None = None) -> Operation:
+        """Wait until the operation reaches a terminal status and return it (WaitTimeout after ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: Operation | None = None
+        async with self.watch(op_id) as changes:
+            try:
+                async with asyncio.timeout_at(None if deadline is None else _loop_deadline(deadline)):
+                    async for change in changes:
+                        if change.operation is not None:
+                            last = change.operation
+                            if last.done:
+                                return last
+                        elif change.deleted:
+                            if last is not None and last.done:
+                                return last
+                            raise OperationNotFound(op_id, "it was removed from the bucket while waiting")
+            except TimeoutError:
+                raise WaitTimeout(op_id, timeout or 0.0, last.status.value if last else None) from None
+            finally:
+                self._watchers.discard(changes)
+        raise ClientClosedError("the client closed while waiting")
+
+    async def list(
+        self,
+        *,
+        status: OpStatus | str | list[OpStatus | str] | None = None,
+        stage: str | None = None,
+        pipeline: str | None = None,
+        limit: int | None = None,
+    ) -> list[Operation]:
+        """Operations in the bucket, oldest first, filtered by status, active stage and pipeline.
+
+        Reads every key (use the dashboard's index for frequent queries). Corrupt values
+        are skipped with a logged warning.
+        """
+        wanted = None
+        if status is not None:
+            items = status if isinstance(status, list) else [status]
+            wanted = {OpStatus(s) for s in items}
+        found: list[Operation] = []
+        async for op in self.scan():
+            if wanted is not None and op.status not in wanted:
+                continue
+            if pipeline is not None and op.pipeline != pipeline:
+                continue
+            if stage is not None and op.stage(stage).status not in (StageStatus.RUNNING, StageStatus.RETRYING):
+                continue
+            found.append(op)
+        found.sort(key=lambda o: (o.created_at, o.id))
+        return found[:limit] if limit is not None else found
+
+    async def scan(self) -> AsyncIterator[Operation]:
+        """Every operation in the bucket, in key order, corrupt values skipped with a warning."""
+        async for entry in self._open_store().scan(OPERATION_PREFIX + "*"):
+            try:
+                yield decode_operation(entry.key, entry.revision, entry.value or b"")
+            except CorruptValue as exc:
+                log.warning("skipping corrupt value: %s", exc)
+
+    async def history(self, op_id: str) -> list[Revision]:
+        """Every revision of the operation key still stored (the bucket keeps ``history`` per key)."""
+        key = operation_key(op_id)
+        revisions = []
+        for entry in await self._open_store().history(key):
+            if entry.value is None:
+                revisions.append(Revision(entry.revision, entry.created, None, deleted=True))
+                continue
+            try:
+                revisions.append(
+                    Revision(entry.revision, entry.created, decode_operation(key, entry.revision, entry.value))
+                )
+            except CorruptValue as exc:
+                revisions.append(Revision(entry.revision, entry.created, None, error=exc))
+        if not revisions:
+            raise OperationNotFound(op_id)
+        return revisions
+
+    async def raw(self, op_id: str) -> tuple[int, bytes] | None:
+        """The stored bytes and revision of an operation key, undecoded (for tools)."""
+        with nats_errors(op_id):
+            entry = await self._open_store().get(operation_key(op_id))
+        return None if entry is None or entry.value is None else (entry.revision, entry.value)
+
+
+def _eid(event_id: str | None) -> dict[str, str]:
+    return {"event_id": event_id} if event_id is not None else {}
+
+
+def _with_revision(op: Operation, revision: int) -> Operation:
+    import msgspec
+
+    return msgspec.structs.replace(op, revision=revision)
+
+
+def _loop_deadline(monotonic_deadline: float) -> float:
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())

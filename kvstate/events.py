@@ -1,0 +1,93 @@
+"""Events: the changes services report about an operation.
+
+Each event carries an ``event_id`` (idempotency key). Services that read from queues
+should derive it from the message (for example the JetStream message id) so a
+redelivered message is recognised as a duplicate; when left out, a fresh ULID is used.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kvstate._time import new_ulid
+from kvstate.model import JSONObject
+
+__all__ = [
+    "Cancel",
+    "Event",
+    "FailStage",
+    "Heartbeat",
+    "MergeMetadata",
+    "Reopen",
+    "SkipStage",
+    "StartStage",
+    "SucceedStage",
+]
+
+
+class _Base(msgspec.Struct, kw_only=True, frozen=True, tag_field="type", omit_defaults=True):
+    event_id: str = msgspec.field(default_factory=new_ulid)
+    worker: str | None = None
+
+
+class StartStage(_Base, tag="start"):
+    """An attempt of ``stage`` began. ``attempt`` defaults to the next one."""
+
+    stage: str
+    attempt: int | None = None
+
+
+class Heartbeat(_Base, tag="heartbeat"):
+    """The running attempt of ``stage`` is alive."""
+
+    stage: str
+    attempt: int | None = None
+
+
+class SucceedStage(_Base, tag="succeed"):
+    """``stage`` finished well; ``metadata`` is merged into the stage's namespace."""
+
+    stage: str
+    attempt: int | None = None
+    metadata: JSONObject | None = None
+
+
+class FailStage(_Base, tag="fail"):
+    """An attempt of ``stage`` failed; it is retried while ``retryable`` and attempts remain."""
+
+    stage: str
+    error: str
+    retryable: bool = True
+    code: str | None = None
+    attempt: int | None = None
+    metadata: JSONObject | None = None
+
+
+class SkipStage(_Base, tag="skip"):
+    """An optional ``stage`` will not run for this operation."""
+
+    stage: str
+    reason: str | None = None
+
+
+class MergeMetadata(_Base, tag="merge"):
+    """Merge ``patch`` (RFC 7386) into the shared metadata, or into ``stage``'s namespace."""
+
+    patch: JSONObject
+    stage: str | None = None
+
+
+class Cancel(_Base, tag="cancel"):
+    """Stop the operation: it becomes ``cancelled`` and takes no further stage events."""
+
+    reason: str | None = None
+
+
+class Reopen(_Base, tag="reopen"):
+    """Put finished ``stages`` (and every stage after them) back to waiting."""
+
+    stages: tuple[str, ...]
+
+
+Event = StartStage | Heartbeat | SucceedStage | FailStage | SkipStage | MergeMetadata | Cancel | Reopen
+"""Any event the state machine accepts."""

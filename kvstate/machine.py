@@ -1,0 +1,383 @@
+"""The state machine: pure functions from (operation, pipeline, event, now) to a decision.
+
+No I/O here. The client runs these inside its compare-and-set loop; the archiver, the
+dashboard and the property tests call them directly. The rules are documented, with a
+diagram, in docs/state-model.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple
+
+import msgspec
+
+from kvstate.errors import InvalidMetadata, InvalidTransition
+from kvstate.events import (
+    Cancel,
+    Event,
+    FailStage,
+    Heartbeat,
+    MergeMetadata,
+    Reopen,
+    SkipStage,
+    StartStage,
+    SucceedStage,
+)
+from kvstate.merge import merge_patch
+from kvstate.model import (
+    EVENT_WINDOW,
+    HISTORY_LIMIT,
+    SCHEMA_VERSION,
+    CancelInfo,
+    JSONObject,
+    Operation,
+    OpStatus,
+    Outcome,
+    StageError,
+    StageState,
+    StageStatus,
+    Transition,
+)
+from kvstate.pipeline import Pipeline, StageSpec
+
+__all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_stages", "stuck_stages"]
+
+_replace = msgspec.structs.replace
+
+
+class Decision(NamedTuple):
+    """What the state machine decided: the outcome, the resulting operation and why."""
+
+    outcome: Outcome
+    operation: Operation
+    reason: str | None = None
+
+
+def new_operation(
+    op_id: str, pipeline: Pipeline, now: datetime, metadata: JSONObject | None = None, event_id: str | None = None
+) -> Operation:
+    """A fresh, pending operation of ``pipeline`` with every stage waiting."""
+    return Operation(
+        schema=SCHEMA_VERSION,
+        id=op_id,
+        pipeline=pipeline.name,
+        status=OpStatus.PENDING,
+        created_at=now,
+        updated_at=now,
+        stages={name: StageState() for name in pipeline.stage_names},
+        metadata=dict(metadata or {}),
+        origin=event_id,
+        history=[Transition(at=now, to=OpStatus.PENDING.value, event=event_id)],
+        events=[event_id] if event_id else [],
+    )
+
+
+def derive_status(op: Operation, pipeline: Pipeline) -> OpStatus:
+    """The operation status its stages imply.
+
+    cancelled once cancelled; failed when a required stage failed for good; succeeded
+    when every required stage succeeded and every optional stage finished; pending while
+    no stage has moved; running otherwise.
+    """
+    if op.cancel is not None:
+        return OpStatus.CANCELLED
+    all_done = True
+    any_moved = False
+    for spec in pipeline.stages:
+        status = op.stage(spec.name).status
+        if status is not StageStatus.WAITING:
+            any_moved = True
+        if spec.optional:
+            if not status.terminal:
+                all_done = False
+        elif status is StageStatus.FAILED:
+            return OpStatus.FAILED
+        elif status is not StageStatus.SUCCEEDED:
+            all_done = False
+    if all_done:
+        return OpStatus.SUCCEEDED
+    return OpStatus.RUNNING if any_moved else OpStatus.PENDING
+
+
+def ready_stages(op: Operation, pipeline: Pipeline) -> list[str]:
+    """Waiting stages whose dependencies are all finished: what can start next."""
+    return [
+        spec.name
+        for spec in pipeline.stages
+        if op.stage(spec.name).status is StageStatus.WAITING and not _unmet_dependencies(op, pipeline, spec)
+    ]
+
+
+def stuck_stages(op: Operation, pipeline: Pipeline, now: datetime) -> dict[str, str]:
+    """Running stages past their deadline or without a recent heartbeat, with the reason."""
+    stuck: dict[str, str] = {}
+    if op.status.terminal:
+        return stuck
+    for spec in pipeline.stages:
+        st = op.stage(spec.name)
+        if st.status is not StageStatus.RUNNING or st.started_at is None:
+            continue
+        running_for = (now - st.started_at).total_seconds()
+        if spec.deadline is not None and running_for > spec.deadline:
+            stuck[spec.name] = f"running {running_for:.0f}s, deadline {spec.deadline:g}s"
+            continue
+        beat = st.heartbeat_at or st.started_at
+        silent_for = (now - beat).total_seconds()
+        if silent_for > pipeline.heartbeat_timeout:
+            stuck[spec.name] = f"no heartbeat for {silent_for:.0f}s"
+    return stuck
+
+
+def apply_event(op: Operation, pipeline: Pipeline, event: Event, now: datetime) -> Decision:
+    """Apply ``event`` to ``op``: applied, duplicate or stale; raises for illegal input.
+
+    Raises UnknownStage for stages the pipeline lacks, InvalidTransition for changes the
+    machine forbids, InvalidMetadata for patches that are not objects.
+    """
+    if event.event_id in op.events:
+        return Decision(Outcome.DUPLICATE, op, f"event {event.event_id} was already applied")
+    if isinstance(event, Reopen):
+        return _reopen(op, pipeline, event, now)
+    stage = getattr(event, "stage", None)
+    spec = pipeline.stage(stage) if stage is not None else None
+    if op.status.terminal:
+        return Decision(Outcome.STALE, op, f"operation is already {op.status.value}")
+    if isinstance(event, MergeMetadata):
+        return _merge(op, event, now)
+    if isinstance(event, Cancel):
+        return _cancel(op, pipeline, event, now)
+    assert spec is not None  # every remaining event type names a stage
+    current = op.stage(spec.name)
+    if isinstance(event, Heartbeat):
+        return _heartbeat(op, spec, current, event, now)
+    if current.status.terminal:
+        return Decision(Outcome.STALE, op, f"stage {spec.name} is already {current.status.value}")
+    if isinstance(event, StartStage):
+        return _start(op, pipeline, spec, current, event, now)
+    if isinstance(event, SucceedStage | FailStage):
+        return _finish(op, pipeline, spec, current, event, now)
+    if isinstance(event, SkipStage):
+        return _skip(op, pipeline, spec, current, event, now)
+    raise TypeError(f"not a kvstate event: {event!r}")  # pragma: no cover - Event is closed
+
+
+def _start(
+    op: Operation, pipeline: Pipeline, spec: StageSpec, current: StageState, event: StartStage, now: datetime
+) -> Decision:
+    attempt = event.attempt
+    if attempt is None:
+        if current.status is StageStatus.RUNNING:
+            return Decision(Outcome.STALE, op, f"stage {spec.name} is already running attempt {current.attempt}")
+        attempt = current.attempt + 1
+    elif attempt <= current.attempt:
+        if attempt == current.attempt and current.status is StageStatus.RUNNING:
+            return Decision(Outcome.STALE, op, f"attempt {attempt} of stage {spec.name} already started")
+        return Decision(
+            Outcome.STALE, op, f"attempt {attempt} of stage {spec.name} is older than attempt {current.attempt}"
+        )
+    _check_attempt(op, spec, attempt)
+    _check_dependencies(op, pipeline, spec)
+    new_state = StageState(
+        status=StageStatus.RUNNING,
+        attempt=attempt,
+        worker=event.worker,
+        started_at=now,
+        heartbeat_at=now,
+        metadata=current.metadata,
+    )
+    return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
+
+
+def _heartbeat(op: Operation, spec: StageSpec, current: StageState, event: Heartbeat, now: datetime) -> Decision:
+    if current.status is not StageStatus.RUNNING:
+        return Decision(Outcome.STALE, op, f"stage {spec.name} is {current.status.value}, not running")
+    if event.attempt is not None and event.attempt != current.attempt:
+        return Decision(
+            Outcome.STALE,
+            op,
+            f"heartbeat for attempt {event.attempt}, stage {spec.name} runs attempt {current.attempt}",
+        )
+    new_state = _replace(current, heartbeat_at=now, worker=event.worker or current.worker)
+    stages = dict(op.stages)
+    stages[spec.name] = new_state
+    return Decision(Outcome.APPLIED, _replace(op, stages=stages, updated_at=now))
+
+
+def _finish(
+    op: Operation,
+    pipeline: Pipeline,
+    spec: StageSpec,
+    current: StageState,
+    event: SucceedStage | FailStage,
+    now: datetime,
+) -> Decision:
+    attempt = event.attempt
+    started_at = current.started_at
+    implicit_start = current.status is not StageStatus.RUNNING
+    if attempt is None:
+        attempt = current.attempt + 1 if implicit_start else current.attempt
+    elif attempt < current.attempt:
+        return Decision(
+            Outcome.STALE, op, f"attempt {attempt} of stage {spec.name} is older than attempt {current.attempt}"
+        )
+    elif attempt == current.attempt and current.status is StageStatus.RETRYING:
+        return Decision(Outcome.STALE, op, f"attempt {attempt} of stage {spec.name} already failed")
+    elif attempt > current.attempt:
+        implicit_start = True
+    if implicit_start:
+        _check_attempt(op, spec, attempt)
+        _check_dependencies(op, pipeline, spec)
+        started_at = now
+    metadata = current.metadata
+    if event.metadata is not None:
+        metadata = _as_object(merge_patch(metadata, event.metadata))
+    if isinstance(event, SucceedStage):
+        status, error = StageStatus.SUCCEEDED, None
+    else:
+        retry = event.retryable and attempt < spec.max_attempts
+        status = StageStatus.RETRYING if retry else StageStatus.FAILED
+        error = StageError(message=event.error, retryable=event.retryable, code=event.code)
+    new_state = StageState(
+        status=status,
+        attempt=attempt,
+        worker=event.worker or current.worker,
+        started_at=started_at,
+        finished_at=now,
+        heartbeat_at=current.heartbeat_at if not implicit_start else None,
+        error=error,
+        metadata=metadata,
+    )
+    return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
+
+
+def _skip(
+    op: Operation, pipeline: Pipeline, spec: StageSpec, current: StageState, event: SkipStage, now: datetime
+) -> Decision:
+    if not spec.optional:
+        raise InvalidTransition(op.id, "only optional stages can be skipped", spec.name)
+    if current.status is StageStatus.RUNNING:
+        raise InvalidTransition(op.id, "a running stage cannot be skipped; fail or finish it first", spec.name)
+    error = StageError(message=event.reason) if event.reason else None
+    new_state = _replace(current, status=StageStatus.SKIPPED, finished_at=now, error=error)
+    return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
+
+
+def _merge(op: Operation, event: MergeMetadata, now: datetime) -> Decision:
+    if not isinstance(event.patch, dict):
+        raise InvalidMetadata("a metadata patch must be a JSON object")
+    if event.stage is None:
+        merged = _as_object(merge_patch(op.metadata, event.patch))
+        return Decision(Outcome.APPLIED, _replace(op, metadata=merged, updated_at=now, events=_events(op, event)))
+    current = op.stage(event.stage)
+    stages = dict(op.stages)
+    stages[event.stage] = _replace(current, metadata=_as_object(merge_patch(current.metadata, event.patch)))
+    return Decision(Outcome.APPLIED, _replace(op, stages=stages, updated_at=now, events=_events(op, event)))
+
+
+def _cancel(op: Operation, pipeline: Pipeline, event: Cancel, now: datetime) -> Decision:
+    cancelled = _replace(op, cancel=CancelInfo(at=now, reason=event.reason, by=event.worker))
+    entry = Transition(
+        at=now, from_=op.status.value, to=OpStatus.CANCELLED.value, worker=event.worker, event=event.event_id
+    )
+    return Decision(Outcome.APPLIED, _finalize(cancelled, pipeline, [entry], event, now))
+
+
+def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime) -> Decision:
+    if not event.stages:
+        raise InvalidTransition(op.id, "reopen needs at least one stage")
+    targets: set[str] = set()
+    for name in event.stages:
+        pipeline.stage(name)  # UnknownStage for a name the pipeline lacks
+        targets.add(name)
+        targets |= pipeline.dependents(name)
+    stages = dict(op.stages)
+    entries: list[Transition] = []
+    for name in pipeline.stage_names:
+        if name in targets and stages.get(name, StageState()).status is not StageStatus.WAITING:
+            old = stages[name]
+            entries.append(
+                Transition(
+                    at=now, stage=name, from_=old.status.value, to=StageStatus.WAITING.value, event=event.event_id
+                )
+            )
+            stages[name] = StageState(metadata=old.metadata)
+    if not entries and op.cancel is None:
+        return Decision(Outcome.STALE, op, "every stage named is already waiting")
+    reopened = _replace(op, stages=stages, cancel=None, finished_at=None)
+    return Decision(Outcome.APPLIED, _finalize(reopened, pipeline, entries, event, now))
+
+
+def _apply_stage(
+    op: Operation,
+    pipeline: Pipeline,
+    name: str,
+    old: StageState,
+    new: StageState,
+    event: Event,
+    now: datetime,
+) -> Decision:
+    stages = dict(op.stages)
+    stages[name] = new
+    entry = Transition(
+        at=now,
+        stage=name,
+        from_=old.status.value,
+        to=new.status.value,
+        attempt=new.attempt or None,
+        worker=new.worker,
+        event=event.event_id,
+    )
+    return Decision(Outcome.APPLIED, _finalize(_replace(op, stages=stages), pipeline, [entry], event, now))
+
+
+def _finalize(op: Operation, pipeline: Pipeline, entries: list[Transition], event: Event, now: datetime) -> Operation:
+    """Recompute the derived status and append history and the event id, both bounded."""
+    status = derive_status(op, pipeline)
+    finished_at = op.finished_at
+    if status is not op.status:
+        if not isinstance(event, Cancel):
+            entries.append(Transition(at=now, from_=op.status.value, to=status.value, event=event.event_id))
+        finished_at = now if status.terminal else None
+    history = op.history + entries
+    if len(history) > HISTORY_LIMIT:
+        history = history[-HISTORY_LIMIT:]
+    return _replace(
+        op, status=status, finished_at=finished_at, updated_at=now, history=history, events=_events(op, event)
+    )
+
+
+def _events(op: Operation, event: Event) -> list[str]:
+    events = [*op.events, event.event_id]
+    return events[-EVENT_WINDOW:] if len(events) > EVENT_WINDOW else events
+
+
+def _check_attempt(op: Operation, spec: StageSpec, attempt: int) -> None:
+    if attempt < 1:
+        raise InvalidTransition(op.id, f"attempt must be at least 1, got {attempt}", spec.name)
+    if attempt > spec.max_attempts:
+        raise InvalidTransition(op.id, f"attempt {attempt} exceeds max_attempts {spec.max_attempts}", spec.name)
+
+
+def _unmet_dependencies(op: Operation, pipeline: Pipeline, spec: StageSpec) -> list[str]:
+    unmet = []
+    for dep in spec.after:
+        status = op.stage(dep).status
+        if status is StageStatus.SUCCEEDED:
+            continue
+        if status.terminal and pipeline.stage(dep).optional:
+            continue
+        unmet.append(f"{dep} ({status.value})")
+    return unmet
+
+
+def _check_dependencies(op: Operation, pipeline: Pipeline, spec: StageSpec) -> None:
+    unmet = _unmet_dependencies(op, pipeline, spec)
+    if unmet:
+        raise InvalidTransition(op.id, f"dependencies not finished: {', '.join(unmet)}", spec.name)
+
+
+def _as_object(value: object) -> JSONObject:
+    if not isinstance(value, dict):  # merge_patch of an object patch always yields a dict
+        raise InvalidMetadata("metadata must stay a JSON object")
+    return value

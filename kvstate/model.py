@@ -1,0 +1,213 @@
+"""The operation model: msgspec Structs stored as JSON in the bucket.
+
+Schema evolution rules (docs/state-format.md): new fields get defaults, a field never
+changes type, unknown fields are ignored, so an older reader accepts a newer value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+import msgspec
+
+from kvstate.errors import StaleUpdate
+
+__all__ = [
+    "EVENT_WINDOW",
+    "HISTORY_LIMIT",
+    "SCHEMA_VERSION",
+    "CancelInfo",
+    "JSONObject",
+    "OpStatus",
+    "Operation",
+    "Outcome",
+    "StageError",
+    "StageState",
+    "StageStatus",
+    "Transition",
+    "UpdateResult",
+]
+
+SCHEMA_VERSION = 1
+"""Written into every operation value as ``"schema"``."""
+
+HISTORY_LIMIT = 50
+"""Transitions kept per operation (the oldest are dropped first)."""
+
+EVENT_WINDOW = 32
+"""Applied event ids remembered per operation for duplicate detection."""
+
+JSONObject = dict[str, object]
+"""A JSON object: what metadata is made of."""
+
+
+class OpStatus(StrEnum):
+    """Status of a whole operation, derived from its stages (docs/state-model.md)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for succeeded, failed and cancelled."""
+        return self in _TERMINAL_OP
+
+
+_TERMINAL_OP = frozenset({OpStatus.SUCCEEDED, OpStatus.FAILED, OpStatus.CANCELLED})
+
+
+class StageStatus(StrEnum):
+    """Status of one stage of an operation."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def terminal(self) -> bool:
+        """True for succeeded, failed (no attempt left) and skipped."""
+        return self in _TERMINAL_STAGE
+
+
+_TERMINAL_STAGE = frozenset({StageStatus.SUCCEEDED, StageStatus.FAILED, StageStatus.SKIPPED})
+
+
+class StageError(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """Why an attempt of a stage failed."""
+
+    message: str
+    retryable: bool = False
+    code: str | None = None
+
+
+class StageState(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """The state of one stage within one operation."""
+
+    status: StageStatus = StageStatus.WAITING
+    attempt: int = 0
+    worker: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    error: StageError | None = None
+    metadata: JSONObject = {}
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from the start to the end of the latest attempt, when both are known."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+class Transition(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """One entry of an operation's transition history.
+
+    ``stage`` is None for operation-level transitions (created, cancelled, reopened and
+    every change of the derived operation status).
+    """
+
+    at: datetime
+    to: str
+    from_: str | None = msgspec.field(default=None, name="from")
+    stage: str | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    event: str | None = None
+
+
+class CancelInfo(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """Who cancelled an operation, when and why."""
+
+    at: datetime
+    reason: str | None = None
+    by: str | None = None
+
+
+class Operation(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """One run of one input through a pipeline.
+
+    ``origin`` is the event id of the creation (makes a retried create idempotent).
+    ``revision`` is the KV revision the value was read at; it is not stored in the value.
+    """
+
+    schema: int
+    id: str
+    pipeline: str
+    status: OpStatus = OpStatus.PENDING
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    stages: dict[str, StageState] = {}
+    metadata: JSONObject = {}
+    cancel: CancelInfo | None = None
+    origin: str | None = None
+    history: list[Transition] = []
+    events: list[str] = []
+    revision: int = 0
+
+    @property
+    def done(self) -> bool:
+        """True once the operation reached a terminal status."""
+        return self.status.terminal
+
+    def stage(self, name: str) -> StageState:
+        """The state of stage ``name`` (a waiting stage when it never moved)."""
+        return self.stages.get(name, _WAITING)
+
+    @property
+    def active_stages(self) -> list[str]:
+        """Stages running or waiting for a retry right now, in pipeline order."""
+        return [name for name, st in self.stages.items() if st.status in _ACTIVE]
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds from creation to the terminal status, once finished."""
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.created_at).total_seconds()
+
+
+_WAITING = StageState()
+_ACTIVE = frozenset({StageStatus.RUNNING, StageStatus.RETRYING})
+
+
+class Outcome(StrEnum):
+    """What an update did."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    """The result of one update: what happened, the state after it and its revision."""
+
+    outcome: Outcome
+    operation: Operation
+    reason: str | None = None
+
+    @property
+    def revision(self) -> int:
+        """The KV revision of ``operation``."""
+        return self.operation.revision
+
+    @property
+    def applied(self) -> bool:
+        """True when the update changed the operation."""
+        return self.outcome is Outcome.APPLIED
+
+    def raise_for_stale(self) -> UpdateResult:
+        """Raise StaleUpdate when the update was stale (like httpx's raise_for_status); else return self."""
+        if self.outcome is Outcome.STALE:
+            raise StaleUpdate(self.operation.id, self.reason or "stale")
+        return self

@@ -1,0 +1,126 @@
+"""Settings, built once per process at the edge from an environment mapping.
+
+Nothing else in kvstate reads ``os.environ``. ``Settings.from_env(os.environ)`` parses
+the variables below; every one has a documented default (README, docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import ClassVar, TypeVar
+
+from kvstate.errors import ConfigurationError
+from kvstate.keys import validate_id
+
+__all__ = ["Settings", "env_variables"]
+
+T = TypeVar("T")
+
+
+def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return convert(raw.strip())
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _replicas(raw: str) -> int:
+    value = int(raw)
+    if value not in (1, 3, 5):
+        raise ValueError("replicas must be 1, 3 or 5")
+    return value
+
+
+def _bucket(raw: str) -> str:
+    try:
+        return validate_id(raw, "bucket name")
+    except Exception as exc:
+        raise ValueError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Connection and bucket settings of the kvstate client.
+
+    ======================== ============================== ==========================================
+    variable                 default                        meaning
+    ======================== ============================== ==========================================
+    NATS_URL                 nats://127.0.0.1:4222          NATS server(s), comma-separated
+    KVSTATE_BUCKET           operations                     the KV bucket holding operations
+    KVSTATE_REPLICAS         1                              bucket replicas when it is created (1/3/5)
+    KVSTATE_HISTORY          10                             revisions kept per key (10-64)
+    KVSTATE_MAX_VALUE_SIZE   262144                         largest operation value, in bytes
+    KVSTATE_MAX_RETRIES      25                             compare-and-set attempts per update
+    KVSTATE_TIMEOUT          5.0                            seconds to wait for one NATS request
+    ======================== ============================== ==========================================
+    """
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    bucket: str = "operations"
+    replicas: int = 1
+    history: int = 10
+    max_value_size: int = 262144
+    max_retries: int = 25
+    timeout: float = 5.0
+
+    ENV: ClassVar[dict[str, str]] = {
+        "nats_url": "NATS_URL",
+        "bucket": "KVSTATE_BUCKET",
+        "replicas": "KVSTATE_REPLICAS",
+        "history": "KVSTATE_HISTORY",
+        "max_value_size": "KVSTATE_MAX_VALUE_SIZE",
+        "max_retries": "KVSTATE_MAX_RETRIES",
+        "timeout": "KVSTATE_TIMEOUT",
+    }
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.history <= 64:
+            raise ConfigurationError(f"KVSTATE_HISTORY={self.history}: must be between 10 and 64")
+        if self.max_value_size < 1024:
+            raise ConfigurationError(f"KVSTATE_MAX_VALUE_SIZE={self.max_value_size}: must be at least 1024")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
+        return cls(
+            nats_url=_parse(environ, "NATS_URL", cls.nats_url, str),
+            bucket=_parse(environ, "KVSTATE_BUCKET", cls.bucket, _bucket),
+            replicas=_parse(environ, "KVSTATE_REPLICAS", cls.replicas, _replicas),
+            history=_parse(environ, "KVSTATE_HISTORY", cls.history, _positive_int),
+            max_value_size=_parse(environ, "KVSTATE_MAX_VALUE_SIZE", cls.max_value_size, _positive_int),
+            max_retries=_parse(environ, "KVSTATE_MAX_RETRIES", cls.max_retries, _positive_int),
+            timeout=_parse(environ, "KVSTATE_TIMEOUT", cls.timeout, _positive_float),
+        )
+
+    @property
+    def servers(self) -> list[str]:
+        """NATS_URL split into the server list nats-py takes."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()]
+
+
+def env_variables(settings_type: type) -> set[str]:
+    """The environment variable names a settings class reads (for docs and their tests)."""
+    env: dict[str, str] = getattr(settings_type, "ENV", {})
+    names = {f.name for f in fields(settings_type)}
+    missing = set(env) - names
+    if missing:
+        raise ConfigurationError(f"{settings_type.__name__}.ENV names unknown fields: {sorted(missing)}")
+    return set(env.values())

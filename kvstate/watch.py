@@ -1,0 +1,179 @@
+"""Watching the bucket: an async iterator of operation changes that survives reconnects.
+
+nats-py's ordered consumer re-creates itself after a sequence gap or missed heartbeats.
+On top of that, this watcher remembers the last stream sequence it delivered and, if the
+subscription dies (for example the server restarted and forgot the ephemeral consumer
+before nats-py noticed), subscribes again from the next sequence: no gaps, and revisions
+it already delivered are filtered out, so no duplicates either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from nats.aio.msg import Msg
+
+from kvstate._kv import KvEntry, KvStore
+from kvstate.codec import decode_operation
+from kvstate.errors import CorruptValue, KvstateError
+from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
+from kvstate.model import Operation
+
+__all__ = ["Change", "Watcher"]
+
+log = logging.getLogger("kvstate.watch")
+
+_INITIAL_DONE = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of one operation key.
+
+    ``operation`` is None when the key was removed (``deleted``) or holds a value that
+    is not an operation (``error``, only delivered with ``include_corrupt=True``).
+    ``initial`` marks the changes that replay the bucket's state when the watch starts.
+    """
+
+    op_id: str
+    revision: int
+    operation: Operation | None
+    deleted: bool = False
+    error: CorruptValue | None = None
+    initial: bool = False
+
+
+class Watcher:
+    """Async iterator of Changes. Use as ``async with client.watch() as changes``."""
+
+    def __init__(
+        self,
+        store: KvStore,
+        *,
+        op_id: str | None = None,
+        include_existing: bool = True,
+        include_corrupt: bool = False,
+        queue_size: int = 10_000,
+        check_interval: float = 2.0,
+    ) -> None:
+        self._store = store
+        self._pattern = OPERATION_PREFIX + (op_id if op_id is not None else "*")
+        self._include_existing = include_existing
+        self._include_corrupt = include_corrupt
+        self._queue: asyncio.Queue[Change | BaseException | object] = asyncio.Queue(queue_size)
+        self._check_interval = check_interval
+        self._last_seq = 0
+        self._sub: object | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._initial_pending = 0
+        self._initial_done = asyncio.Event()
+        self._closed = False
+        self.resubscribes = 0
+
+    @property
+    def initial_done(self) -> asyncio.Event:
+        """Set once every existing key has been delivered (or at once without include_existing)."""
+        return self._initial_done
+
+    async def start(self) -> Self:
+        start_seq = None
+        if not self._include_existing:
+            info = await self._store.info()
+            start_seq = info.state.last_seq + 1
+            self._last_seq = info.state.last_seq
+            self._initial_done.set()
+        await self._subscribe(start_seq)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        return self
+
+    async def _subscribe(self, start_seq: int | None) -> None:
+        sub = await self._store.subscribe(self._pattern, self._on_message, start_sequence=start_seq)
+        self._sub = sub
+        if start_seq is None and not self._initial_done.is_set():
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and sub.delivered == 0:
+                self._initial_done.set()
+
+    async def _on_message(self, msg: Msg) -> None:
+        entry = self._store.decode_message(msg)
+        if entry.revision <= self._last_seq:
+            return  # already delivered before a resubscribe
+        self._last_seq = entry.revision
+        initial = not self._initial_done.is_set()
+        if initial and msg.metadata.num_pending == 0:
+            self._initial_done.set()
+        change = self._change(entry, initial)
+        if change is not None:
+            await self._queue.put(change)
+
+    def _change(self, entry: KvEntry, initial: bool) -> Change | None:
+        op_id = operation_id_from_key(entry.key) or entry.key
+        if entry.value is None:
+            return Change(op_id, entry.revision, None, deleted=True, initial=initial)
+        try:
+            op = decode_operation(entry.key, entry.revision, entry.value)
+        except CorruptValue as exc:
+            log.warning("skipping corrupt value in watch: %s", exc)
+            if not self._include_corrupt:
+                return None
+            return Change(op_id, entry.revision, None, error=exc, initial=initial)
+        return Change(op_id, entry.revision, op, initial=initial)
+
+    async def _supervise(self) -> None:
+        """Resubscribe from the last delivered sequence when the consumer is gone."""
+        while not self._closed:
+            await asyncio.sleep(self._check_interval)
+            if self._store.nc.is_closed:
+                return
+            if not self._store.nc.is_connected:
+                continue
+            try:
+                await self._sub.consumer_info()  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - any failure means: resubscribe
+                log.info("watch consumer lost (%s); resubscribing from sequence %d", exc, self._last_seq + 1)
+                with contextlib.suppress(Exception):  # the old subscription may already be gone
+                    await self._sub.unsubscribe()  # type: ignore[attr-defined]
+                try:
+                    await self._subscribe(self._last_seq + 1)
+                    self.resubscribes += 1
+                except KvstateError as again:
+                    log.warning("watch resubscribe failed, will retry: %s", again)
+
+    async def stop(self) -> None:
+        """Stop delivering changes and release the consumer."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._sub is not None and not self._store.nc.is_closed:
+            with contextlib.suppress(Exception):  # closing anyway
+                await self._sub.unsubscribe()  # type: ignore[attr-defined]
+        with contextlib.suppress(asyncio.QueueFull):  # __anext__ stops once the queue is drained
+            self._queue.put_nowait(StopAsyncIteration())
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Change:
+        if self._closed and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, StopAsyncIteration):
+            raise item
+        assert isinstance(item, Change)
+        return item
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

