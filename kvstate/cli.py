@@ -159,16 +159,16 @@ def _cmd_bucket(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _cmd_pipeline(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    pipeline: Pipeline | None = None
+    new: Pipeline | None = None
     if args.action == "set":
         path = Path(args.file)
         text = path.read_text()
-        pipeline = Pipeline.from_toml(text + "\n") if path.suffix == ".toml" else Pipeline.from_dict(json.loads(text))
+        new = Pipeline.from_toml(text + "\n") if path.suffix == ".toml" else Pipeline.from_dict(json.loads(text))
 
     async def body(client: Client) -> int:
-        if pipeline is not None:
-            revision = await client.set_pipeline(pipeline)
-            sys.stdout.write(f"pipeline {pipeline.name!r} stored at revision {revision}\n")
+        if new is not None:
+            revision = await client.set_pipeline(new)
+            sys.stdout.write(f"pipeline {new.name!r} stored at revision {revision}\n")
             return 0
         pipelines = [await client.pipeline(args.name)] if args.name else await client.pipelines()
         if args.json:

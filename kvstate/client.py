@@ -14,6 +14,7 @@ late for the state machine); only real errors raise.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import enum
 import logging
 import time
@@ -289,7 +290,7 @@ class Client:
         self._pipelines[name] = pipeline
         return pipeline
 
-    async def pipelines(self) -> list[Pipeline]:
+    async def pipelines(self) -> builtins.list[Pipeline]:
         """Every pipeline stored in the bucket (corrupt ones are skipped with a warning)."""
         found = []
         async for entry in self._open_store().scan(PIPELINE_PREFIX + "*"):
@@ -489,7 +490,7 @@ class Client:
         return await self.apply(op_id, Cancel(reason=reason, worker=by, **_eid(event_id)))
 
     async def reopen(
-        self, op_id: str, stages: list[str] | tuple[str, ...], *, event_id: str | None = None
+        self, op_id: str, stages: builtins.list[str] | tuple[str, ...], *, event_id: str | None = None
     ) -> UpdateResult:
         """Put ``stages`` and every stage after them back to waiting (also un-cancels)."""
         return await self.apply(op_id, Reopen(stages=tuple(stages), **_eid(event_id)))
@@ -558,7 +559,7 @@ class Client:
         stage: str | None = None,
         pipeline: str | None = None,
         limit: int | None = None,
-    ) -> list[Operation]:
+    ) -> builtins.list[Operation]:
         """Operations in the bucket, oldest first, filtered by status, active stage and pipeline.
 
         Reads every key (use the dashboard's index for frequent queries). Corrupt values
@@ -568,7 +569,7 @@ class Client:
         if status is not None:
             items = status if isinstance(status, list) else [status]
             wanted = {OpStatus(s) for s in items}
-        found: list[Operation] = []
+        found: builtins.list[Operation] = []
         async for op in self.scan():
             if wanted is not None and op.status not in wanted:
                 continue
@@ -588,7 +589,7 @@ class Client:
             except CorruptValue as exc:
                 log.warning("skipping corrupt value: %s", exc)
 
-    async def history(self, op_id: str) -> list[Revision]:
+    async def history(self, op_id: str) -> builtins.list[Revision]:
         """Every revision of the operation key still stored (the bucket keeps ``history`` per key)."""
         key = operation_key(op_id)
         revisions = []

@@ -30,21 +30,21 @@ class _Base(msgspec.Struct, kw_only=True, frozen=True, tag_field="type", omit_de
     worker: str | None = None
 
 
-class StartStage(_Base, tag="start"):
+class StartStage(_Base, tag="start", frozen=True):
     """An attempt of ``stage`` began. ``attempt`` defaults to the next one."""
 
     stage: str
     attempt: int | None = None
 
 
-class Heartbeat(_Base, tag="heartbeat"):
+class Heartbeat(_Base, tag="heartbeat", frozen=True):
     """The running attempt of ``stage`` is alive."""
 
     stage: str
     attempt: int | None = None
 
 
-class SucceedStage(_Base, tag="succeed"):
+class SucceedStage(_Base, tag="succeed", frozen=True):
     """``stage`` finished well; ``metadata`` is merged into the stage's namespace."""
 
     stage: str
@@ -52,7 +52,7 @@ class SucceedStage(_Base, tag="succeed"):
     metadata: JSONObject | None = None
 
 
-class FailStage(_Base, tag="fail"):
+class FailStage(_Base, tag="fail", frozen=True):
     """An attempt of ``stage`` failed; it is retried while ``retryable`` and attempts remain."""
 
     stage: str
@@ -63,27 +63,27 @@ class FailStage(_Base, tag="fail"):
     metadata: JSONObject | None = None
 
 
-class SkipStage(_Base, tag="skip"):
+class SkipStage(_Base, tag="skip", frozen=True):
     """An optional ``stage`` will not run for this operation."""
 
     stage: str
     reason: str | None = None
 
 
-class MergeMetadata(_Base, tag="merge"):
+class MergeMetadata(_Base, tag="merge", frozen=True):
     """Merge ``patch`` (RFC 7386) into the shared metadata, or into ``stage``'s namespace."""
 
     patch: JSONObject
     stage: str | None = None
 
 
-class Cancel(_Base, tag="cancel"):
+class Cancel(_Base, tag="cancel", frozen=True):
     """Stop the operation: it becomes ``cancelled`` and takes no further stage events."""
 
     reason: str | None = None
 
 
-class Reopen(_Base, tag="reopen"):
+class Reopen(_Base, tag="reopen", frozen=True):
     """Put finished ``stages`` (and every stage after them) back to waiting."""
 
     stages: tuple[str, ...]

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Self
 
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from kvstate._kv import KvEntry, KvStore
 from kvstate.codec import decode_operation
@@ -68,7 +69,7 @@ class Watcher:
         self._queue: asyncio.Queue[Change | BaseException | object] = asyncio.Queue(queue_size)
         self._check_interval = check_interval
         self._last_seq = 0
-        self._sub: object | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._initial_pending = 0
         self._initial_done = asyncio.Event()
@@ -132,12 +133,15 @@ class Watcher:
                 return
             if not self._store.nc.is_connected:
                 continue
+            sub = self._sub
+            if sub is None:
+                continue
             try:
-                await self._sub.consumer_info()  # type: ignore[attr-defined]
+                await sub.consumer_info()
             except Exception as exc:  # noqa: BLE001 - any failure means: resubscribe
                 log.info("watch consumer lost (%s); resubscribing from sequence %d", exc, self._last_seq + 1)
                 with contextlib.suppress(Exception):  # the old subscription may already be gone
-                    await self._sub.unsubscribe()  # type: ignore[attr-defined]
+                    await sub.unsubscribe()
                 try:
                     await self._subscribe(self._last_seq + 1)
                     self.resubscribes += 1
@@ -154,7 +158,7 @@ class Watcher:
             await asyncio.gather(self._supervisor, return_exceptions=True)
         if self._sub is not None and not self._store.nc.is_closed:
             with contextlib.suppress(Exception):  # closing anyway
-                await self._sub.unsubscribe()  # type: ignore[attr-defined]
+                await self._sub.unsubscribe()
         with contextlib.suppress(asyncio.QueueFull):  # __anext__ stops once the queue is drained
             self._queue.put_nowait(StopAsyncIteration())
 
