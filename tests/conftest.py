@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from kvstate import Client, Pipeline, Settings, StageSpec
-from kvstate.testing import NatsServer, PostgresServer
+from kvstate.servers import NatsServer, PostgresServer
 
 PIPELINE = Pipeline(
     name="orders",

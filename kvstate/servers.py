@@ -1,4 +1,4 @@
-"""Throwaway servers for tests, benchmarks and the local stack: nats-server and PostgreSQL.
+"""Server processes for tests, benchmarks and the local stack (`kvstate up`): nats-server and PostgreSQL.
 
 Both run as child processes on random loopback ports with their data in a directory of
 the caller's choosing, log to a file (so a long run never stalls on a full pipe) and are
