@@ -136,7 +136,7 @@ def _cmd_bucket(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         data = {
             "bucket": client.settings.bucket,
             "stream": cfg.name,
-            "storage": cfg.storage.value if cfg.storage else None,
+            "storage": str(getattr(cfg.storage, "value", cfg.storage)),
             "replicas": cfg.num_replicas,
             "history": cfg.max_msgs_per_subject,
             "max_value_size": cfg.max_msg_size,

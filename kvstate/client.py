@@ -190,25 +190,34 @@ class Client:
             log.warning("NATS error: %s", exc)
 
         async def on_disconnect() -> None:
-            log.warning("disconnected from NATS; reconnecting")
+            if self._state is _State.OPEN:
+                log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
 
+        nc = NATS()
         try:
-            return await nats.connect(
-                servers=self.settings.servers,
-                name=self._name,
-                connect_timeout=self.settings.timeout,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                allow_reconnect=True,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
+            # nats-py retries the first connection forever when reconnects are unlimited,
+            # so the initial attempt gets a deadline of its own.
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=self.settings.servers,
+                    name=self._name,
+                    connect_timeout=self.settings.timeout,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                ),
+                timeout=self.settings.timeout,
             )
-        except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
-            raise ConnectionLostError(f"cannot connect to NATS at {self.settings.nats_url}: {exc}") from exc
+        except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
+            await nc.close()
+            raise ConnectionLostError(f"cannot connect to NATS at {self.settings.nats_url}: {exc!r}") from exc
+        return nc
 
     @staticmethod
     def _check_server_version(nc: NATS) -> None:

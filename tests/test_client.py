@@ -1,0 +1,340 @@
+"""The client against a real nats-server: creation, updates, conflicts, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+import nats
+import pytest
+
+from kvstate import (
+    BucketError,
+    Client,
+    ClientClosedError,
+    ConflictError,
+    CorruptValue,
+    InvalidKey,
+    InvalidMetadata,
+    InvalidTransition,
+    OperationExists,
+    OperationNotFound,
+    OpStatus,
+    Outcome,
+    Settings,
+    StageStatus,
+    UnknownPipeline,
+    UnknownStage,
+    ValueTooLarge,
+    WaitTimeout,
+)
+from kvstate.servers import NatsServer
+
+
+async def test_create_and_get_round_trip(client: Client) -> None:
+    op = await client.create("orders", metadata={"customer": 42})
+    got = await client.get(op.id)
+    assert got == op
+    assert got.revision > 0
+    assert got.metadata == {"customer": 42}
+    assert got.status is OpStatus.PENDING
+
+
+async def test_create_with_same_event_id_is_idempotent(client: Client) -> None:
+    first = await client.create("orders", op_id="order-1", event_id="req-1")
+    again = await client.create("orders", op_id="order-1", event_id="req-1")
+    assert again.revision == first.revision
+    with pytest.raises(OperationExists):
+        await client.create("orders", op_id="order-1", event_id="req-2")
+    with pytest.raises(OperationExists):
+        await client.create("orders", op_id="order-1")
+
+
+async def test_each_update_reports_what_happened(client: Client) -> None:
+    op = await client.create("orders")
+    started = await client.start(op.id, "ingest", worker="w1", event_id="m1")
+    assert started.outcome is Outcome.APPLIED
+    assert started.revision > op.revision
+    dup = await client.start(op.id, "ingest", worker="w1", event_id="m1")
+    assert dup.outcome is Outcome.DUPLICATE
+    assert dup.revision == started.revision
+    done = await client.succeed(op.id, "ingest", metadata={"bytes": 10})
+    stale = await client.start(op.id, "ingest", event_id="m-late")
+    assert stale.outcome is Outcome.STALE
+    assert stale.revision == done.revision
+    assert (await client.get(op.id)).stage("ingest").metadata == {"bytes": 10}
+
+
+async def test_fifty_tasks_each_add_a_key_to_one_operation(client: Client) -> None:
+    op = await client.create("orders")
+    results = await asyncio.gather(*(client.merge_metadata(op.id, {f"k{i}": i}) for i in range(50)))
+    assert all(r.outcome is Outcome.APPLIED for r in results)
+    final = await client.get(op.id)
+    assert final.metadata == {f"k{i}": i for i in range(50)}
+    assert client.stats["writes"] < 50  # grouped into far fewer compare-and-set writes
+
+
+async def test_two_clients_on_one_operation_lose_nothing(settings: Settings, client: Client) -> None:
+    op = await client.create("orders")
+    async with Client(settings) as other:
+        await asyncio.gather(
+            *(client.merge_metadata(op.id, {f"a{i}": i}) for i in range(40)),
+            *(other.merge_metadata(op.id, {f"b{i}": i}) for i in range(40)),
+        )
+        conflicts = client.stats["conflicts"] + other.stats["conflicts"]
+    final = await client.get(op.id)
+    assert final.metadata == {**{f"a{i}": i for i in range(40)}, **{f"b{i}": i for i in range(40)}}
+    assert conflicts > 0  # the two processes really raced, and compare-and-set caught it
+
+
+async def test_stale_cached_revision_costs_a_retry_not_an_update(settings: Settings, client: Client) -> None:
+    op = await client.create("orders")
+    await client.merge_metadata(op.id, {"from": "a"})  # client now caches this revision
+    async with Client(settings) as other:
+        await other.merge_metadata(op.id, {"other": True})  # moves the key past client's cache
+    result = await client.merge_metadata(op.id, {"again": 1})
+    assert result.outcome is Outcome.APPLIED
+    assert result.operation.metadata == {"from": "a", "other": True, "again": 1}
+    assert client.stats["conflicts"] >= 1
+
+
+async def test_parallel_stages_end_to_end(client: Client) -> None:
+    op = await client.create("orders")
+    for stage in ("ingest", "validate"):
+        await client.start(op.id, stage)
+        await client.succeed(op.id, stage)
+    await asyncio.gather(*(client.start(op.id, s, worker=f"w-{s}") for s in ("geo", "fraud", "profile")))
+    assert set((await client.get(op.id)).active_stages) == {"geo", "fraud", "profile"}
+    await asyncio.gather(*(client.succeed(op.id, s, metadata={s: True}) for s in ("geo", "fraud", "profile")))
+    for stage in ("merge", "notify"):
+        await client.start(op.id, stage)
+        await client.succeed(op.id, stage)
+    final = await client.get(op.id)
+    assert final.status is OpStatus.SUCCEEDED
+    assert {s: final.stage(s).metadata for s in ("geo", "fraud", "profile")} == {
+        "geo": {"geo": True}, "fraud": {"fraud": True}, "profile": {"profile": True}
+    }
+
+
+async def test_redelivered_and_reordered_events_are_rejected(client: Client) -> None:
+    op = await client.create("orders")
+    log = [
+        ("start", "ingest", "m1"), ("succeed", "ingest", "m2"),
+        ("start", "validate", "m3"), ("fail", "validate", "m4"),   # attempt 1 fails, retryable
+        ("start", "validate", "m5"), ("succeed", "validate", "m6"),  # attempt 2 succeeds
+    ]
+
+    async def deliver(kind: str, stage: str, eid: str) -> Outcome:
+        if kind == "start":
+            return (await client.start(op.id, stage, event_id=eid)).outcome
+        if kind == "fail":
+            return (await client.fail(op.id, stage, "flaky", event_id=eid)).outcome
+        return (await client.succeed(op.id, stage, event_id=eid)).outcome
+
+    assert [await deliver(*m) for m in log] == [Outcome.APPLIED] * 6
+    # the queue redelivers everything, and a late copy of attempt 1 turns up
+    assert {await deliver(*m) for m in log} == {Outcome.DUPLICATE}
+    late = await client.fail(op.id, "validate", "late copy", attempt=1, event_id="m4-copy")
+    assert late.outcome is Outcome.STALE
+    final = await client.get(op.id)
+    assert final.stage("validate").status is StageStatus.SUCCEEDED
+    assert final.stage("validate").attempt == 2
+
+
+async def test_cancel_is_final(client: Client) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    cancelled = await client.cancel(op.id, reason="customer asked", by="ops")
+    assert cancelled.outcome is Outcome.APPLIED
+    assert cancelled.operation.status is OpStatus.CANCELLED
+    assert cancelled.operation.cancel is not None
+    assert cancelled.operation.cancel.reason == "customer asked"
+    assert (await client.cancel(op.id)).outcome is Outcome.STALE
+    assert (await client.succeed(op.id, "ingest")).outcome is Outcome.STALE
+
+
+async def test_wait_returns_when_done_and_times_out_otherwise(client: Client) -> None:
+    op = await client.create("orders")
+    with pytest.raises(WaitTimeout) as info:
+        await client.wait(op.id, timeout=0.3)
+    assert info.value.last_status == "pending"
+    waiter = asyncio.create_task(client.wait(op.id, timeout=10))
+    await asyncio.sleep(0.05)
+    await client.start(op.id, "ingest")
+    await client.fail(op.id, "ingest", "poison", retryable=False)
+    done = await waiter
+    assert done.status is OpStatus.FAILED
+
+
+async def test_update_with_custom_function(client: Client) -> None:
+    op = await client.create("orders", metadata={"n": 1})
+
+    def bump(current):  # type: ignore[no-untyped-def]
+        return msgspec.structs.replace(current, metadata={"n": current.metadata["n"] + 1})
+
+    results = await asyncio.gather(*(client.update(op.id, bump) for _ in range(10)))
+    assert all(r.applied for r in results)
+    assert (await client.get(op.id)).metadata == {"n": 11}
+    assert (await client.update(op.id, lambda o: o)).outcome is Outcome.STALE
+
+
+async def test_list_filters_by_status_and_stage(client: Client) -> None:
+    a = await client.create("orders")
+    b = await client.create("orders")
+    await client.start(b.id, "ingest")
+    assert {o.id for o in await client.list()} == {a.id, b.id}
+    assert [o.id for o in await client.list(status="pending")] == [a.id]
+    assert [o.id for o in await client.list(stage="ingest")] == [b.id]
+    assert [o.id for o in await client.list(status=["running", "failed"])] == [b.id]
+
+
+async def test_history_lists_kv_revisions(client: Client) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    await client.succeed(op.id, "ingest")
+    revisions = await client.history(op.id)
+    assert [r.operation.stage("ingest").status for r in revisions if r.operation] == [
+        StageStatus.WAITING, StageStatus.RUNNING, StageStatus.SUCCEEDED
+    ]
+
+
+async def test_remove_is_revision_checked(client: Client) -> None:
+    op = await client.create("orders")
+    moved = await client.start(op.id, "ingest")
+    with pytest.raises(ConflictError) as info:
+        await client.remove(op.id, op.revision)
+    assert info.value.expected_revision == op.revision
+    assert (await client.get(op.id)).revision == moved.revision
+    await client.remove(op.id, moved.revision)
+    with pytest.raises(OperationNotFound, match="archive"):
+        await client.get(op.id)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+async def test_invalid_ids_are_rejected_before_any_write(client: Client) -> None:
+    for bad in ("", "a.b", "a b", "a*", "x" * 129, "ü"):
+        with pytest.raises(InvalidKey):
+            await client.get(bad)
+    with pytest.raises(InvalidKey):
+        await client.create("orders", op_id="has space")
+
+
+async def test_unknown_stage_and_pipeline(client: Client) -> None:
+    op = await client.create("orders")
+    with pytest.raises(UnknownStage, match="teleport"):
+        await client.start(op.id, "teleport")
+    with pytest.raises(UnknownStage):
+        await client.merge_metadata(op.id, {"a": 1}, stage="teleport")
+    with pytest.raises(UnknownPipeline):
+        await client.create("no-such-pipeline")
+
+
+async def test_illegal_transition_is_a_typed_error_and_writes_nothing(client: Client) -> None:
+    op = await client.create("orders")
+    with pytest.raises(InvalidTransition, match="dependencies"):
+        await client.start(op.id, "merge")
+    assert (await client.get(op.id)).revision == op.revision
+
+
+async def test_metadata_that_is_not_json(client: Client) -> None:
+    op = await client.create("orders")
+    with pytest.raises(InvalidMetadata):
+        await client.merge_metadata(op.id, {"x": object()})
+    with pytest.raises(InvalidMetadata):
+        await client.create("orders", metadata={"x": complex(1, 2)})
+    with pytest.raises(InvalidMetadata):
+        await client.merge_metadata(op.id, ["a"])  # type: ignore[arg-type]
+
+
+async def test_oversize_value_is_refused_and_state_kept(client: Client) -> None:
+    op = await client.create("orders", metadata={"small": 1})
+    with pytest.raises(ValueTooLarge) as info:
+        await client.merge_metadata(op.id, {"blob": "x" * 300_000})
+    assert info.value.limit == client.settings.max_value_size
+    ok = await client.merge_metadata(op.id, {"after": 2})  # the operation still takes updates
+    assert ok.operation.metadata == {"small": 1, "after": 2}
+
+
+async def test_garbage_in_the_bucket_never_crashes_readers(
+    client: Client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = await client.create("orders")
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    kv = await js.key_value(settings.bucket)
+    await kv.put("op.garbage1", b"{not json")
+    await kv.put("op.garbage2", b'{"schema": 1, "id": "garbage2"}')  # JSON, not our schema
+    await kv.put("op.garbage3", msgspec.json.encode({"schema": 1, "id": "other", "pipeline": "orders",
+                                                     "created_at": "2026-01-01T00:00:00Z",
+                                                     "updated_at": "2026-01-01T00:00:00Z"}))
+    await nc.close()
+    for key in ("garbage1", "garbage2", "garbage3"):
+        with pytest.raises(CorruptValue) as info:
+            await client.get(key)
+        assert info.value.revision > 0
+        assert info.value.raw
+    with pytest.raises(CorruptValue):
+        await client.start("garbage1", "ingest")
+    with caplog.at_level(logging.WARNING):
+        listed = await client.list()
+    assert [o.id for o in listed] == [good.id]
+    assert "corrupt" in caplog.text
+    seen = []
+    async with client.watch(include_corrupt=True) as changes:
+        async for change in changes:
+            seen.append((change.op_id, change.error is not None))
+            if len(seen) == 4:
+                break
+    assert sorted(seen) == sorted([(good.id, False), ("garbage1", True), ("garbage2", True), ("garbage3", True)])
+
+
+async def test_client_refuses_use_outside_its_context(settings: Settings) -> None:
+    kv = Client(settings, create_bucket=True)
+    with pytest.raises(ClientClosedError):
+        await kv.get("x")
+    async with kv:
+        pass
+    with pytest.raises(ClientClosedError):
+        await kv.get("x")
+    with pytest.raises(ClientClosedError):
+        await kv.__aenter__()
+
+
+async def test_missing_bucket_is_a_clear_error(nats_server: NatsServer) -> None:
+    with pytest.raises(BucketError, match="kvstate bucket init"):
+        async with Client(Settings(nats_url=nats_server.url, bucket="never_created")):
+            pass
+
+
+async def test_bucket_with_wrong_config_is_refused(nats_server: NatsServer) -> None:
+    nc = await nats.connect(nats_server.url)
+    await nc.jetstream().create_key_value(bucket="tiny_history", history=1)
+    await nc.close()
+    with pytest.raises(BucketError, match="history"):
+        async with Client(Settings(nats_url=nats_server.url, bucket="tiny_history")):
+            pass
+
+
+async def test_bucket_init_is_idempotent_and_configured(settings: Settings) -> None:
+    async with Client(settings, create_bucket=True) as kv:
+        first = await kv.store.info()
+    async with Client(settings, create_bucket=True) as kv:
+        info = await kv.store.info()
+    assert info.created == first.created
+    assert info.config.allow_direct
+    assert info.config.allow_msg_ttl
+    assert info.config.max_msgs_per_subject == settings.history
+    assert info.config.max_msg_size == settings.max_value_size
+    assert str(getattr(info.config.storage, "value", info.config.storage)) == "file"
+
+
+async def test_unreachable_server_is_a_clear_error() -> None:
+    from kvstate import ConnectionLostError
+    from kvstate.servers import free_port
+
+    with pytest.raises(ConnectionLostError, match="cannot connect"):
+        async with Client(Settings(nats_url=f"nats://127.0.0.1:{free_port()}", timeout=1.0)):
+            pass
