@@ -204,9 +204,9 @@ class Client:
                 nc.connect(
                     servers=self.settings.servers,
                     name=self._name,
-                    connect_timeout=self.settings.timeout,
+                    connect_timeout=max(1, int(self.settings.timeout)),
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=1,
                     allow_reconnect=True,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,

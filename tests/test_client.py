@@ -113,16 +113,21 @@ async def test_parallel_stages_end_to_end(client: Client) -> None:
     final = await client.get(op.id)
     assert final.status is OpStatus.SUCCEEDED
     assert {s: final.stage(s).metadata for s in ("geo", "fraud", "profile")} == {
-        "geo": {"geo": True}, "fraud": {"fraud": True}, "profile": {"profile": True}
+        "geo": {"geo": True},
+        "fraud": {"fraud": True},
+        "profile": {"profile": True},
     }
 
 
 async def test_redelivered_and_reordered_events_are_rejected(client: Client) -> None:
     op = await client.create("orders")
     log = [
-        ("start", "ingest", "m1"), ("succeed", "ingest", "m2"),
-        ("start", "validate", "m3"), ("fail", "validate", "m4"),   # attempt 1 fails, retryable
-        ("start", "validate", "m5"), ("succeed", "validate", "m6"),  # attempt 2 succeeds
+        ("start", "ingest", "m1"),
+        ("succeed", "ingest", "m2"),
+        ("start", "validate", "m3"),
+        ("fail", "validate", "m4"),  # attempt 1 fails, retryable
+        ("start", "validate", "m5"),
+        ("succeed", "validate", "m6"),  # attempt 2 succeeds
     ]
 
     async def deliver(kind: str, stage: str, eid: str) -> Outcome:
@@ -195,7 +200,9 @@ async def test_history_lists_kv_revisions(client: Client) -> None:
     await client.succeed(op.id, "ingest")
     revisions = await client.history(op.id)
     assert [r.operation.stage("ingest").status for r in revisions if r.operation] == [
-        StageStatus.WAITING, StageStatus.RUNNING, StageStatus.SUCCEEDED
+        StageStatus.WAITING,
+        StageStatus.RUNNING,
+        StageStatus.SUCCEEDED,
     ]
 
 
@@ -267,9 +274,18 @@ async def test_garbage_in_the_bucket_never_crashes_readers(
     kv = await js.key_value(settings.bucket)
     await kv.put("op.garbage1", b"{not json")
     await kv.put("op.garbage2", b'{"schema": 1, "id": "garbage2"}')  # JSON, not our schema
-    await kv.put("op.garbage3", msgspec.json.encode({"schema": 1, "id": "other", "pipeline": "orders",
-                                                     "created_at": "2026-01-01T00:00:00Z",
-                                                     "updated_at": "2026-01-01T00:00:00Z"}))
+    await kv.put(
+        "op.garbage3",
+        msgspec.json.encode(
+            {
+                "schema": 1,
+                "id": "other",
+                "pipeline": "orders",
+                "created_at": "2026-01-01T00:00:00Z",
+                "updated_at": "2026-01-01T00:00:00Z",
+            }
+        ),
+    )
     await nc.close()
     for key in ("garbage1", "garbage2", "garbage3"):
         with pytest.raises(CorruptValue) as info:

@@ -37,8 +37,16 @@ async def test_several_processes_updating_the_same_operations_lose_nothing(clien
     start_at = str(time.time() + 2.0)
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", WRITER, settings.nats_url, settings.bucket, f"p{n}", ids, start_at,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            sys.executable,
+            "-c",
+            WRITER,
+            settings.nats_url,
+            settings.bucket,
+            f"p{n}",
+            ids,
+            start_at,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for n in range(3)
     ]

@@ -73,9 +73,7 @@ def test_patched_members_win_and_nulls_remove(target: dict[str, object], patch: 
 
 
 @given(json_objects, st.text(max_size=3), st.text(max_size=3), json_scalars, json_scalars)
-def test_patches_of_distinct_members_commute(
-    target: dict[str, object], a: str, b: str, va: object, vb: object
-) -> None:
+def test_patches_of_distinct_members_commute(target: dict[str, object], a: str, b: str, va: object, vb: object) -> None:
     if a == b:
         return
     pa, pb = {a: va}, {b: vb}
