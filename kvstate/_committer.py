@@ -33,29 +33,31 @@ Mutation = Callable[[Operation, Pipeline], Decision]
 """A pure function from the current state to a decision; it may run more than once."""
 
 PipelineResolver = Callable[[str], Awaitable[Pipeline]]
+PipelineCache = dict[str, Pipeline]
 
 _BACKOFF_BASE = 0.001
 _BACKOFF_CAP = 0.1
 
 
 class RevisionCache:
-    """The last (revision, value) this process saw per key, bounded, oldest evicted first.
+    """The last operation (with its revision) this process saw per key, bounded, oldest evicted first.
 
-    Updates start from the cached revision instead of reading first; a stale entry costs
-    one conflict and a re-read, never a lost update.
+    Updates start from the cached state instead of reading first; a stale entry costs one
+    conflict and a re-read, never a lost update. Operations are immutable values (frozen
+    Structs whose dicts are never mutated in place), so caching the decoded value is safe.
     """
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: dict[str, tuple[int, bytes]] = {}
+        self._entries: dict[str, Operation] = {}
 
-    def get(self, key: str) -> tuple[int, bytes] | None:
+    def get(self, key: str) -> Operation | None:
         return self._entries.get(key)
 
-    def put(self, key: str, revision: int, value: bytes) -> None:
+    def put(self, key: str, op: Operation) -> None:
         entries = self._entries
         entries.pop(key, None)
-        entries[key] = (revision, value)
+        entries[key] = op
         if len(entries) > self.max_entries:
             del entries[next(iter(entries))]
 
@@ -91,6 +93,7 @@ class GroupCommitter:
         store: KvStore,
         cache: RevisionCache,
         resolve_pipeline: PipelineResolver,
+        pipelines: PipelineCache,
         *,
         max_attempts: int,
         max_value_size: int,
@@ -98,6 +101,7 @@ class GroupCommitter:
         self._store = store
         self._cache = cache
         self._resolve_pipeline = resolve_pipeline
+        self._pipelines = pipelines
         self._max_attempts = max_attempts
         self._max_value_size = max_value_size
         self._queues: dict[str, list[_Item]] = {}
@@ -165,11 +169,11 @@ class GroupCommitter:
                         for item in batch:
                             item.resolve(None, OperationNotFound(op_id))
                         return
-                    cached = (entry.revision, entry.value)
-                    self._cache.put(key, *cached)
-                last_revision, raw = cached
-                current = decode_operation(key, last_revision, raw)
-                pipeline = await self._resolve_pipeline(current.pipeline)
+                    cached = decode_operation(key, entry.revision, entry.value)
+                    self._cache.put(key, cached)
+                current = cached
+                last_revision = current.revision
+                pipeline = self._pipelines.get(current.pipeline) or await self._resolve_pipeline(current.pipeline)
             except KvstateError as exc:
                 for item in batch:
                     item.resolve(None, exc)
@@ -213,8 +217,9 @@ class GroupCommitter:
                 self._finish([i for i in batch if i.error is None], current)
                 return
             self.writes += 1
-            self._cache.put(key, revision, data)
-            self._finish(batch, msgspec.structs.replace(state, revision=revision))
+            written = msgspec.structs.replace(state, revision=revision)
+            self._cache.put(key, written)
+            self._finish(batch, written)
             return
 
     @staticmethod

@@ -269,8 +269,11 @@ class KvStore:
             return await self.js.stream_info(self.config.stream)
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str], last: int) -> int:
-        with nats_errors(key, last):
+        try:
             ack = await self.js.publish(self._prefix + key, value, headers=headers)
+        except Exception:
+            with nats_errors(key, last):  # a try block costs nothing until something is raised
+                raise
         return int(ack.seq)
 
     async def _last_message(self, key: str, *, direct: bool) -> KvEntry | None:

@@ -158,6 +158,7 @@ class Client:
             self._store,
             self._cache,
             self.pipeline,
+            self._pipelines,
             max_attempts=self.settings.max_retries,
             max_value_size=self.settings.max_value_size,
         )
@@ -349,8 +350,9 @@ class Client:
                 if attempt == 3:
                     raise
                 await asyncio.sleep(0.1 * attempt)
-        self._cache.put(key, revision, data)
-        return _with_revision(op, revision)
+        created = _with_revision(op, revision)
+        self._cache.put(key, created)
+        return created
 
     async def get(self, op_id: str) -> Operation:
         """The current state of ``op_id``; OperationNotFound when it is not in the bucket."""
@@ -362,8 +364,9 @@ class Client:
         entry = await store.get(key)
         if entry is None or entry.value is None:
             raise OperationNotFound(op_id, await self._not_found_hint(key))
-        self._cache.put(key, entry.revision, entry.value)
-        return decode_operation(key, entry.revision, entry.value)
+        op = decode_operation(key, entry.revision, entry.value)
+        self._cache.put(key, op)
+        return op
 
     async def _not_found_hint(self, key: str) -> str:
         history = await self._open_store().history(key)
@@ -506,8 +509,7 @@ class Client:
 
     async def _pipeline_of(self, op_id: str) -> Pipeline:
         key = operation_key(op_id)
-        cached = self._cache.get(key)
-        op = decode_operation(key, cached[0], cached[1]) if cached else await self._read(op_id)
+        op = self._cache.get(key) or await self._read(op_id)
         return await self.pipeline(op.pipeline)
 
     async def remove(self, op_id: str, revision: int, *, marker_ttl: float | None = 300.0) -> int:

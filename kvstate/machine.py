@@ -82,18 +82,24 @@ def derive_status(op: Operation, pipeline: Pipeline) -> OpStatus:
     """
     if op.cancel is not None:
         return OpStatus.CANCELLED
+    stages = op.stages
     all_done = True
     any_moved = False
     for spec in pipeline.stages:
-        status = op.stage(spec.name).status
-        if status is not StageStatus.WAITING:
-            any_moved = True
+        state = stages.get(spec.name)
+        status = StageStatus.WAITING if state is None else state.status
+        if status is StageStatus.WAITING:
+            all_done = False
+            continue
+        any_moved = True
+        if status is StageStatus.SUCCEEDED:
+            continue
         if spec.optional:
-            if not status.terminal:
+            if status is not StageStatus.FAILED and status is not StageStatus.SKIPPED:
                 all_done = False
         elif status is StageStatus.FAILED:
             return OpStatus.FAILED
-        elif status is not StageStatus.SUCCEEDED:
+        else:
             all_done = False
     if all_done:
         return OpStatus.SUCCEEDED
