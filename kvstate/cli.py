@@ -257,6 +257,7 @@ def _cmd_history(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             _print_json([_revision_dict(r) for r in revisions], sys.stdout)
             return 0
         rows = []
+        previous: Operation | None = None
         for rev in revisions:
             when = rev.created.isoformat() if rev.created else "-"
             if rev.deleted:
@@ -265,10 +266,12 @@ def _cmd_history(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 rows.append([str(rev.revision), when, "(corrupt)", "-", str(rev.error)])
             else:
                 op = rev.operation
-                last = op.history[-1] if op.history else None
-                change = f"{last.stage or 'operation'}: {last.from_ or '-'} -> {last.to}" if last else "-"
-                rows.append([str(rev.revision), when, op.status.value, ",".join(op.active_stages) or "-", change])
-        _table(rows, ["revision", "written", "status", "active", "last transition"], sys.stdout)
+                since = previous.updated_at if previous is not None else None
+                added = [t for t in op.history if since is None or t.at > since]
+                change = "; ".join(f"{t.stage or 'operation'}: {t.from_ or '-'} -> {t.to}" for t in added)
+                rows.append([str(rev.revision), when, op.status.value, ",".join(op.active_stages) or "-", change or "-"])
+                previous = op
+        _table(rows, ["revision", "written", "status", "active", "transitions"], sys.stdout)
         return 0
 
     return asyncio.run(_with_client(environ, args, body))

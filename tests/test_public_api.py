@@ -1,0 +1,52 @@
+"""The public API is what kvstate/__init__.py exports: pinned here, like httpx does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kvstate
+from kvstate import errors
+
+EXPECTED = {
+    "BucketConfig", "BucketError", "Cancel", "CancelInfo", "Change", "Client", "ClientClosedError",
+    "ConfigurationError", "ConflictError", "ConnectionLostError", "CorruptValue", "Decision", "Event", "FailStage",
+    "Heartbeat", "InvalidKey", "InvalidMetadata", "InvalidPipeline", "InvalidTransition", "KvstateError",
+    "MergeMetadata", "OpStatus", "Operation", "OperationExists", "OperationNotFound", "Outcome", "Pipeline", "Reopen",
+    "Revision", "ServerVersionError", "Settings", "SkipStage", "StageError", "StageSpec", "StageState", "StageStatus",
+    "StaleUpdate", "StartStage", "SucceedStage", "Transition", "UnknownPipeline", "UnknownStage", "UpdateResult",
+    "ValidationError", "ValueTooLarge", "WaitTimeout", "Watcher", "__version__", "apply_event", "derive_status",
+    "merge_patch", "new_operation", "ready_stages", "stuck_stages",
+}
+
+
+def test_exported_members_are_pinned() -> None:
+    assert set(kvstate.__all__) == EXPECTED
+    for name in kvstate.__all__:
+        assert hasattr(kvstate, name), name
+
+
+def test_every_error_derives_from_kvstate_error_and_is_documented() -> None:
+    docs = Path("docs/errors.md").read_text()
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.KvstateError)
+        assert cls.__doc__, name
+        assert name in (errors.__doc__ or ""), f"{name} missing from the tree in the errors module docstring"
+        assert f"`{name}`" in docs, f"{name} missing from docs/errors.md"
+
+
+def test_conflict_codes_from_both_server_paths_become_conflict_error() -> None:
+    import nats.js.errors
+
+    from kvstate._kv import nats_errors
+
+    for code in (10071, 10164):
+        try:
+            with nats_errors("op.x", 7):
+                raise nats.js.errors.APIError(code=400, err_code=code, description="wrong last sequence")
+        except errors.ConflictError as exc:
+            assert exc.key == "op.x"
+            assert exc.expected_revision == 7
+            assert isinstance(exc.__cause__, nats.js.errors.APIError)
+        else:
+            raise AssertionError(f"{code} was not translated")
