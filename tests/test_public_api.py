@@ -4,18 +4,66 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import kvstate
 from kvstate import errors
 
 EXPECTED = {
-    "BucketConfig", "BucketError", "Cancel", "CancelInfo", "Change", "Client", "ClientClosedError",
-    "ConfigurationError", "ConflictError", "ConnectionLostError", "CorruptValue", "Decision", "Event", "FailStage",
-    "Heartbeat", "InvalidKey", "InvalidMetadata", "InvalidPipeline", "InvalidTransition", "KvstateError",
-    "MergeMetadata", "OpStatus", "Operation", "OperationExists", "OperationNotFound", "Outcome", "Pipeline", "Reopen",
-    "Revision", "ServerVersionError", "Settings", "SkipStage", "StageError", "StageSpec", "StageState", "StageStatus",
-    "StaleUpdate", "StartStage", "SucceedStage", "Transition", "UnknownPipeline", "UnknownStage", "UpdateResult",
-    "ValidationError", "ValueTooLarge", "WaitTimeout", "Watcher", "__version__", "apply_event", "derive_status",
-    "merge_patch", "new_operation", "ready_stages", "stuck_stages",
+    "BucketConfig",
+    "BucketError",
+    "Cancel",
+    "CancelInfo",
+    "Change",
+    "Client",
+    "ClientClosedError",
+    "ConfigurationError",
+    "ConflictError",
+    "ConnectionLostError",
+    "CorruptValue",
+    "Decision",
+    "Event",
+    "FailStage",
+    "Heartbeat",
+    "InvalidKey",
+    "InvalidMetadata",
+    "InvalidPipeline",
+    "InvalidTransition",
+    "KvstateError",
+    "MergeMetadata",
+    "OpStatus",
+    "Operation",
+    "OperationExists",
+    "OperationNotFound",
+    "Outcome",
+    "Pipeline",
+    "Reopen",
+    "Revision",
+    "ServerVersionError",
+    "Settings",
+    "SkipStage",
+    "StageError",
+    "StageSpec",
+    "StageState",
+    "StageStatus",
+    "StaleUpdate",
+    "StartStage",
+    "SucceedStage",
+    "Transition",
+    "UnknownPipeline",
+    "UnknownStage",
+    "UpdateResult",
+    "ValidationError",
+    "ValueTooLarge",
+    "WaitTimeout",
+    "Watcher",
+    "__version__",
+    "apply_event",
+    "derive_status",
+    "merge_patch",
+    "new_operation",
+    "ready_stages",
+    "stuck_stages",
 }
 
 
@@ -41,12 +89,8 @@ def test_conflict_codes_from_both_server_paths_become_conflict_error() -> None:
     from kvstate._kv import nats_errors
 
     for code in (10071, 10164):
-        try:
-            with nats_errors("op.x", 7):
-                raise nats.js.errors.APIError(code=400, err_code=code, description="wrong last sequence")
-        except errors.ConflictError as exc:
-            assert exc.key == "op.x"
-            assert exc.expected_revision == 7
-            assert isinstance(exc.__cause__, nats.js.errors.APIError)
-        else:
-            raise AssertionError(f"{code} was not translated")
+        with pytest.raises(errors.ConflictError) as info, nats_errors("op.x", 7):
+            raise nats.js.errors.APIError(code=400, err_code=code, description="wrong last sequence")
+        assert info.value.key == "op.x"
+        assert info.value.expected_revision == 7
+        assert isinstance(info.value.__cause__, nats.js.errors.APIError)
