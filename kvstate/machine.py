@@ -44,6 +44,7 @@ from kvstate.pipeline import Pipeline, StageSpec
 __all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_stages", "stuck_stages"]
 
 _replace = msgspec.structs.replace
+_WAITING = StageState(status=StageStatus.WAITING)
 
 
 class Decision(NamedTuple):
@@ -65,7 +66,7 @@ def new_operation(
         status=OpStatus.PENDING,
         created_at=now,
         updated_at=now,
-        stages={name: StageState() for name in pipeline.stage_names},
+        stages={name: StageState(status=StageStatus.WAITING) for name in pipeline.stage_names},
         metadata=dict(metadata or {}),
         origin=event_id,
         history=[Transition(at=now, to=OpStatus.PENDING.value, event=event_id)],
@@ -300,14 +301,14 @@ def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime) -> 
     stages = dict(op.stages)
     entries: list[Transition] = []
     for name in pipeline.stage_names:
-        if name in targets and stages.get(name, StageState()).status is not StageStatus.WAITING:
+        if name in targets and stages.get(name, _WAITING).status is not StageStatus.WAITING:
             old = stages[name]
             entries.append(
                 Transition(
                     at=now, stage=name, from_=old.status.value, to=StageStatus.WAITING.value, event=event.event_id
                 )
             )
-            stages[name] = StageState(metadata=old.metadata)
+            stages[name] = StageState(status=StageStatus.WAITING, metadata=old.metadata)
     if not entries and op.cancel is None:
         return Decision(Outcome.STALE, op, "every stage named is already waiting")
     reopened = _replace(op, stages=stages, cancel=None, finished_at=None)

@@ -91,7 +91,7 @@ class StageError(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
 class StageState(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     """The state of one stage within one operation."""
 
-    status: StageStatus = StageStatus.WAITING
+    status: StageStatus
     attempt: int = 0
     worker: str | None = None
     started_at: datetime | None = None
@@ -142,7 +142,7 @@ class Operation(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     schema: int
     id: str
     pipeline: str
-    status: OpStatus = OpStatus.PENDING
+    status: OpStatus
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
@@ -176,7 +176,7 @@ class Operation(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
         return (self.finished_at - self.created_at).total_seconds()
 
 
-_WAITING = StageState()
+_WAITING = StageState(status=StageStatus.WAITING)
 _ACTIVE = frozenset({StageStatus.RUNNING, StageStatus.RETRYING})
 
 
