@@ -269,7 +269,8 @@ def _cmd_history(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 since = previous.updated_at if previous is not None else None
                 added = [t for t in op.history if since is None or t.at > since]
                 change = "; ".join(f"{t.stage or 'operation'}: {t.from_ or '-'} -> {t.to}" for t in added)
-                rows.append([str(rev.revision), when, op.status.value, ",".join(op.active_stages) or "-", change or "-"])
+                active = ",".join(op.active_stages) or "-"
+                rows.append([str(rev.revision), when, op.status.value, active, change or "-"])
                 previous = op
         _table(rows, ["revision", "written", "status", "active", "transitions"], sys.stdout)
         return 0
