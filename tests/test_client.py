@@ -354,3 +354,31 @@ async def test_unreachable_server_is_a_clear_error() -> None:
     with pytest.raises(ConnectionLostError, match="cannot connect"):
         async with Client(Settings(nats_url=f"nats://127.0.0.1:{free_port()}", timeout=1.0)):
             pass
+
+
+async def test_server_without_jetstream_is_refused_at_connect(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from kvstate import ConnectionLostError, ServerVersionError
+    from kvstate.servers import find_nats_server, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [find_nats_server(), "-a", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    refused: ServerVersionError | None = None
+    try:
+        for _ in range(100):
+            try:
+                async with Client(Settings(nats_url=f"nats://127.0.0.1:{port}", timeout=1.0)):
+                    pass
+            except ConnectionLostError:  # the server may not listen yet
+                await asyncio.sleep(0.05)
+            except ServerVersionError as exc:
+                refused = exc
+                break
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert refused is not None
+    assert "JetStream" in str(refused)
