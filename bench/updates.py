@@ -1,9 +1,10 @@
 """Update throughput of kvstate next to raw KV writes and PostgreSQL row locks, in one run.
 
-    python -m bench.updates [--seconds 5] [--json out.json]
+    python -m bench.updates [--seconds 5] [--durability short|strict] [--json out.json]
 
-Starts its own nats-server (sync_interval 1s) and PostgreSQL (synchronous_commit off: the
-matching durability pair, see docs/operations.md#durability) in a temp dir, then measures:
+Starts its own nats-server and PostgreSQL in a temp dir with equal durability (see
+docs/operations.md#durability): ``short`` pairs sync_interval 1s with synchronous_commit
+off, ``strict`` pairs sync_interval always with synchronous_commit on. Then measures:
 
 1. raw ``kv.put`` at 64 concurrent tasks (1 KB values, one key per task);
 2. a bare cached-revision ``kv.update`` loop at 64 tasks (the floor for a CAS write);
@@ -207,10 +208,15 @@ async def postgres_for_update(dsn: str, writers: int, seconds: float) -> dict[st
     return {"ops": sum(counts), "seconds": elapsed, "rate": sum(counts) / elapsed, "lost_writers": lost}
 
 
-async def run(seconds: float) -> dict[str, dict[str, float]]:
+DURABILITY = {"short": ("1s", "off"), "strict": ("always", "on")}
+
+
+async def run(seconds: float, durability: str) -> dict[str, dict[str, float]]:
+    sync_interval, synchronous_commit = DURABILITY[durability]
     with tempfile.TemporaryDirectory(prefix="kvstate-bench-") as tmp:
-        nats_server = NatsServer(Path(tmp) / "nats", sync_interval="1s").start()
-        pg = PostgresServer(Path(tmp) / "pg", settings={"synchronous_commit": "off", "max_connections": "100"}).start()
+        nats_server = NatsServer(Path(tmp) / "nats", sync_interval=sync_interval).start()
+        pg_settings = {"synchronous_commit": synchronous_commit, "max_connections": "100"}
+        pg = PostgresServer(Path(tmp) / "pg", settings=pg_settings).start()
         try:
             results = {
                 "raw_put_64": await raw_put(nats_server.url, seconds),
@@ -226,9 +232,11 @@ async def run(seconds: float) -> dict[str, dict[str, float]]:
     return results
 
 
-def report(results: dict[str, dict[str, float]]) -> str:
+def report(results: dict[str, dict[str, float]], durability: str) -> str:
+    sync_interval, synchronous_commit = DURABILITY[durability]
     lines = [
-        f"machine: {os.cpu_count()} cores; nats-server 2.15.1 sync_interval=1s; PostgreSQL synchronous_commit=off",
+        f"machine: {os.cpu_count()} cores; durability pair '{durability}': nats-server 2.15.1 "
+        f"sync_interval={sync_interval}, PostgreSQL synchronous_commit={synchronous_commit}",
         f"{'case':34} {'ops':>8} {'ops/s':>10} {'client us/op':>13} {'lost':>5}",
     ]
     for name, r in results.items():
@@ -252,10 +260,11 @@ def report(results: dict[str, dict[str, float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each case")
+    parser.add_argument("--durability", choices=sorted(DURABILITY), default="short")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
-    results = asyncio.run(run(args.seconds))
-    print(report(results))
+    results = asyncio.run(run(args.seconds, args.durability))
+    print(report(results, args.durability))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
