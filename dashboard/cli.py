@@ -1,0 +1,90 @@
+"""``kvstate dashboard``: serve the dashboard with uvicorn (also ``python -m dashboard``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from dashboard.settings import DashboardSettings
+from kvstate import ConfigurationError
+from kvstate.settings import Settings
+
+__all__ = ["main", "register", "serve"]
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nats-url", help="NATS server URL (default: $NATS_URL or nats://127.0.0.1:4222)")
+    parser.add_argument("--bucket", help="KV bucket (default: $KVSTATE_BUCKET or operations)")
+    parser.add_argument("--host", help="interface to listen on (default: $DASHBOARD_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (default: $DASHBOARD_PORT or 8000)")
+    parser.add_argument("--database-url", help="PostgreSQL archive (default: $DATABASE_URL; unset = no archive pages)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> DashboardSettings:
+    """Environment settings with the command-line options applied on top."""
+    settings = DashboardSettings.from_env(environ)
+    kv_changes: dict[str, Any] = {}
+    if args.nats_url:
+        kv_changes["nats_url"] = args.nats_url
+    if args.bucket:
+        kv_changes["bucket"] = Settings.from_env({"KVSTATE_BUCKET": args.bucket}).bucket
+    changes: dict[str, Any] = {"kv": replace(settings.kv, **kv_changes)} if kv_changes else {}
+    if args.host:
+        changes["host"] = args.host
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigurationError(f"--port {args.port}: must be a TCP port (0-65535)")
+        changes["port"] = args.port
+    if args.database_url:
+        changes["database_url"] = args.database_url
+    return replace(settings, **changes) if changes else settings
+
+
+def serve(settings: DashboardSettings, log_level: str = "info") -> int:
+    """Run the dashboard until interrupted; returns the exit code."""
+    import uvicorn
+
+    from dashboard.app import create_app
+
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=3,  # open event streams would otherwise hold shutdown
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _handler(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    try:
+        settings = settings_from(args, environ)
+    except ConfigurationError as exc:
+        sys.stderr.write(f"kvstate dashboard: {exc}\n")
+        return 2
+    return serve(settings, args.log_level)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``kvstate dashboard`` to the kvstate command."""
+    parser = subparsers.add_parser("dashboard", help="serve the live dashboard (Litestar + htmx)")
+    _add_arguments(parser)
+    parser.set_defaults(handler=_handler)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """``python -m dashboard``."""
+    parser = argparse.ArgumentParser(prog="python -m dashboard", description="Serve the kvstate dashboard.")
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    return _handler(args, os.environ if environ is None else environ)

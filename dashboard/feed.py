@@ -1,0 +1,242 @@
+"""The one watcher per process that feeds the index, and the broadcaster of change signals.
+
+``IndexFeed`` runs ``client.watch(include_existing=True, include_corrupt=True)`` and
+applies every change to the ``OperationIndex``; kvstate's watcher already survives NATS
+restarts (it resubscribes from the last sequence it delivered: no gaps, no duplicates).
+A ticker marks stuck stages and notices connection loss and recovery.
+
+``Broadcaster`` sends *signals*, not data, to the browsers' server-sent-event streams:
+"something changed, re-fetch your fragment". It is debounced (at most one signal per
+``debounce`` seconds), gives each client a small bounded queue (a slow client misses
+signals it would not need anyway: one pending signal is as good as ten) and sends
+keepalive comments so proxies keep idle streams open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from litestar.response import ServerSentEventMessage
+
+from dashboard.index import OperationIndex
+from kvstate import Change, Client, CorruptValue, KvstateError, UnknownPipeline
+
+__all__ = ["Broadcaster", "IndexFeed", "running"]
+
+log = logging.getLogger("dashboard.feed")
+
+_STOP = "stop"
+_CHANGE = "change"
+
+
+class Broadcaster:
+    """Debounced change signals fanned out to bounded per-client queues."""
+
+    def __init__(self, debounce: float = 0.25, queue_size: int = 4, keepalive: float = 15.0) -> None:
+        self.debounce = debounce
+        self.queue_size = queue_size
+        self.keepalive = keepalive
+        self._clients: set[asyncio.Queue[str]] = set()
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+        self.sent = 0
+        self.dropped = 0
+
+    @property
+    def clients(self) -> int:
+        """Connected event streams."""
+        return len(self._clients)
+
+    def start(self) -> None:
+        """Start the debounce loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dashboard-broadcaster")
+
+    def notify(self) -> None:
+        """Something changed: signal every client soon (many calls within the debounce collapse into one)."""
+        self._dirty.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.debounce)
+            self._dirty.clear()
+            for queue in list(self._clients):
+                try:
+                    queue.put_nowait(_CHANGE)
+                    self.sent += 1
+                except asyncio.QueueFull:
+                    self.dropped += 1
+
+    def subscribe(self) -> asyncio.Queue[str]:
+        """A new client queue (``unsubscribe`` it when the client leaves)."""
+        queue: asyncio.Queue[str] = asyncio.Queue(self.queue_size)
+        if self._stopped:
+            queue.put_nowait(_STOP)
+        self._clients.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[str]) -> None:
+        """Forget a client queue."""
+        self._clients.discard(queue)
+
+    async def stream(self, max_age: float = 300.0) -> AsyncIterator[ServerSentEventMessage]:
+        """Server-sent events for one client: ``change`` signals and keepalive comments.
+
+        Ends after ``max_age`` seconds (the browser's EventSource reconnects by itself), so
+        no stream outlives a deploy for long, and at ``stop()``.
+        """
+        queue = self.subscribe()
+        deadline = time.monotonic() + max_age
+        try:
+            yield ServerSentEventMessage(data=None, comment="connected", retry=2000)
+            while time.monotonic() < deadline:
+                try:
+                    async with asyncio.timeout(min(self.keepalive, max(0.0, deadline - time.monotonic()))):
+                        item = await queue.get()
+                except TimeoutError:
+                    yield ServerSentEventMessage(data=None, comment="keepalive")
+                    continue
+                if item == _STOP:
+                    return
+                yield ServerSentEventMessage(event=_CHANGE, data="1")
+        finally:
+            self.unsubscribe(queue)
+
+    async def stop(self) -> None:
+        """End every stream and the debounce loop."""
+        self._stopped = True
+        for queue in list(self._clients):
+            while True:
+                try:
+                    queue.put_nowait(_STOP)
+                    break
+                except asyncio.QueueFull:
+                    queue.get_nowait()  # make room: the stop matters more than a pending change
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class IndexFeed:
+    """Runs the process's one watcher into the index and notifies the broadcaster."""
+
+    def __init__(
+        self,
+        client: Client,
+        index: OperationIndex,
+        broadcaster: Broadcaster,
+        *,
+        clock: Callable[[], float] = time.time,
+        tick: float = 0.5,
+    ) -> None:
+        self.client = client
+        self.index = index
+        self.broadcaster = broadcaster
+        self.clock = clock
+        self.tick_interval = tick
+        self.ready = asyncio.Event()  # set once the initial replay is in the index
+        self.connected = True
+        self.disconnected_since: float | None = None
+        self.restarts = 0
+        self.corrupt_seen = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Load the pipelines, then start watching and ticking."""
+        try:
+            for pipeline in await self.client.pipelines():
+                self.index.set_pipeline(pipeline)
+        except KvstateError as exc:
+            log.warning("could not load pipelines yet: %s", exc)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._watch_forever(), name="dashboard-watch"),
+            loop.create_task(self._tick_forever(), name="dashboard-tick"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop watching (the client stops its watcher too when it closes)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def running(self) -> bool:
+        """True while the watch and tick tasks are alive."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
+    async def _watch_forever(self) -> None:
+        while True:
+            try:
+                await self._watch_once()
+            except asyncio.CancelledError:
+                raise
+            except KvstateError as exc:
+                log.warning("watch failed (%s); starting again in 1s", exc)
+            except Exception:
+                log.exception("watch crashed; starting again in 1s")
+            self.restarts += 1
+            await asyncio.sleep(1.0)
+
+    async def _watch_once(self) -> None:
+        self.index.reset()
+        self.index.begin_bulk()
+        async with self.client.watch(include_existing=True, include_corrupt=True) as changes:
+            if changes.initial_done.is_set():
+                self._replayed()
+            async for change in changes:
+                await self._apply(change)
+                if not self.ready.is_set() and changes.initial_done.is_set():
+                    self._replayed()
+                elif self.ready.is_set():
+                    self.broadcaster.notify()
+
+    def _replayed(self) -> None:
+        self.index.end_bulk()
+        self.ready.set()
+        self.broadcaster.notify()
+
+    async def _apply(self, change: Change) -> None:
+        op = change.operation
+        if op is not None and op.pipeline not in self.index.pipelines:
+            try:
+                self.index.set_pipeline(await self.client.pipeline(op.pipeline))
+            except (UnknownPipeline, CorruptValue) as exc:
+                log.warning("operation %s names pipeline %r that cannot be read: %s", op.id, op.pipeline, exc)
+            except KvstateError as exc:
+                log.warning("could not read pipeline %r: %s", op.pipeline, exc)
+        if change.error is not None:
+            self.corrupt_seen += 1
+        self.index.apply(change, self.clock())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            changed = self.index.tick(self.clock())
+            connected = self.client.connected
+            if connected != self.connected:
+                self.connected = connected
+                self.disconnected_since = None if connected else self.clock()
+                log.warning("NATS %s", "reachable again" if connected else "unreachable")
+                changed = True
+            if changed:
+                self.broadcaster.notify()
+
+
+@contextlib.asynccontextmanager
+async def running(feed: IndexFeed, broadcaster: Broadcaster) -> AsyncIterator[None]:
+    """Start the broadcaster and the feed; stop them in reverse order."""
+    broadcaster.start()
+    try:
+        await feed.start()
+        try:
+            yield
+        finally:
+            await feed.stop()
+    finally:
+        await broadcaster.stop()

@@ -1,0 +1,606 @@
+"""The in-memory index of live operations that every dashboard request reads.
+
+One watcher per process feeds it (``dashboard.feed``); requests never scan the bucket.
+It keeps a compact summary per operation (a few hundred bytes, no Operation objects)
+and maintains every count incrementally, so the overview costs the same with 1,000 or
+100,000 operations in the bucket. Everything here is plain data and pure-ish methods
+with an explicit ``now`` (epoch seconds): no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import sys
+from bisect import bisect_left, insort
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from kvstate import Change, Operation, OpStatus, Pipeline, StageStatus
+
+__all__ = [
+    "CORRUPT",
+    "STAGE_STATUSES",
+    "Failure",
+    "OpSummary",
+    "OperationFilter",
+    "OperationIndex",
+    "StageStats",
+    "Stuck",
+]
+
+CORRUPT = "corrupt"
+"""The status shown for a key whose value is not a valid operation."""
+
+STAGE_STATUSES: tuple[StageStatus, ...] = tuple(StageStatus)
+_CODE = {status: code for code, status in enumerate(STAGE_STATUSES)}
+_WAITING = _CODE[StageStatus.WAITING]
+_RUNNING = _CODE[StageStatus.RUNNING]
+_RETRYING = _CODE[StageStatus.RETRYING]
+_SUCCEEDED = _CODE[StageStatus.SUCCEEDED]
+_TERMINAL_OP = frozenset(s.value for s in OpStatus if s.terminal)
+
+META_PAIRS = 4
+"""Top-level scalar metadata pairs kept per operation for the metadata filter."""
+META_TEXT = 48
+"""Longest metadata key or value (characters) kept in the index."""
+DURATIONS_KEPT = 2048
+"""Finished stage attempts remembered per stage for the percentiles."""
+FAILURES_KEPT = 20
+_DEADLINE = "deadline"
+_HEARTBEAT = "heartbeat"
+
+
+def _ts(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class OpSummary:
+    """What the index remembers of one operation (slots only: this is the memory budget)."""
+
+    __slots__ = (
+        "created",
+        "finished",
+        "id",
+        "meta",
+        "pipeline",
+        "revision",
+        "stage_codes",
+        "stage_names",
+        "status",
+        "updated",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        pipeline: str,
+        status: str,
+        created: float,
+        updated: float,
+        finished: float | None,
+        revision: int,
+        stage_names: tuple[str, ...],
+        stage_codes: bytes,
+        workers: tuple[str, ...],
+        meta: tuple[str, ...],
+    ) -> None:
+        self.id = id
+        self.pipeline = pipeline
+        self.status = status
+        self.created = created
+        self.updated = updated
+        self.finished = finished
+        self.revision = revision
+        self.stage_names = stage_names
+        self.stage_codes = stage_codes
+        self.workers = workers
+        self.meta = meta
+
+    @property
+    def done(self) -> bool:
+        """True once the operation reached a terminal status."""
+        return self.status in _TERMINAL_OP
+
+    @property
+    def corrupt(self) -> bool:
+        """True when the stored value is not a valid operation."""
+        return self.status == CORRUPT
+
+    def stages(self) -> Iterator[tuple[str, StageStatus]]:
+        """(stage, status) pairs in the operation's stage order."""
+        for name, code in zip(self.stage_names, self.stage_codes, strict=True):
+            yield name, STAGE_STATUSES[code]
+
+    def stage_status(self, stage: str) -> StageStatus | None:
+        """The status of ``stage`` (None when the operation has no such stage)."""
+        try:
+            return STAGE_STATUSES[self.stage_codes[self.stage_names.index(stage)]]
+        except ValueError:
+            return None
+
+    @property
+    def active_stages(self) -> list[str]:
+        """Stages running or retrying now."""
+        return [n for n, c in zip(self.stage_names, self.stage_codes, strict=True) if c in (_RUNNING, _RETRYING)]
+
+    @property
+    def failed_stages(self) -> list[str]:
+        """Stages that failed for good."""
+        failed = _CODE[StageStatus.FAILED]
+        return [n for n, c in zip(self.stage_names, self.stage_codes, strict=True) if c == failed]
+
+    def metadata_value(self, key: str) -> str | None:
+        """The indexed text of top-level metadata ``key`` (None when not indexed)."""
+        for i in range(0, len(self.meta), 2):
+            if self.meta[i] == key:
+                return self.meta[i + 1]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A recently failed operation, for the overview."""
+
+    op_id: str
+    pipeline: str
+    stage: str | None
+    message: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stuck:
+    """A running stage past its deadline or without a heartbeat."""
+
+    op_id: str
+    pipeline: str
+    stage: str
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """Live counts and recent durations of one stage of one pipeline."""
+
+    name: str
+    counts: dict[StageStatus, int]
+    p50: float | None
+    p95: float | None
+    samples: int
+    stuck: int
+    optional: bool
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationFilter:
+    """A query over the index. Empty fields match everything.
+
+    ``stage`` alone matches operations with that stage running or retrying; with
+    ``stage_status`` it matches that status of that stage.
+    """
+
+    statuses: frozenset[str] = frozenset()
+    pipeline: str | None = None
+    stage: str | None = None
+    stage_status: StageStatus | None = None
+    worker: str | None = None
+    id_prefix: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
+    meta_key: str | None = None
+    meta_value: str | None = None
+    newest_first: bool = True
+
+    def matches(self, op: OpSummary) -> bool:
+        """True when ``op`` passes every set field."""
+        if self.statuses and op.status not in self.statuses:
+            return False
+        if self.pipeline is not None and op.pipeline != self.pipeline:
+            return False
+        if self.id_prefix is not None and not op.id.startswith(self.id_prefix):
+            return False
+        if self.created_after is not None and op.created < self.created_after:
+            return False
+        if self.created_before is not None and op.created >= self.created_before:
+            return False
+        if self.worker is not None and self.worker not in op.workers:
+            return False
+        if self.stage is not None:
+            status = op.stage_status(self.stage)
+            if status is None:
+                return False
+            if self.stage_status is None:
+                if status not in (StageStatus.RUNNING, StageStatus.RETRYING):
+                    return False
+            elif status is not self.stage_status or not _counted(op, _CODE[status]):
+                return False
+        if self.meta_key is not None:
+            value = op.metadata_value(self.meta_key)
+            if value is None or (self.meta_value is not None and value != self.meta_value):
+                return False
+        return True
+
+
+def _counted(op: OpSummary, code: int) -> bool:
+    """Stage counts leave out stages still waiting in operations that already finished."""
+    return not (code == _WAITING and op.done)
+
+
+def _metadata_pairs(metadata: dict[str, object]) -> tuple[str, ...]:
+    pairs: list[str] = []
+    for key, value in metadata.items():
+        if len(pairs) >= 2 * META_PAIRS:
+            break
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            text = str(value)
+        else:
+            continue
+        if len(key) <= META_TEXT and len(text) <= META_TEXT:
+            pairs.append(sys.intern(key))
+            pairs.append(sys.intern(text))  # repeated values (countries, tiers) share one string
+    return tuple(pairs)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of ``values`` by nearest rank; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q * len(ordered)))
+    return ordered[rank - 1]
+
+
+class OperationIndex:
+    """Summaries of every operation in the bucket, with counts kept up to date per change."""
+
+    def __init__(self, stats_window: float = 900.0) -> None:
+        self.stats_window = stats_window
+        self.pipelines: dict[str, Pipeline] = {}
+        self.changes = 0
+        self.version = 0  # bumped whenever something a page shows may have changed
+        self._clear()
+
+    def _clear(self) -> None:
+        self._ops: dict[str, OpSummary] = {}
+        self._order: list[tuple[float, str]] = []  # (created, id), sorted
+        self._bulk = False
+        self._status_counts: dict[str, dict[str, int]] = {}  # pipeline -> status -> n
+        self._stage_counts: dict[tuple[str, str], list[int]] = {}  # (pipeline, stage) -> per StageStatus code
+        self._durations: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._percentile_cache: dict[tuple[str, str], tuple[object, tuple[float | None, float | None, int]]] = {}
+        self._started: dict[int, int] = {}  # minute -> operations created
+        self._finished: dict[int, int] = {}  # minute -> operations finished
+        self._failures: list[Failure] = []
+        self._due: list[tuple[float, str, str, int, str]] = []  # heap of (due, op id, stage, revision, kind)
+        self._stuck: dict[str, dict[str, Stuck]] = {}  # op id -> stage -> Stuck
+        # Insertion order is (nearly) the order stages became stuck: tick() pops due times in order.
+        self._stuck_order: dict[tuple[str, str], Stuck] = {}
+        self._stuck_counts: dict[tuple[str, str], int] = {}  # (pipeline, stage) -> stuck now
+        self._shared: dict[object, object] = {}  # interned stage-name and worker tuples
+
+    # ------------------------------------------------------------------ feeding
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __contains__(self, op_id: object) -> bool:
+        return op_id in self._ops
+
+    def get(self, op_id: str) -> OpSummary | None:
+        """The summary of ``op_id``, if indexed."""
+        return self._ops.get(op_id)
+
+    def set_pipeline(self, pipeline: Pipeline) -> None:
+        """Remember a pipeline definition (its stage order, deadlines and heartbeat timeout)."""
+        self.pipelines[pipeline.name] = pipeline
+        self.version += 1
+
+    def reset(self) -> None:
+        """Forget every operation (before a watcher replays the bucket again)."""
+        self._clear()
+        self.version += 1
+
+    def begin_bulk(self) -> None:
+        """Defer keeping the age order sorted (while a watcher replays the bucket)."""
+        self._bulk = True
+
+    def end_bulk(self) -> None:
+        """Sort the age order once after a bulk load."""
+        if self._bulk:
+            self._bulk = False
+            self._order.sort()
+            self.version += 1
+
+    def apply(self, change: Change, now: float) -> None:
+        """Apply one watched change: a new value, a removal or a corrupt value."""
+        self.changes += 1
+        self.version += 1
+        if change.deleted:
+            self._remove(change.op_id)
+            return
+        if change.operation is None:
+            self._put_corrupt(change.op_id, change.revision, now)
+            return
+        self._put(change.operation, now)
+
+    def _share(self, value: tuple[str, ...]) -> tuple[str, ...]:
+        shared = self._shared.setdefault(value, value)
+        assert isinstance(shared, tuple)
+        return shared
+
+    def _summarize(self, op: Operation) -> OpSummary:
+        names = self._share(tuple(sys.intern(n) for n in op.stages))
+        codes = bytes(_CODE[st.status] for st in op.stages.values())
+        workers = self._share(tuple(sorted({sys.intern(st.worker) for st in op.stages.values() if st.worker})))
+        created = op.created_at.timestamp()
+        return OpSummary(
+            id=op.id,
+            pipeline=sys.intern(op.pipeline),
+            status=op.status.value,
+            created=created,
+            updated=op.updated_at.timestamp(),
+            finished=_ts(op.finished_at),
+            revision=op.revision,
+            stage_names=names,
+            stage_codes=codes,
+            workers=workers,
+            meta=_metadata_pairs(op.metadata),
+        )
+
+    def _put(self, op: Operation, now: float) -> None:
+        new = self._summarize(op)
+        old = self._ops.get(op.id)
+        if old is not None and old.revision >= new.revision:
+            return  # a replay of something already seen
+        self._unindex(old)
+        self._index(new)
+        self._note_transitions(old, new, op, now)
+        self._schedule_stuck(op, now)
+
+    def _put_corrupt(self, op_id: str, revision: int, now: float) -> None:
+        old = self._ops.get(op_id)
+        self._unindex(old)
+        created = old.created if old is not None else now
+        self._index(OpSummary(op_id, "", CORRUPT, created, now, None, revision, (), b"", (), ()))
+
+    def _remove(self, op_id: str) -> None:
+        self._unindex(self._ops.get(op_id))
+
+    def _index(self, op: OpSummary) -> None:
+        self._ops[op.id] = op
+        if self._bulk:
+            self._order.append((op.created, op.id))
+        else:
+            insort(self._order, (op.created, op.id))
+        per_status = self._status_counts.setdefault(op.pipeline, {})
+        per_status[op.status] = per_status.get(op.status, 0) + 1
+        for name, code in zip(op.stage_names, op.stage_codes, strict=True):
+            if _counted(op, code):
+                counts = self._stage_counts.setdefault((op.pipeline, name), [0] * len(STAGE_STATUSES))
+                counts[code] += 1
+
+    def _unindex(self, op: OpSummary | None) -> None:
+        if op is None:
+            return
+        del self._ops[op.id]
+        for stuck in self._stuck.pop(op.id, {}).values():
+            del self._stuck_order[(stuck.op_id, stuck.stage)]
+            self._stuck_counts[(stuck.pipeline, stuck.stage)] -= 1
+        key = (op.created, op.id)
+        if self._bulk:
+            self._order.remove(key)
+        else:
+            pos = bisect_left(self._order, key)
+            if pos < len(self._order) and self._order[pos] == key:
+                del self._order[pos]
+        self._status_counts[op.pipeline][op.status] -= 1
+        for name, code in zip(op.stage_names, op.stage_codes, strict=True):
+            if _counted(op, code):
+                self._stage_counts[(op.pipeline, name)][code] -= 1
+
+    def _note_transitions(self, old: OpSummary | None, new: OpSummary, op: Operation, now: float) -> None:
+        horizon = now - self.stats_window
+        if old is None and new.created >= horizon:
+            minute = int(new.created // 60)
+            self._started[minute] = self._started.get(minute, 0) + 1
+        was_done = old is not None and old.done
+        if new.done and not was_done and new.finished is not None and new.finished >= horizon:
+            minute = int(new.finished // 60)
+            self._finished[minute] = self._finished.get(minute, 0) + 1
+            if new.status == OpStatus.FAILED.value:
+                self._note_failure(op, new.finished)
+        for name, state in op.stages.items():
+            if state.status is not StageStatus.SUCCEEDED or state.finished_at is None:
+                continue
+            if old is not None and old.stage_status(name) is StageStatus.SUCCEEDED:
+                continue
+            duration = state.duration
+            finished = state.finished_at.timestamp()
+            if duration is not None and finished >= horizon:
+                key = (new.pipeline, name)
+                samples = self._durations.get(key)
+                if samples is None:
+                    samples = self._durations[key] = deque(maxlen=DURATIONS_KEPT)
+                samples.append((finished, duration))
+
+    def _note_failure(self, op: Operation, at: float) -> None:
+        stage = next((n for n, st in op.stages.items() if st.status is StageStatus.FAILED), None)
+        error = op.stages[stage].error if stage is not None else None
+        message = error.message[:200] if error is not None else "failed"
+        self._failures.append(Failure(op.id, op.pipeline, stage, message, at))
+        if len(self._failures) > 2 * FAILURES_KEPT:
+            self._failures = heapq.nlargest(FAILURES_KEPT, self._failures, key=lambda f: f.at)
+
+    # ------------------------------------------------------------------ stuck stages
+
+    def _schedule_stuck(self, op: Operation, now: float) -> None:
+        pipeline = self.pipelines.get(op.pipeline)
+        if pipeline is None or op.status.terminal:
+            return
+        for spec in pipeline.stages:
+            st = op.stages.get(spec.name)
+            if st is None or st.status is not StageStatus.RUNNING or st.started_at is None:
+                continue
+            started = st.started_at.timestamp()
+            beat = (st.heartbeat_at or st.started_at).timestamp()
+            due, kind = beat + pipeline.heartbeat_timeout, _HEARTBEAT
+            if spec.deadline is not None and started + spec.deadline < due:
+                due, kind = started + spec.deadline, _DEADLINE
+            heapq.heappush(self._due, (due, op.id, spec.name, op.revision, kind))
+        if len(self._due) > 4 * len(self._ops) + 1024:
+            self._compact_due()
+
+    def _compact_due(self) -> None:
+        self._due = [e for e in self._due if (op := self._ops.get(e[1])) is not None and op.revision == e[3]]
+        heapq.heapify(self._due)
+
+    def tick(self, now: float) -> bool:
+        """Mark stages whose deadline or heartbeat timeout passed; True when any became stuck."""
+        found = False
+        while self._due and self._due[0][0] <= now:
+            due, op_id, stage, revision, kind = heapq.heappop(self._due)
+            op = self._ops.get(op_id)
+            if op is None or op.revision != revision or op.done:
+                continue  # the operation moved on since this was scheduled
+            reason = self._stuck_reason(op.pipeline, stage, kind)
+            per_op = self._stuck.setdefault(op_id, {})
+            if stage in per_op:
+                continue
+            entry = per_op[stage] = Stuck(op_id, op.pipeline, stage, reason, due)
+            self._stuck_order[(op_id, stage)] = entry
+            key = (op.pipeline, stage)
+            self._stuck_counts[key] = self._stuck_counts.get(key, 0) + 1
+            found = True
+        if found:
+            self.version += 1
+        return found
+
+    def _stuck_reason(self, pipeline_name: str, stage: str, kind: str) -> str:
+        pipeline = self.pipelines.get(pipeline_name)
+        if pipeline is None:
+            return kind
+        if kind == _DEADLINE:
+            return f"running past its {pipeline.stage(stage).deadline or 0:g}s deadline"
+        return f"no heartbeat for over {pipeline.heartbeat_timeout:g}s"
+
+    def stuck(self, limit: int = 20, pipeline: str | None = None) -> tuple[list[Stuck], int]:
+        """The ``limit`` longest-stuck stages and how many are stuck in all (cost: ``limit``, not the index size)."""
+        total = sum(n for (name, _), n in self._stuck_counts.items() if pipeline is None or name == pipeline)
+        found: list[Stuck] = []
+        if limit > 0:
+            for entry in self._stuck_order.values():
+                if pipeline is None or entry.pipeline == pipeline:
+                    found.append(entry)
+                    if len(found) == limit:
+                        break
+        return sorted(found, key=lambda s: s.since), total
+
+    def stuck_stages_of(self, op_id: str) -> dict[str, Stuck]:
+        """The stuck stages of one operation."""
+        return dict(self._stuck.get(op_id, {}))
+
+    # ------------------------------------------------------------------ reading
+
+    def status_counts(self, pipeline: str | None = None) -> dict[str, int]:
+        """Operations per status (every pipeline when ``pipeline`` is None)."""
+        totals: dict[str, int] = {}
+        for name, per_status in self._status_counts.items():
+            if pipeline is not None and name != pipeline:
+                continue
+            for status, n in per_status.items():
+                if n:
+                    totals[status] = totals.get(status, 0) + n
+        return totals
+
+    def stage_stats(self, pipeline: Pipeline, now: float) -> dict[str, StageStats]:
+        """Counts, p50/p95 over the stats window and stuck counts for every stage of ``pipeline``."""
+        horizon = now - self.stats_window
+        stuck_per_stage = {stage: n for (name, stage), n in self._stuck_counts.items() if name == pipeline.name}
+        result = {}
+        for spec in pipeline.stages:
+            counts = self._stage_counts.get((pipeline.name, spec.name), [0] * len(STAGE_STATUSES))
+            p50, p95, n = self._percentiles((pipeline.name, spec.name), horizon)
+            result[spec.name] = StageStats(
+                name=spec.name,
+                counts={status: counts[code] for code, status in enumerate(STAGE_STATUSES)},
+                p50=p50,
+                p95=p95,
+                samples=n,
+                stuck=stuck_per_stage.get(spec.name, 0),
+                optional=spec.optional,
+                deadline=spec.deadline,
+            )
+        return result
+
+    def _percentiles(self, key: tuple[str, str], horizon: float) -> tuple[float | None, float | None, int]:
+        """p50, p95 and sample count of one stage; recomputed only when its samples changed."""
+        samples = self._durations.get(key)
+        if samples is None:
+            return None, None, 0
+        trimmed = False
+        while samples and samples[0][0] < horizon:
+            samples.popleft()
+            trimmed = True
+        marker = (len(samples), samples[-1] if samples else None)
+        cached = self._percentile_cache.get(key)
+        if cached is not None and not trimmed and cached[0] == marker:
+            return cached[1]
+        durations = [d for finished, d in samples if finished >= horizon]
+        value = (percentile(durations, 0.50), percentile(durations, 0.95), len(durations))
+        self._percentile_cache[key] = (marker, value)
+        return value
+
+    def throughput(self, now: float, minutes: int = 30) -> list[tuple[int, int, int]]:
+        """(minute start epoch, started, finished) for the last ``minutes`` minutes, oldest first."""
+        current = int(now // 60)
+        oldest_kept = current - max(minutes, int(self.stats_window // 60) + 1)
+        for counter in (self._started, self._finished):
+            for minute in [m for m in counter if m < oldest_kept]:
+                del counter[minute]
+        return [
+            (m * 60, self._started.get(m, 0), self._finished.get(m, 0))
+            for m in range(current - minutes + 1, current + 1)
+        ]
+
+    def recent_failures(self, limit: int = 10, pipeline: str | None = None) -> list[Failure]:
+        """The latest operation failures, newest first."""
+        failures = [f for f in self._failures if pipeline is None or f.pipeline == pipeline]
+        return heapq.nlargest(limit, failures, key=lambda f: f.at)
+
+    def query(
+        self, flt: OperationFilter, limit: int, after: tuple[float, str] | None = None
+    ) -> tuple[list[OpSummary], tuple[float, str] | None]:
+        """One page of operations matching ``flt`` in age order, starting after the cursor ``after``.
+
+        Returns the page and the cursor of the next page (None on the last page).
+        """
+        order = self._order
+        if flt.newest_first:
+            start = len(order) if after is None else bisect_left(order, after)
+            positions: range = range(start - 1, -1, -1)
+        else:
+            start = 0 if after is None else bisect_left(order, after)
+            if after is not None and start < len(order) and order[start] == after:
+                start += 1
+            positions = range(start, len(order))
+        page: list[OpSummary] = []
+        for pos in positions:
+            op = self._ops[order[pos][1]]
+            if flt.matches(op):
+                if len(page) == limit:
+                    last = page[-1]
+                    return page, (last.created, last.id)
+                page.append(op)
+        return page, None
+
+    def count(self, flt: OperationFilter) -> int:
+        """How many operations match ``flt`` (walks the index: for tests and small lists)."""
+        return sum(1 for op in self._ops.values() if flt.matches(op))

@@ -1,0 +1,125 @@
+"""Dashboard settings, built once at the process edge from an environment mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
+
+from kvstate.errors import ConfigurationError
+from kvstate.settings import Settings
+
+__all__ = ["DashboardSettings"]
+
+T = TypeVar("T")
+
+
+def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return convert(raw.strip())
+    except ValueError as exc:
+        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be a positive number")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (0-65535)")
+    return value
+
+
+_NONE: str | None = None
+
+
+def _optional(raw: str) -> str | None:
+    return raw
+
+
+def _secret(raw: str) -> str | None:
+    if len(raw) < 16:
+        raise ValueError("must be at least 16 characters")
+    return raw
+
+
+@dataclass(frozen=True)
+class DashboardSettings:
+    """Settings of one dashboard process (the NATS/bucket ones come from ``kvstate.Settings``).
+
+    ======================== ============== ==================================================
+    variable                 default        meaning
+    ======================== ============== ==================================================
+    DASHBOARD_HOST           127.0.0.1      interface to listen on
+    DASHBOARD_PORT           8000           TCP port
+    DASHBOARD_AUTH_TOKEN     (unset)        when set, required for cancel and API writes
+    DATABASE_URL             (unset)        PostgreSQL archive; archive pages off when unset
+    DASHBOARD_STATS_WINDOW   900            seconds of history for p50/p95 and throughput
+    DASHBOARD_PAGE_SIZE      50             rows per page in lists
+    DASHBOARD_MAX_BODY       16384          largest accepted request body, in bytes
+    DASHBOARD_SECRET         (random)       CSRF signing secret (set it when running replicas)
+    DASHBOARD_DEBOUNCE       0.25           seconds between two live-update signals
+    ======================== ============== ==================================================
+    """
+
+    kv: Settings = field(default_factory=Settings)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth_token: str | None = None
+    database_url: str | None = None
+    stats_window: float = 900.0
+    page_size: int = 50
+    max_body: int = 16384
+    secret: str | None = None
+    debounce: float = 0.25
+
+    ENV: ClassVar[dict[str, str]] = {
+        "host": "DASHBOARD_HOST",
+        "port": "DASHBOARD_PORT",
+        "auth_token": "DASHBOARD_AUTH_TOKEN",
+        "database_url": "DATABASE_URL",
+        "stats_window": "DASHBOARD_STATS_WINDOW",
+        "page_size": "DASHBOARD_PAGE_SIZE",
+        "max_body": "DASHBOARD_MAX_BODY",
+        "secret": "DASHBOARD_SECRET",
+        "debounce": "DASHBOARD_DEBOUNCE",
+    }
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.page_size <= 500:
+            raise ConfigurationError(f"DASHBOARD_PAGE_SIZE={self.page_size}: must be between 1 and 500")
+        if self.max_body < 1024:
+            raise ConfigurationError(f"DASHBOARD_MAX_BODY={self.max_body}: must be at least 1024")
+        if self.auth_token is not None and len(self.auth_token) < 8:
+            raise ConfigurationError("DASHBOARD_AUTH_TOKEN must be at least 8 characters")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> DashboardSettings:
+        """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
+        return cls(
+            kv=Settings.from_env(environ),
+            host=_parse(environ, "DASHBOARD_HOST", cls.host, str),
+            port=_parse(environ, "DASHBOARD_PORT", cls.port, _port),
+            auth_token=_parse(environ, "DASHBOARD_AUTH_TOKEN", _NONE, _optional),
+            database_url=_parse(environ, "DATABASE_URL", _NONE, _optional),
+            stats_window=_parse(environ, "DASHBOARD_STATS_WINDOW", cls.stats_window, _positive_float),
+            page_size=_parse(environ, "DASHBOARD_PAGE_SIZE", cls.page_size, _positive_int),
+            max_body=_parse(environ, "DASHBOARD_MAX_BODY", cls.max_body, _positive_int),
+            secret=_parse(environ, "DASHBOARD_SECRET", _NONE, _secret),
+            debounce=_parse(environ, "DASHBOARD_DEBOUNCE", cls.debounce, _positive_float),
+        )

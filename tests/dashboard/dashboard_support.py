@@ -1,0 +1,66 @@
+"""Helpers shared by the dashboard tests (imported as a plain module: pytest puts this folder on sys.path)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from litestar import Litestar
+
+from dashboard.views import DashboardState
+from kvstate import Client
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds (the index follows the bucket asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def state_of(app: Litestar) -> DashboardState:
+    state: DashboardState = app.state.dashboard
+    return state
+
+
+async def populate(client: Client, count: int = 24, prefix: str = "") -> list[str]:
+    """Operations in a spread of states (created through the real client): for pages worth looking at."""
+    ids = []
+    for i in range(count):
+        op = await client.create(
+            "orders",
+            op_id=f"{prefix}op{i:03d}" if prefix else None,
+            metadata={"customer": f"c{i % 5}", "amount": 10 * i},
+        )
+        ids.append(op.id)
+        kind = i % 6
+        await client.start(op.id, "ingest", worker=f"ingest-{i % 2}")
+        if kind == 0:
+            continue
+        await client.succeed(op.id, "ingest", metadata={"bytes": 100 + i})
+        await client.start(op.id, "validate", worker="validate-1")
+        if kind == 1:
+            continue
+        if kind == 2:
+            await client.fail(
+                op.id, "validate", "schema check failed: field 'total' missing", retryable=False, code="E_SCHEMA"
+            )
+            continue
+        await client.succeed(op.id, "validate")
+        for stage in ("geo", "fraud"):
+            await client.start(op.id, stage, worker=f"{stage}-1")
+        if kind == 3:
+            await client.fail(op.id, "geo", "upstream timeout", retryable=True)
+            continue
+        for stage in ("geo", "fraud"):
+            await client.succeed(op.id, stage, metadata={"score": i})
+        await client.skip(op.id, "profile", reason="no profile service")
+        await client.start(op.id, "merge", worker="merge-1")
+        if kind == 4:
+            continue
+        await client.succeed(op.id, "merge")
+        await client.skip(op.id, "notify", reason="customer opted out")
+    return ids

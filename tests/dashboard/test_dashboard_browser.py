@@ -1,0 +1,125 @@
+"""A real browser (Debian's Chromium via Playwright) on the dashboard served by uvicorn.
+
+Screenshots go to test-artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dashboard_support import populate
+from playwright.async_api import expect
+
+from kvstate import Client
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
+
+
+async def test_overview_updates_live_and_detail_page_renders(client: Client, live_server: str, browser: Any) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ids = await populate(client, 18)
+    page = await browser.new_page(viewport={"width": 1366, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    await page.goto(live_server + "/")
+    total = page.locator('[data-testid="total"]')
+    assert await total.inner_text() == "18"
+    assert await page.evaluate("typeof htmx") == "object"  # the vendored script loaded under the CSP
+    await page.wait_for_timeout(300)  # let the event stream connect
+    await page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
+
+    started = time.monotonic()
+    await client.create("orders")
+    await expect(total).to_have_text("19", timeout=3000)
+    latency = time.monotonic() - started
+    (ARTIFACTS / "latency.json").write_text(json.dumps({"change_to_page_seconds": latency}))
+    assert latency <= 1.0, f"a change took {latency:.2f}s to reach the page"
+
+    running = page.locator('[data-testid="count-ingest-running"] .n')
+    before = int(await running.inner_text())
+    fresh = await client.create("orders")
+    await client.start(fresh.id, "ingest", worker="browser-test")
+    await expect(running).to_have_text(str(before + 1), timeout=3000)
+    await page.screenshot(path=str(ARTIFACTS / "overview-after-change.png"), full_page=True)
+
+    await page.goto(f"{live_server}/operations/{ids[3]}")
+    assert ids[3] in await page.locator("h1").first.inner_text()
+    assert await page.locator(".gantt-row").count() == 7
+    await page.screenshot(path=str(ARTIFACTS / "detail.png"), full_page=True)
+
+    await page.goto(f"{live_server}/operations?status=running")
+    await page.screenshot(path=str(ARTIFACTS / "list.png"), full_page=True)
+
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.goto(live_server + "/")
+    await page.screenshot(path=str(ARTIFACTS / "overview-narrow.png"), full_page=True)
+    width = await page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 400, f"the narrow page scrolls sideways ({width}px)"
+    assert errors == [], errors
+
+
+async def test_cancel_from_the_detail_page(client: Client, live_server: str, browser: Any) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    page = await browser.new_page()
+    await page.goto(f"{live_server}/operations/{op.id}")
+    await page.click("text=Cancel this operation")
+    await page.fill('input[name="reason"]', "browser says stop")
+    await page.click("text=Yes, cancel the operation")
+    await page.wait_for_selector("#cancel-result .badge.st-cancelled", timeout=3000)
+    stored = await client.get(op.id)
+    assert (
+        stored.status.value == "cancelled" and stored.cancel is not None and stored.cancel.reason == "browser says stop"
+    )
+
+
+XSS = "<script>window.__xss=1;alert(1)</script>"
+ATTR = '" onmouseover="window.__xss=2" x="'
+IMG = '<img src=x onerror="window.__xss=3">'
+
+
+async def test_stored_xss_payloads_never_run(client: Client, live_server: str, browser: Any) -> None:
+    payloads = {"a": XSS, "b": ATTR, "c": IMG, XSS: ATTR}
+    op = await client.create("orders", metadata=payloads)
+    await client.start(op.id, "ingest", worker=ATTR)
+    await client.fail(op.id, "ingest", XSS + IMG, retryable=True, code=ATTR, metadata={"x": IMG})
+    # Raw values written past the client's validation: a hostile stage name, id field and pipeline name.
+    stored = json.loads((await client.raw(op.id) or (0, b"{}"))[1])
+    stored["stages"][XSS] = {"status": "running", "worker": IMG}
+    stored["pipeline"] = ATTR
+    stored["history"].append({"at": stored["created_at"], "to": XSS, "stage": IMG, "worker": ATTR})
+    await client.store.js.publish(client.store.subject(f"op.{op.id}"), json.dumps(stored).encode())
+    evil_id = dict(stored, id=XSS)
+    await client.store.js.publish(client.store.subject("op.evil"), json.dumps(evil_id).encode())
+    await client.store.js.publish(client.store.subject("op.raw"), (XSS + ATTR).encode())
+
+    page = await browser.new_page()
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    for path in (
+        "/",
+        "/operations",
+        "/operations?status=corrupt",
+        f"/operations/{op.id}",
+        "/operations/evil",
+        "/operations/raw",
+    ):
+        await page.goto(live_server + path)
+        await page.wait_for_timeout(150)
+        for selector in ("td", "pre", "h1", "h3", ".badge"):
+            for element in (await page.query_selector_all(selector))[:12]:
+                await element.hover()
+        assert await page.evaluate("window.__xss") is None, path
+        assert await page.locator("script:not([src])").count() == 0, path
+        assert await page.locator("[onmouseover], [onerror]").count() == 0, path
+    await page.goto(f"{live_server}/operations/{op.id}")
+    assert XSS in await page.locator("pre.value").first.inner_text()  # shown as text, not run
+    await page.screenshot(path=str(ARTIFACTS / "xss-detail.png"), full_page=True)
+    assert dialogs == []

@@ -1,0 +1,57 @@
+"""The dashboard while NATS goes away and comes back: it says so plainly and recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from dashboard_support import state_of
+from litestar.testing import AsyncTestClient
+
+from dashboard.app import create_app
+from dashboard.settings import DashboardSettings
+from kvstate import Client, Pipeline, Settings, StageSpec
+from kvstate.servers import NatsServer
+
+pytestmark = pytest.mark.slow
+
+PIPELINE = Pipeline(name="orders", stages=(StageSpec(name="ingest"), StageSpec(name="store", after=("ingest",))))
+
+
+async def until(predicate: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_nats_restart_shows_a_banner_then_catches_up_without_duplicates(private_nats: NatsServer) -> None:
+    kv = Settings(nats_url=private_nats.url, bucket="restart")
+    async with Client(kv, create_bucket=True) as writer:
+        await writer.set_pipeline(PIPELINE)
+        first = await writer.create("orders")
+    app = create_app(DashboardSettings(kv=kv, debounce=0.05))
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
+        state = state_of(app)
+        await until(lambda: len(state.index) == 1, 10)
+        assert "NATS is unreachable" not in (await http.get("/")).text
+
+        private_nats.kill()
+        await until(lambda: not state.feed.connected, 10)
+        down = await http.get("/")
+        assert down.status_code == 200
+        assert "NATS is unreachable" in down.text and 'data-testid="total">1<' in down.text
+        assert (await http.get("/healthz")).status_code == 503
+        assert (await http.get(f"/operations/{first.id}")).status_code == 503
+
+        private_nats.start()
+        async with Client(kv) as writer:
+            second = await writer.create("orders")
+            await writer.start(second.id, "ingest")
+        await until(lambda: state.feed.connected and len(state.index) == 2, 20)
+        await until(lambda: state.index.status_counts() == {"pending": 1, "running": 1}, 10)
+        up = (await http.get("/")).text
+        assert "NATS is unreachable" not in up and 'data-testid="total">2<' in up
+        assert (await http.get("/healthz")).status_code == 200
+        assert state.index.changes == 3  # 1 replayed + create and start after the restart: no duplicates

@@ -1,0 +1,300 @@
+"""Pages, fragments, the JSON API and the security rules, through Litestar's test client on real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+
+import pytest
+from dashboard_support import eventually, populate, state_of
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from dashboard.app import create_app
+from dashboard.settings import DashboardSettings
+from kvstate import Client, OpStatus
+
+Http = AsyncTestClient[Litestar]
+
+
+async def csrf_token(http: Http) -> str:
+    response = await http.get("/api/csrf")
+    assert response.status_code == 200
+    token = response.json()["csrf_token"]
+    assert http.cookies.get("csrftoken")
+    return str(token)
+
+
+async def test_overview_shows_live_counts_with_links_to_filtered_lists(
+    client: Client, app: Litestar, http: Http
+) -> None:
+    ids = await populate(client, 12)
+    await eventually(lambda: len(state_of(app).index) == 12 and state_of(app).index.changes >= 12 * 3)
+    await eventually(lambda: state_of(app).index.status_counts().get("failed") == 2)
+    html = (await http.get("/")).text
+    assert 'data-testid="total">12<' in html
+    running = re.search(r'data-testid="total-running" href="([^"]+)"', html)
+    assert running is not None
+    link = running.group(1).replace("&amp;", "&")
+    listed = (await http.get(link)).text
+    running_ids = {op.id for op in await client.list(status="running")}
+    shown = set(re.findall(r'data-op="([^"]+)"', listed))
+    assert len(shown) == 5 and shown <= running_ids  # page size 5, and only running ones
+    assert 'data-testid="count-validate-failed"' in html
+    fragment = (await http.get("/partials/overview")).text
+    assert "<html" not in fragment and 'data-testid="total">12<' in fragment
+    assert ids[2] in html  # validate failed: listed under recent failures
+
+
+async def test_empty_bucket_explains_how_to_start_the_demo(http: Http) -> None:
+    html = (await http.get("/")).text
+    assert "No operations yet" in html and "make run" in html
+
+
+async def test_operations_list_filters_paginates_and_sorts(client: Client, app: Litestar, http: Http) -> None:
+    ids = await populate(client, 12)
+    await eventually(lambda: len(state_of(app).index) == 12)
+    await eventually(lambda: state_of(app).index.status_counts().get("succeeded") == 2)
+    first = await http.get("/operations", params={"order": "oldest"})
+    assert first.status_code == 200
+    assert ids[0] in first.text and ids[5] not in first.text  # page size 5
+    next_link = re.search(r'href="(/operations\?[^"]*page_token=[^"]+)"', first.text)
+    assert next_link is not None
+    second = (await http.get(next_link.group(1).replace("&amp;", "&"))).text
+    assert ids[5] in second and ids[0] not in second
+    succeeded = (await http.get("/operations", params=[("status", "succeeded"), ("status", "cancelled")])).text
+    assert ids[5] in succeeded and ids[11] in succeeded and ids[0] not in succeeded
+    by_meta = (await http.get("/operations", params={"meta": "customer=c1"})).text
+    assert ids[1] in by_meta and ids[6] in by_meta and ids[2] not in by_meta
+    by_stage = (await http.get("/operations", params={"stage": "validate", "stage_status": "failed"})).text
+    assert ids[2] in by_stage and ids[8] in by_stage and ids[1] not in by_stage
+    by_worker = (await http.get("/operations", params={"worker": "ingest-1", "order": "oldest"})).text
+    assert ids[1] in by_worker and ids[0] not in by_worker
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"status": "nonsense"}, "status"),
+        ({"created_after": "yesterday"}, "created_after"),
+        ({"page_token": "!!!"}, "page_token"),
+        ({"stage_status": "running"}, "stage_status"),
+        ({"bogus": "1"}, "bogus"),
+    ],
+)
+async def test_bad_filters_are_a_clear_400(http: Http, params: dict[str, str], field: str) -> None:
+    response = await http.get("/operations", params=params)
+    assert response.status_code == 400
+    assert field in response.text
+    assert "Traceback" not in response.text
+
+
+async def test_detail_page_shows_timeline_metadata_history_and_revisions(
+    client: Client, app: Litestar, http: Http
+) -> None:
+    op = await client.create("orders", metadata={"customer": "ada"})
+    await client.start(op.id, "ingest", worker="ingest-7")
+    await client.fail(op.id, "ingest", "disk full", retryable=True, code="E_DISK")
+    retrying = (await http.get(f"/operations/{op.id}")).text
+    assert "disk full" in retrying and "E_DISK" in retrying and "retryable" in retrying
+    await client.start(op.id, "ingest", worker="ingest-8")
+    result = await client.succeed(op.id, "ingest", metadata={"bytes": 1234})
+    html = (await http.get(f"/operations/{op.id}")).text
+    assert "&#34;customer&#34;: &#34;ada&#34;" in html  # pretty JSON, escaped
+    assert html.count('class="st-retrying"') == 1 and 'class="st-succeeded"' in html  # two attempts of ingest
+    assert f"<td>{result.revision}</td>" in html  # the KV revision history
+    assert "ingest-8" in html
+    assert "Cancel this operation" in html
+
+
+async def test_unknown_operation_is_a_404_page_without_internals(http: Http) -> None:
+    response = await http.get("/operations/doesnotexist")
+    assert response.status_code == 404
+    assert "not found" in response.text and "Traceback" not in response.text
+    bad = await http.get("/operations/bad%20id")
+    assert bad.status_code == 400
+
+
+async def test_cancel_needs_csrf_then_is_revision_checked(client: Client, http: Http) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    refused = await http.post(f"/operations/{op.id}/cancel", data={"reason": "no token"})
+    assert refused.status_code == 403
+    assert (await client.get(op.id)).status is OpStatus.RUNNING
+    token = await csrf_token(http)
+    done = await http.post(
+        f"/operations/{op.id}/cancel", data={"reason": "operator"}, headers={"X-CSRFToken": token, "HX-Request": "true"}
+    )
+    assert done.status_code == 200 and "cancelled" in done.text
+    cancelled = await client.get(op.id)
+    assert cancelled.status is OpStatus.CANCELLED and cancelled.cancel is not None
+    assert cancelled.cancel.reason == "operator" and cancelled.cancel.by == "dashboard"
+    again = await http.post(f"/operations/{op.id}/cancel", headers={"X-CSRFToken": token, "HX-Request": "true"})
+    assert again.status_code == 409 and "already cancelled" in again.text
+
+
+async def test_get_never_changes_state(client: Client, http: Http) -> None:
+    op = await client.create("orders")
+    response = await http.get(f"/operations/{op.id}/cancel")
+    assert response.status_code in (404, 405)
+    assert (await client.get(op.id)).status is OpStatus.PENDING
+
+
+async def test_security_headers_on_pages_and_errors(http: Http) -> None:
+    for url in ("/", "/operations/nothere", "/static/dashboard.css"):
+        response = await http.get(url)
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
+        assert response.headers["x-content-type-options"] == "nosniff"
+
+
+async def test_htmx_is_served_locally_with_its_version(http: Http) -> None:
+    html = (await http.get("/")).text
+    assert '<script src="/static/vendor/htmx-2.0.11/htmx.min.js" defer></script>' in html
+    assert "unpkg" not in html and "cdn" not in html.lower()
+    assert "<script>" not in html and " on" + "click=" not in html
+    script = await http.get("/static/vendor/htmx-2.0.11/htmx.min.js")
+    assert script.status_code == 200 and "htmx" in script.text[:2000]
+    assert (await http.get("/static/vendor/htmx-ext-sse-2.2.4/sse.min.js")).status_code == 200
+
+
+async def test_request_body_limit(client: Client, http: Http) -> None:
+    op = await client.create("orders")
+    token = await csrf_token(http)
+    response = await http.post(
+        f"/api/operations/{op.id}:cancel",
+        content=b'{"reason": "' + b"x" * 40_000 + b'"}',
+        headers={"X-CSRFToken": token, "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert (await client.get(op.id)).status is OpStatus.PENDING
+
+
+async def test_api_operation_is_shaped_like_a_long_running_operation(client: Client, http: Http) -> None:
+    op = await client.create("orders", metadata={"k": "v"})
+    await client.start(op.id, "ingest")
+    failed = await client.fail(op.id, "ingest", "bad input", retryable=False, code="E1")
+    response = await http.get(f"/api/operations/{op.id}")
+    body = response.json()
+    assert response.headers["etag"] == f'"{failed.revision}"'
+    assert body["name"] == f"operations/{op.id}" and body["done"] is True
+    assert body["error"]["message"] == "stage ingest failed: bad input"
+    assert body["error"]["details"][0]["code"] == "E1"
+    assert "result" not in body and body["metadata"]["metadata"] == {"k": "v"}
+    cached = await http.get(f"/api/operations/{op.id}", headers={"If-None-Match": f'"{failed.revision}"'})
+    assert cached.status_code == 304
+    missing = await http.get("/api/operations/nothere")
+    assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
+
+
+async def test_api_list_with_filter_expression_and_page_token(client: Client, app: Litestar, http: Http) -> None:
+    ids = await populate(client, 12)
+    await eventually(lambda: state_of(app).index.status_counts().get("failed") == 2)
+    response = await http.get(
+        "/api/operations",
+        params={"filter": "status=failed AND stage=validate AND stage_status=failed", "page_size": "1"},
+    )
+    body = response.json()
+    assert len(body["operations"]) == 1 and body["next_page_token"]
+    second = (
+        await http.get(
+            "/api/operations",
+            params={"filter": "status=failed", "page_token": body["next_page_token"], "page_size": "1"},
+        )
+    ).json()
+    found = {body["operations"][0]["metadata"]["id"], second["operations"][0]["metadata"]["id"]}
+    assert found == {ids[2], ids[8]}
+    bad = await http.get("/api/operations", params={"filter": "status"})
+    assert bad.status_code == 400 and bad.json()["error"]["status"] == "INVALID_ARGUMENT"
+
+
+async def test_api_cancel_with_csrf_and_colon_method(client: Client, http: Http) -> None:
+    op = await client.create("orders")
+    assert (await http.post(f"/api/operations/{op.id}:cancel")).status_code == 403
+    token = await csrf_token(http)
+    response = await http.post(
+        f"/api/operations/{op.id}:cancel", json={"reason": "api test"}, headers={"X-CSRFToken": token}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["done"] is True and body["error"]["code"] == 1 and "api test" in body["error"]["message"]
+    again = await http.post(f"/api/operations/{op.id}:cancel", headers={"X-CSRFToken": token})
+    assert again.status_code == 409
+    unknown_method = await http.post(f"/api/operations/{op.id}:delete", headers={"X-CSRFToken": token})
+    assert unknown_method.status_code == 404
+
+
+async def test_write_token_is_required_when_configured(client: Client, dashboard_settings: DashboardSettings) -> None:
+    from dataclasses import replace
+
+    app = create_app(replace(dashboard_settings, auth_token="secret-token"))
+    op = await client.create("orders")
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
+        token = await csrf_token(http)
+        headers = {"X-CSRFToken": token}
+        refused = await http.post(f"/api/operations/{op.id}:cancel", headers=headers)
+        assert refused.status_code == 401 and "Basic" in refused.headers["www-authenticate"]
+        wrong = await http.post(f"/api/operations/{op.id}:cancel", headers={**headers, "Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert (await client.get(op.id)).status is OpStatus.PENDING
+        page = (await http.get(f"/operations/{op.id}")).text  # reads stay open
+        assert 'name="token"' in page
+        basic = base64.b64encode(b"anyone:secret-token").decode()
+        ok = await http.post(f"/api/operations/{op.id}:cancel", headers={**headers, "Authorization": f"Basic {basic}"})
+        assert ok.status_code == 200
+        op2 = await client.create("orders")
+        form = await http.post(
+            f"/operations/{op2.id}/cancel", data={"token": "secret-token"}, headers={**headers, "HX-Request": "true"}
+        )
+        assert form.status_code == 200
+        assert (await client.get(op2.id)).status is OpStatus.CANCELLED
+
+
+async def test_openapi_healthz_and_metrics(client: Client, app: Litestar, http: Http) -> None:
+    await client.create("orders")
+    await eventually(lambda: len(state_of(app).index) == 1)
+    schema = (await http.get("/schema/openapi.json")).json()
+    assert "/api/operations/{name}" in schema["paths"] and "/" not in schema["paths"]
+    health = await http.get("/healthz")
+    assert health.status_code == 200 and health.json()["operations"] == 1 and health.json()["archive"] == "disabled"
+    await http.get("/")
+    metrics = (await http.get("/metrics")).text
+    assert 'kvstate_dashboard_operations{status="pending"} 1.0' in metrics
+    assert 'kvstate_dashboard_render_seconds_count{view="overview.html"}' in metrics
+
+
+async def test_corrupt_value_is_shown_as_corrupt_not_a_crash(client: Client, app: Litestar, http: Http) -> None:
+    await client.store.js.publish(client.store.subject("op.broken"), b"\x00\x01not json <b>bold</b>")
+    await eventually(lambda: "broken" in state_of(app).index)
+    listing = (await http.get("/operations", params={"status": "corrupt"})).text
+    assert "broken" in listing
+    detail = await http.get("/operations/broken")
+    assert detail.status_code == 200
+    main = detail.text[detail.text.index("<main>") :]
+    assert "corrupt, revision" in main and "first 22 of 22 bytes" in main, main[:1500]
+    assert "<b>bold</b>" not in detail.text
+    api = (await http.get("/api/operations", params={"status": "corrupt"})).json()
+    assert api["operations"][0]["error"]["code"] == 15
+
+
+async def test_archive_page_explains_when_not_configured(http: Http) -> None:
+    html = (await http.get("/archive")).text
+    assert "not configured" in html and "DATABASE_URL" in html
+
+
+async def test_sse_stream_signals_a_change(client: Client, live_server: str) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=live_server, timeout=5) as http, http.stream("GET", "/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith(": connected")
+        await client.create("orders")
+        received = []
+        async with asyncio.timeout(3):
+            async for line in lines:
+                received.append(line)
+                if line.startswith("data:"):
+                    break
+        assert "event: change" in received and "data: 1" in received  # a signal, never operation data
