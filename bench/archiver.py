@@ -1,0 +1,345 @@
+"""Archiver throughput and WAL next to a raw COPY and to updating PostgreSQL on every change, in one run.
+
+    python -m bench.archiver [--ops 20000] [--batch-size 500] [--json out.json] [--timeout 900]
+
+Starts its own nats-server (sync_interval 1s) and PostgreSQL (synchronous_commit off:
+the "short" durability pair of docs/operations.md) in a temp dir, then for ``--ops``
+operation lifecycles of 20 status changes each on a seven-stage pipeline:
+
+1. **archiver, end to end**: the operations are brought to their 19th change, the
+   archiver acknowledges those (untimed), then every operation takes its 20th,
+   terminal change through the kvstate client; the timed part is one archiver burst
+   from there to every row committed, every key removed and the consumer drained.
+   WAL bytes per archived operation come from ``pg_current_wal_lsn()`` around it;
+2. **raw COPY**: the very rows the archiver wrote, copied with one COPY into a fresh
+   table of the same schema and indexes; rows/s and WAL per row;
+3. **one row updated on every change**: the same 20 states of each operation written
+   as one INSERT and 19 UPDATEs of the same row (same table and indexes, transactions
+   of 1000 statements); WAL per operation.
+
+Checkpoints are pushed out of the run (max_wal_size 8GB, checkpoint_timeout 1h) and
+autovacuum is off, so the WAL figures of all three leave out full-page images alike and
+hold nothing but the phase's own writes; the GIN index's pending list is flushed inside
+each measured window so its deferred WAL is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from archiver import migrations
+from archiver._pg import init_connection
+from archiver.rows import COLUMNS, row_for
+from archiver.settings import ArchiverSettings
+from archiver.worker import Archiver
+from kvstate import Client, Operation, Pipeline, Settings, StageSpec, apply_event, new_operation
+from kvstate.codec import encode_operation
+from kvstate.events import Event, FailStage, Heartbeat, MergeMetadata, SkipStage, StartStage, SucceedStage
+from kvstate.keys import operation_key
+from kvstate.servers import NatsServer, PostgresServer
+
+PIPELINE = Pipeline(
+    name="orders",
+    heartbeat_timeout=30.0,
+    stages=(
+        StageSpec(name="ingest"),
+        StageSpec(name="validate", after=("ingest",), max_attempts=3),
+        StageSpec(name="geo", after=("validate",)),
+        StageSpec(name="fraud", after=("validate",)),
+        StageSpec(name="profile", after=("validate",), optional=True),
+        StageSpec(name="merge", after=("geo", "fraud", "profile")),
+        StageSpec(name="notify", after=("merge",), optional=True),
+    ),
+)
+CHANGES = 20
+CONCURRENCY = 64
+
+
+def lifecycle(i: int) -> list[Event]:
+    """The 19 changes after creation: a retried stage, heartbeats, metadata, a skip; the last one finishes."""
+    return [
+        StartStage(stage="ingest", worker="ingest-1"),
+        SucceedStage(stage="ingest", worker="ingest-1", metadata={"bytes": 1000 + i}),
+        StartStage(stage="validate", worker="validate-1"),
+        FailStage(stage="validate", error="upstream timeout", retryable=True, code="E_TIMEOUT", worker="validate-1"),
+        StartStage(stage="validate", worker="validate-2"),
+        SucceedStage(stage="validate", worker="validate-2"),
+        StartStage(stage="geo", worker="geo-1"),
+        StartStage(stage="fraud", worker="fraud-1"),
+        Heartbeat(stage="geo", worker="geo-1"),
+        SucceedStage(stage="geo", worker="geo-1", metadata={"country": "FR", "lat": 48.85, "lon": 2.35}),
+        SucceedStage(stage="fraud", worker="fraud-1", metadata={"score": i % 100 / 100}),
+        SkipStage(stage="profile", reason="guest checkout"),
+        MergeMetadata(patch={"priority": "normal", "region": "eu-west"}),
+        StartStage(stage="merge", worker="merge-1"),
+        Heartbeat(stage="merge", worker="merge-1"),
+        SucceedStage(stage="merge", worker="merge-1"),
+        StartStage(stage="notify", worker="notify-1"),
+        MergeMetadata(patch={"channel": "email"}, stage="notify"),
+        SucceedStage(stage="notify", worker="notify-1"),
+    ]
+
+
+def op_id(i: int) -> str:
+    return f"bench-{i:06d}"
+
+
+def initial(i: int) -> Operation:
+    return new_operation(op_id(i), PIPELINE, datetime.now(UTC), {"customer": i % 1000, "order": i}, f"create-{i}")
+
+
+def advance(op: Operation, event: Event) -> Operation:
+    decision = apply_event(op, PIPELINE, event, datetime.now(UTC))
+    if not decision.outcome == "applied":
+        raise RuntimeError(f"{op.id}: {event!r} was {decision.outcome}: {decision.reason}")
+    return msgspec.structs.replace(decision.operation, revision=op.revision + 1)
+
+
+async def gather_limited(count: int, body: Callable[[int], Awaitable[None]]) -> None:
+    """``body(i)`` for i in range(count), CONCURRENCY at a time."""
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < count:
+            i = next_index
+            next_index += 1
+            await body(i)
+
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+
+
+async def wal_lsn(conn: asyncpg.Connection) -> str:
+    return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+
+
+async def wal_since(conn: asyncpg.Connection, lsn: str) -> int:
+    """WAL written since ``lsn``, after flushing the GIN pending list (its deferred WAL counts too)."""
+    await conn.execute("SELECT gin_clean_pending_list('archived_operations_metadata')")
+    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", lsn))
+
+
+async def prepare_database(admin: asyncpg.Connection, dsn_for: Callable[[str], str], name: str) -> str:
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(dsn_for(name))
+    try:
+        await migrations.apply(conn)
+    finally:
+        await conn.close()
+    return dsn_for(name)
+
+
+async def measure_archiver(
+    nats_url: str, dsn: str, ops: int, batch_size: int, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Phase 1: the archiver end to end, from terminal updates to rows committed and keys removed."""
+    kv = Settings(nats_url=nats_url, bucket="bench")
+    settings = ArchiverSettings(
+        kv=kv, database_url=dsn, batch_size=batch_size, grace_period=0, metrics_port=0, marker_ttl=60
+    )
+    async with Client(kv, create_bucket=True) as client, Archiver(settings) as archiver:
+        await client.set_pipeline(PIPELINE)
+        events = {i: lifecycle(i) for i in range(ops)}
+        started = time.perf_counter()
+
+        async def up_to_19(i: int) -> None:
+            op = initial(i)
+            for event in events[i][:-1]:
+                op = advance(op, event)
+            await client.store.create(operation_key(op.id), encode_operation(op))
+
+        await gather_limited(ops, up_to_19)
+        warm = await archiver.run(burst=True)  # acknowledges the 19th states (nothing to archive)
+        say(f"  {ops} operations at their 19th change in {time.perf_counter() - started:.1f}s; skipped {warm.skipped}")
+
+        started = time.perf_counter()
+
+        async def finish(i: int) -> None:
+            result = await client.apply(op_id(i), events[i][-1])
+            if not result.operation.done:
+                raise RuntimeError(f"{op_id(i)} did not finish: {result.operation.status}")
+
+        await gather_limited(ops, finish)
+        terminal_seconds = time.perf_counter() - started
+        say(f"  {ops} terminal updates in {terminal_seconds:.1f}s")
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            lsn = await wal_lsn(conn)
+            started = time.perf_counter()
+            counts = await archiver.run(burst=True)
+            seconds = time.perf_counter() - started
+            wal = await wal_since(conn, lsn)
+            rows = int(await conn.fetchval("SELECT count(*) FROM archived_operations"))
+            distinct = int(await conn.fetchval("SELECT count(DISTINCT id) FROM archived_operations"))
+        finally:
+            await conn.close()
+        left = sum([1 async for _ in client.scan()])
+        stream = (await client.store.info()).state
+    if rows != ops or distinct != ops or left != 0 or counts.removed != ops:
+        raise RuntimeError(f"archiver check failed: rows={rows} distinct={distinct} left={left} counts={counts}")
+    return {
+        "seconds": seconds,
+        "rows_per_s": ops / seconds,
+        "wal_bytes": wal,
+        "wal_bytes_per_op": wal / ops,
+        "counts": counts.as_dict(),
+        "terminal_updates_per_s": ops / terminal_seconds,
+        "stream_messages_after": stream.messages,
+    }
+
+
+async def measure_copy(source_dsn: str, target_dsn: str) -> dict[str, Any]:
+    """Phase 2: the archiver's rows, copied with one COPY into a fresh table of the same schema."""
+    source = await asyncpg.connect(source_dsn)
+    try:
+        await init_connection(source)
+        records = [tuple(r) for r in await source.fetch(f"SELECT {', '.join(COLUMNS)} FROM archived_operations")]
+    finally:
+        await source.close()
+    conn = await asyncpg.connect(target_dsn)
+    try:
+        await init_connection(conn)
+        lsn = await wal_lsn(conn)
+        started = time.perf_counter()
+        await conn.copy_records_to_table("archived_operations", records=records, columns=COLUMNS)
+        seconds = time.perf_counter() - started
+        wal = await wal_since(conn, lsn)
+    finally:
+        await conn.close()
+    return {
+        "seconds": seconds,
+        "rows_per_s": len(records) / seconds,
+        "wal_bytes": wal,
+        "wal_bytes_per_op": wal / len(records),
+        "row_bytes_avg": sum(len(r[-1]) + len(r[-2]) + len(r[-3]) for r in records) / len(records),
+    }
+
+
+async def measure_updates(dsn: str, ops: int) -> dict[str, Any]:
+    """Phase 3: one row per operation, INSERTed at creation and UPDATEd on each of the next 19 changes."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await init_connection(conn)
+        # A live row holds pending and running states too.
+        await conn.execute("ALTER TABLE archived_operations DROP CONSTRAINT archived_operations_status_check")
+        placeholders = ", ".join(f"${i + 1}" for i in range(len(COLUMNS)))
+        insert = f"INSERT INTO archived_operations ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+        update = (
+            "UPDATE archived_operations SET "
+            + ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(COLUMNS[1:]))
+            + " WHERE id = $1"
+        )
+        states = [initial(i) for i in range(ops)]
+        events = [lifecycle(i) for i in range(ops)]
+        lsn = await wal_lsn(conn)
+        started = time.perf_counter()
+        for step in range(CHANGES):
+            if step:
+                states = [advance(op, events[i][step - 1]) for i, op in enumerate(states)]
+            rows = [tuple(row_for(op, datetime.now(UTC))) for op in states]
+            for start in range(0, ops, 1000):
+                async with conn.transaction():
+                    await conn.executemany(insert if step == 0 else update, rows[start : start + 1000])
+        seconds = time.perf_counter() - started
+        wal = await wal_since(conn, lsn)
+        if not all(op.done for op in states):
+            raise RuntimeError("the update design's lifecycles did not finish")
+    finally:
+        await conn.close()
+    return {"seconds": seconds, "statements": ops * CHANGES, "wal_bytes": wal, "wal_bytes_per_op": wal / ops}
+
+
+async def run(ops: int, batch_size: int, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+    nats = NatsServer(workdir / "nats", sync_interval="1s")
+    pg = PostgresServer(
+        workdir / "pg",
+        settings={"synchronous_commit": "off", "max_wal_size": "8GB", "checkpoint_timeout": "1h", "autovacuum": "off"},
+    )
+    nats.start()
+    pg.start()
+    try:
+        admin = await asyncpg.connect(pg.dsn("postgres"))
+        try:
+            archive_dsn = await prepare_database(admin, pg.dsn, "archive")
+            copy_dsn = await prepare_database(admin, pg.dsn, "copy")
+            updates_dsn = await prepare_database(admin, pg.dsn, "updates")
+        finally:
+            await admin.close()
+        say("1. archiver end to end")
+        archiver = await measure_archiver(nats.url, archive_dsn, ops, batch_size, say)
+        say("2. raw COPY of the same rows")
+        copy = await measure_copy(archive_dsn, copy_dsn)
+        say("3. one row updated on every change")
+        updates = await measure_updates(updates_dsn, ops)
+    finally:
+        pg.stop()
+        nats.stop()
+    return {
+        "ops": ops,
+        "changes_per_op": CHANGES,
+        "batch_size": batch_size,
+        "durability": "short: nats sync_interval 1s, PostgreSQL synchronous_commit off",
+        "archiver": archiver,
+        "copy": copy,
+        "updates": updates,
+        "throughput_ratio": archiver["rows_per_s"] / copy["rows_per_s"],
+        "wal_ratio_updates_to_archiver": updates["wal_bytes_per_op"] / archiver["wal_bytes_per_op"],
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    a, c, u = result["archiver"], result["copy"], result["updates"]
+    lines = [
+        f"{result['ops']} operations, {result['changes_per_op']} changes each; durability {result['durability']}",
+        f"archiver end to end   {a['rows_per_s']:>9,.0f} ops/s  ({a['seconds']:.2f}s: rows committed, keys removed)",
+        f"raw COPY, same rows   {c['rows_per_s']:>9,.0f} rows/s ({c['seconds']:.2f}s)",
+        f"ratio                 {result['throughput_ratio']:>9.0%}    (target >= 40%)",
+        f"WAL per archived op   {a['wal_bytes_per_op']:>9,.0f} B     "
+        f"(target <= 2048; raw COPY {c['wal_bytes_per_op']:,.0f} B)",
+        f"WAL per op, UPDATE on every change {u['wal_bytes_per_op']:>9,.0f} B "
+        f"= {result['wal_ratio_updates_to_archiver']:.1f}x the archiver (target >= 15x)",
+        f"terminal updates through the client: {a['terminal_updates_per_s']:,.0f}/s; "
+        f"stream messages left: {a['stream_messages_after']}; counts {json.dumps(a['counts'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.archiver", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=20_000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    parser.add_argument("--workdir", type=Path, help="where the servers keep their data (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="kvs-bench-archiver-", dir=args.workdir) as tmp:
+        try:
+            result = asyncio.run(asyncio.wait_for(run(args.ops, args.batch_size, Path(tmp), say), args.timeout))
+        except TimeoutError:
+            say(f"bench.archiver: gave up after {args.timeout:g}s")
+            return 1
+    print(report(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

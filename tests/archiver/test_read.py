@@ -1,0 +1,108 @@
+"""The read API: get, filters, metadata containment and keyset pagination."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+from archiver_support import ROWS_PIPELINE
+
+from archiver.errors import InvalidPageToken, InvalidQuery
+from archiver.read import ArchiveReader
+from archiver.rows import row_for
+from archiver.store import ArchiveStore
+from kvstate import InvalidKey, OpStatus, StageError, StageState, StageStatus, ValidationError, new_operation
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+STATUSES = [OpStatus.SUCCEEDED, OpStatus.FAILED, OpStatus.CANCELLED]
+
+
+@pytest.fixture
+async def archive(database_url: str) -> AsyncIterator[ArchiveReader]:
+    """25 archived operations: op00..op24, finished a minute apart, statuses in turn, op01/op04/.. failed at geo."""
+    rows = []
+    for i in range(25):
+        op = new_operation(f"op{i:02d}", ROWS_PIPELINE, T0, {"n": i, "team": "red" if i % 2 else "blue"})
+        status = STATUSES[i % 3]
+        stages = dict(op.stages)
+        if status is OpStatus.FAILED:
+            stages["geo"] = StageState(status=StageStatus.FAILED, attempt=1, error=StageError(message="timeout"))
+        done = T0 + timedelta(minutes=i)
+        op = msgspec.structs.replace(
+            op, status=status, stages=stages, finished_at=done, updated_at=done, revision=i + 1
+        )
+        rows.append(row_for(op, done))
+    # two operations finished at the same instant: pagination must order them by id
+    same = msgspec.structs.replace(
+        new_operation("tie-a", ROWS_PIPELINE, T0, {}), status=OpStatus.SUCCEEDED, finished_at=T0, revision=1
+    )
+    rows.append(row_for(same, T0))
+    rows.append(row_for(msgspec.structs.replace(same, id="tie-b"), T0))
+    async with ArchiveStore.open(database_url) as store:
+        await store.write(rows)
+    async with ArchiveReader.connect(database_url) as reader:
+        yield reader
+
+
+async def test_pages_walk_every_operation_newest_first_without_repeats(archive: ArchiveReader) -> None:
+    seen: list[str] = []
+    token = None
+    pages = 0
+    while True:
+        page = await archive.search(limit=7, page_token=token)
+        seen += [item.id for item in page.items]
+        pages += 1
+        token = page.next_token
+        if token is None:
+            break
+    assert pages == 4
+    assert seen[:3] == ["op24", "op23", "op22"]
+    assert seen[-3:] == ["tie-b", "tie-a", "op00"]  # same finished_at: id desc
+    assert len(seen) == len(set(seen)) == 27
+
+
+async def test_filters_by_status_failed_stage_time_and_metadata(archive: ArchiveReader) -> None:
+    failed = await archive.search(status=["failed"], limit=100)
+    assert {i.id for i in failed.items} == {f"op{i:02d}" for i in range(1, 25, 3)}
+    assert all(i.failed_stage == "geo" for i in failed.items)
+    by_stage = await archive.search(failed_stage="geo", limit=100)
+    assert [i.id for i in by_stage.items] == [i.id for i in failed.items]
+    window = await archive.search(finished_after=T0 + timedelta(minutes=5), finished_before=T0 + timedelta(minutes=8))
+    assert [i.id for i in window.items] == ["op07", "op06", "op05"]
+    red_cancelled = await archive.search(status=["cancelled"], metadata={"team": "red"}, limit=100)
+    assert {i.id for i in red_cancelled.items} == {f"op{i:02d}" for i in range(25) if i % 3 == 2 and i % 2}
+    assert [i.id for i in (await archive.search(metadata={"n": 13})).items] == ["op13"]
+    assert {i.id for i in (await archive.search(id_prefix="tie")).items} == {"tie-a", "tie-b"}
+    assert (await archive.search(pipeline="other")).items == []
+
+
+async def test_get_returns_the_snapshot_or_none(archive: ArchiveReader) -> None:
+    item = await archive.get("op04")
+    assert item is not None and item.status == "failed" and item.revision == 5
+    assert item.operation.stages["geo"].error == StageError(message="timeout")
+    assert item.operation.metadata == {"n": 4, "team": "blue"}
+    assert await archive.get("op99") is None
+    with pytest.raises(InvalidKey):
+        await archive.get("bad id!")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"page_token": "not-a-token"}, InvalidPageToken),
+        ({"page_token": "WyIyMDI1Il0"}, InvalidPageToken),  # valid base64 of the wrong shape
+        ({"limit": 0}, InvalidQuery),
+        ({"limit": 10_000}, InvalidQuery),
+        ({"status": ["running"]}, InvalidQuery),
+        ({"finished_after": datetime(2025, 1, 1)}, InvalidQuery),  # no timezone
+        ({"id_prefix": "a%"}, InvalidKey),
+    ],
+)
+async def test_bad_arguments_raise_typed_validation_errors(
+    archive: ArchiveReader, kwargs: dict[str, object], error: type[Exception]
+) -> None:
+    with pytest.raises(error) as info:
+        await archive.search(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValidationError)
