@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -198,6 +199,11 @@ class IndexFeed:
 
     def _replayed(self) -> None:
         self.index.end_bulk()
+        # The replayed index is long-lived: move it out of the cyclic collector's way, so
+        # collections triggered by request handling do not walk every summary
+        # (render time stays flat in the bucket's size; summaries hold no cycles, so
+        # reference counting still frees them when operations go).
+        gc.freeze()
         self.ready.set()
         self.broadcaster.notify()
 
