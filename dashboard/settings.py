@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 from kvstate.errors import ConfigurationError
-from kvstate.settings import Settings
+from kvstate.settings import Settings, env_value, positive_float, positive_int
 
 __all__ = ["DashboardSettings"]
-
-T = TypeVar("T")
-
-
-def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return convert(raw.strip())
-    except ValueError as exc:
-        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if value <= 0:
-        raise ValueError("must be a positive number")
-    return value
 
 
 def _port(raw: str) -> int:
@@ -113,13 +87,13 @@ class DashboardSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
         return cls(
             kv=Settings.from_env(environ),
-            host=_parse(environ, "DASHBOARD_HOST", cls.host, str),
-            port=_parse(environ, "DASHBOARD_PORT", cls.port, _port),
-            auth_token=_parse(environ, "DASHBOARD_AUTH_TOKEN", _NONE, _optional),
-            database_url=_parse(environ, "DATABASE_URL", _NONE, _optional),
-            stats_window=_parse(environ, "DASHBOARD_STATS_WINDOW", cls.stats_window, _positive_float),
-            page_size=_parse(environ, "DASHBOARD_PAGE_SIZE", cls.page_size, _positive_int),
-            max_body=_parse(environ, "DASHBOARD_MAX_BODY", cls.max_body, _positive_int),
-            secret=_parse(environ, "DASHBOARD_SECRET", _NONE, _secret),
-            debounce=_parse(environ, "DASHBOARD_DEBOUNCE", cls.debounce, _positive_float),
+            host=env_value(environ, "DASHBOARD_HOST", cls.host, str),
+            port=env_value(environ, "DASHBOARD_PORT", cls.port, _port),
+            auth_token=env_value(environ, "DASHBOARD_AUTH_TOKEN", _NONE, _optional),
+            database_url=env_value(environ, "DATABASE_URL", _NONE, _optional),
+            stats_window=env_value(environ, "DASHBOARD_STATS_WINDOW", cls.stats_window, positive_float),
+            page_size=env_value(environ, "DASHBOARD_PAGE_SIZE", cls.page_size, positive_int),
+            max_body=env_value(environ, "DASHBOARD_MAX_BODY", cls.max_body, positive_int),
+            secret=env_value(environ, "DASHBOARD_SECRET", _NONE, _secret),
+            debounce=env_value(environ, "DASHBOARD_DEBOUNCE", cls.debounce, positive_float),
         )

@@ -8,28 +8,18 @@ and the kvstate client's own variables (``NATS_URL``, ``KVSTATE_BUCKET``, ...) f
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 from kvstate import ConfigurationError, Settings
+from kvstate.settings import env_value, positive_int
 
 __all__ = ["DemoSettings"]
 
-T = TypeVar("T")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SUBJECT_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
-
-
-def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return convert(raw.strip())
-    except ValueError as exc:
-        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
 
 
 def _non_negative(raw: str) -> float:
@@ -50,13 +40,6 @@ def _probability(raw: str) -> float:
     value = float(raw)
     if not 0 <= value <= 1:
         raise ValueError("must be a probability between 0 and 1")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be a positive integer")
     return value
 
 
@@ -153,17 +136,17 @@ class DemoSettings:
         d = cls.ENV
         return cls(
             kv=Settings.from_env(environ),
-            rate=_parse(environ, d["rate"], cls.rate, _non_negative),
-            duration=_parse(environ, d["duration"], cls.duration, _non_negative),
-            latency_scale=_parse(environ, d["latency_scale"], cls.latency_scale, _positive),
-            failure_rate=_parse(environ, d["failure_rate"], cls.failure_rate, _non_negative),
-            poison_rate=_parse(environ, d["poison_rate"], cls.poison_rate, _probability),
-            stuck_rate=_parse(environ, d["stuck_rate"], cls.stuck_rate, _probability),
-            chaos_rate=_parse(environ, d["chaos_rate"], cls.chaos_rate, _probability),
-            concurrency=_parse(environ, d["concurrency"], cls.concurrency, _positive_int),
-            max_in_flight=_parse(environ, d["max_in_flight"], cls.max_in_flight, _positive_int),
-            drain_timeout=_parse(environ, d["drain_timeout"], cls.drain_timeout, _non_negative),
-            seed=_parse(environ, d["seed"], cls.seed, _seed),
-            stream=_parse(environ, d["stream"], cls.stream, _stream),
-            subject_prefix=_parse(environ, d["subject_prefix"], cls.subject_prefix, _subject),
+            rate=env_value(environ, d["rate"], cls.rate, _non_negative),
+            duration=env_value(environ, d["duration"], cls.duration, _non_negative),
+            latency_scale=env_value(environ, d["latency_scale"], cls.latency_scale, _positive),
+            failure_rate=env_value(environ, d["failure_rate"], cls.failure_rate, _non_negative),
+            poison_rate=env_value(environ, d["poison_rate"], cls.poison_rate, _probability),
+            stuck_rate=env_value(environ, d["stuck_rate"], cls.stuck_rate, _probability),
+            chaos_rate=env_value(environ, d["chaos_rate"], cls.chaos_rate, _probability),
+            concurrency=env_value(environ, d["concurrency"], cls.concurrency, positive_int),
+            max_in_flight=env_value(environ, d["max_in_flight"], cls.max_in_flight, positive_int),
+            drain_timeout=env_value(environ, d["drain_timeout"], cls.drain_timeout, _non_negative),
+            seed=env_value(environ, d["seed"], cls.seed, _seed),
+            stream=env_value(environ, d["stream"], cls.stream, _stream),
+            subject_prefix=env_value(environ, d["subject_prefix"], cls.subject_prefix, _subject),
         )

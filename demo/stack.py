@@ -31,22 +31,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, ClassVar, TypeVar
+from typing import IO, ClassVar
 
 import asyncpg
 
 from demo.errors import StackError
 from demo.runner import load_pipeline
-from kvstate import Client, ConfigurationError, KvstateError, Settings
+from kvstate import Client, KvstateError, Settings
 from kvstate.servers import NatsServer, PostgresServer, ServerStartError, free_port
+from kvstate.settings import env_value
 
 __all__ = ["StackSettings", "register"]
 
-T = TypeVar("T")
 
 DATABASE = "kvstate"
 LOCAL_GRACE_PERIOD = 10
@@ -54,16 +54,6 @@ LOCAL_GRACE_PERIOD = 10
 STOP_GRACE = 10.0
 """Seconds a child gets between SIGTERM and SIGKILL."""
 _SYNC_RE = re.compile(r"always|\d+(ms|s|m)")
-
-
-def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return convert(raw.strip())
-    except ValueError as exc:
-        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
 
 
 def _port(raw: str) -> int:
@@ -127,14 +117,14 @@ class StackSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
         d = cls.ENV
         return cls(
-            state_dir=_parse(environ, d["state_dir"], cls.state_dir, Path),
-            nats_url=_parse(environ, d["nats_url"], cls.nats_url, _optional),
-            database_url=_parse(environ, d["database_url"], cls.database_url, _optional),
-            nats_port=_parse(environ, d["nats_port"], cls.nats_port, _port),
-            postgres_port=_parse(environ, d["postgres_port"], cls.postgres_port, _port),
-            sync_interval=_parse(environ, d["sync_interval"], cls.sync_interval, _sync_interval),
-            dashboard_host=_parse(environ, d["dashboard_host"], cls.dashboard_host, str),
-            dashboard_port=_parse(environ, d["dashboard_port"], cls.dashboard_port, _port),
+            state_dir=env_value(environ, d["state_dir"], cls.state_dir, Path),
+            nats_url=env_value(environ, d["nats_url"], cls.nats_url, _optional),
+            database_url=env_value(environ, d["database_url"], cls.database_url, _optional),
+            nats_port=env_value(environ, d["nats_port"], cls.nats_port, _port),
+            postgres_port=env_value(environ, d["postgres_port"], cls.postgres_port, _port),
+            sync_interval=env_value(environ, d["sync_interval"], cls.sync_interval, _sync_interval),
+            dashboard_host=env_value(environ, d["dashboard_host"], cls.dashboard_host, str),
+            dashboard_port=env_value(environ, d["dashboard_port"], cls.dashboard_port, _port),
             dashboard_port_fixed=bool(environ.get(d["dashboard_port"], "").strip()),
         )
 

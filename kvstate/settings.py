@@ -13,12 +13,25 @@ from typing import ClassVar, TypeVar
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
 
-__all__ = ["Settings", "env_variables"]
+__all__ = [
+    "Settings",
+    "env_value",
+    "env_variables",
+    "non_negative_float",
+    "positive_float",
+    "positive_int",
+    "tcp_port",
+]
 
 T = TypeVar("T")
 
 
-def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
+def env_value(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
+    """``convert(environ[name])``, or ``default`` when unset or blank.
+
+    A value ``convert`` rejects (ValueError) becomes a ConfigurationError naming the
+    variable. Every settings class of the project parses its variables with this.
+    """
     raw = environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -28,17 +41,35 @@ def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[
         raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
 
 
-def _positive_int(raw: str) -> int:
+def positive_int(raw: str) -> int:
+    """An integer of at least 1."""
     value = int(raw)
     if value < 1:
         raise ValueError("must be a positive integer")
     return value
 
 
-def _positive_float(raw: str) -> float:
+def positive_float(raw: str) -> float:
+    """A number above 0."""
     value = float(raw)
-    if value <= 0:
+    if not value > 0:
         raise ValueError("must be a positive number")
+    return value
+
+
+def non_negative_float(raw: str) -> float:
+    """A number of at least 0."""
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be zero or a positive number")
+    return value
+
+
+def tcp_port(raw: str) -> int:
+    """A TCP port, 0-65535 (0 where the caller allows "off" or "any")."""
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (0-65535)")
     return value
 
 
@@ -101,13 +132,13 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
         return cls(
-            nats_url=_parse(environ, "NATS_URL", cls.nats_url, str),
-            bucket=_parse(environ, "KVSTATE_BUCKET", cls.bucket, _bucket),
-            replicas=_parse(environ, "KVSTATE_REPLICAS", cls.replicas, _replicas),
-            history=_parse(environ, "KVSTATE_HISTORY", cls.history, _positive_int),
-            max_value_size=_parse(environ, "KVSTATE_MAX_VALUE_SIZE", cls.max_value_size, _positive_int),
-            max_retries=_parse(environ, "KVSTATE_MAX_RETRIES", cls.max_retries, _positive_int),
-            timeout=_parse(environ, "KVSTATE_TIMEOUT", cls.timeout, _positive_float),
+            nats_url=env_value(environ, "NATS_URL", cls.nats_url, str),
+            bucket=env_value(environ, "KVSTATE_BUCKET", cls.bucket, _bucket),
+            replicas=env_value(environ, "KVSTATE_REPLICAS", cls.replicas, _replicas),
+            history=env_value(environ, "KVSTATE_HISTORY", cls.history, positive_int),
+            max_value_size=env_value(environ, "KVSTATE_MAX_VALUE_SIZE", cls.max_value_size, positive_int),
+            max_retries=env_value(environ, "KVSTATE_MAX_RETRIES", cls.max_retries, positive_int),
+            timeout=env_value(environ, "KVSTATE_TIMEOUT", cls.timeout, positive_float),
         )
 
     @property
