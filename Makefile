@@ -17,3 +17,6 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m bench.updates
+	.venv/bin/python -m bench.archiver
+	.venv/bin/python -m bench.dashboard
+	.venv/bin/python -m bench.compare --ops 5000

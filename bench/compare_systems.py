@@ -1,0 +1,152 @@
+"""The three systems under comparison, each behind the workload's ``System`` protocol.
+
+- ``NaiveBaseline``: a worker GETs the whole operation, applies its event and PUTs it back.
+- ``CarefulBaseline``: a worker POSTs the event; the service applies it under ``SELECT ... FOR UPDATE``.
+- ``KvstateSystem``: a worker calls the kvstate client (compare-and-set on the KV bucket,
+  event ids, forward-only state machine, group commit).
+
+Each returns, for every acknowledged write, the state that write produced as a ``View``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import asyncpg
+import msgspec
+
+from bench.baseline.document import CreateOperation, OperationDocument, StageEvent, WriteResult, apply_stage_event
+from bench.compare_http import HttpPool
+from bench.workload import Message, MessageKind, StageView, View
+from kvstate import Client, Operation, Outcome, Pipeline, UpdateResult
+
+__all__ = ["CarefulBaseline", "KvstateSystem", "NaiveBaseline", "document_view", "operation_view"]
+
+_document_decoder = msgspec.json.Decoder(OperationDocument)
+_write_decoder = msgspec.json.Decoder(WriteResult)
+
+
+def document_view(doc: OperationDocument) -> View:
+    """The baseline document in the checker's vocabulary."""
+    stages = {}
+    for name, row in doc.stages.items():
+        metadata = doc.metadata.get(name)
+        stages[name] = StageView(row.status, row.attempt, metadata if isinstance(metadata, dict) else None)
+    return View(doc.revision, doc.status, stages)
+
+
+def operation_view(op: Operation) -> View:
+    """A kvstate operation in the checker's vocabulary."""
+    stages = {
+        name: StageView(state.status.value, state.attempt, dict(state.metadata) or None)
+        for name, state in op.stages.items()
+    }
+    return View(op.revision, op.status.value, stages)
+
+
+class _HttpBaseline:
+    """Shared by both baseline variants: an HTTP client to the service and the row reader."""
+
+    name = "baseline"
+
+    def __init__(self, base_url: str, database_url: str, pipeline: Pipeline, concurrency: int) -> None:
+        self._base_url = base_url
+        self._database_url = database_url
+        self._pipeline = pipeline
+        # Enough connections for every request in flight: three parallel stages per operation.
+        host, _, port = base_url.removeprefix("http://").partition(":")
+        self._http = HttpPool(host, int(port), concurrency * 4)
+        self._stages = {spec.name: spec.optional for spec in pipeline.stages}
+        self.counters: Counter[str] = Counter()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def create(self, key: str) -> None:
+        body = CreateOperation(id=key, pipeline=self._pipeline.name, stages=self._stages)
+        await self._http.request("POST", "/operations", msgspec.json.encode(body))
+
+    async def final_views(self) -> dict[str, View]:
+        conn = await asyncpg.connect(self._database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT id, pipeline, status, stage, stages::text AS stages, metadata::text AS metadata, revision "
+                "FROM operations"
+            )
+        finally:
+            await conn.close()
+        views = {}
+        for row in rows:
+            fields = {**dict(row.items()), "stages": msgspec.json.decode(row["stages"])}
+            fields["metadata"] = msgspec.json.decode(row["metadata"])
+            doc = msgspec.convert(fields, OperationDocument)
+            views[doc.id] = document_view(doc)
+        return views
+
+
+def _event(message: Message) -> StageEvent:
+    return StageEvent(
+        stage=message.stage,
+        kind=message.kind.value,
+        attempt=message.attempt,
+        worker=message.worker,
+        metadata=message.metadata,
+    )
+
+
+class NaiveBaseline(_HttpBaseline):
+    """GET the whole state, change it, PUT it back: the last writer wins."""
+
+    name = "naive"
+
+    async def deliver(self, key: str, message: Message) -> View | None:
+        current = _document_decoder.decode(await self._http.request("GET", f"/operations/{key}"))
+        doc = apply_stage_event(current, _event(message))
+        written = _write_decoder.decode(await self._http.request("PUT", f"/operations/{key}", msgspec.json.encode(doc)))
+        self.counters["written"] += 1
+        return document_view(msgspec.structs.replace(doc, revision=written.revision))
+
+
+class CarefulBaseline(_HttpBaseline):
+    """POST the event; the service locks the row, applies it and writes it back in one transaction."""
+
+    name = "careful"
+
+    async def deliver(self, key: str, message: Message) -> View | None:
+        body = await self._http.request("POST", f"/operations/{key}/events", msgspec.json.encode(_event(message)))
+        self.counters["written"] += 1
+        return document_view(_document_decoder.decode(body))
+
+
+class KvstateSystem:
+    """The kvstate client on an open bucket holding ``pipeline``."""
+
+    name = "kvstate"
+
+    def __init__(self, client: Client, pipeline: Pipeline) -> None:
+        self._client = client
+        self._pipeline = pipeline
+        self.counters: Counter[str] = Counter()
+
+    async def create(self, key: str) -> None:
+        await self._client.create(self._pipeline.name, op_id=key, event_id=f"{key}.create")
+
+    async def deliver(self, key: str, message: Message) -> View | None:
+        client = self._client
+        stage, attempt, worker, event_id = message.stage, message.attempt, message.worker, message.event_id
+        result: UpdateResult
+        if message.kind is MessageKind.START:
+            result = await client.start(key, stage, attempt=attempt, worker=worker, event_id=event_id)
+        elif message.kind is MessageKind.FAIL:
+            result = await client.fail(key, stage, "transient error", attempt=attempt, worker=worker, event_id=event_id)
+        elif message.kind is MessageKind.SUCCEED:
+            result = await client.succeed(
+                key, stage, metadata=message.metadata, attempt=attempt, worker=worker, event_id=event_id
+            )
+        else:
+            result = await client.skip(key, stage, reason="not needed", worker=worker, event_id=event_id)
+        self.counters[result.outcome.value] += 1
+        return operation_view(result.operation) if result.outcome is Outcome.APPLIED else None
+
+    async def final_views(self) -> dict[str, View]:
+        return {op.id: operation_view(op) async for op in self._client.scan()}

@@ -1,0 +1,159 @@
+"""The head-to-head comparison on a tiny workload: real servers, real checker, injected faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bench.compare import CompareOptions, format_table, main, run_comparison
+from bench.compare_check import check_run
+from bench.compare_systems import KvstateSystem, operation_view
+from bench.workload import (
+    Delivery,
+    Message,
+    MessageKind,
+    RunRecord,
+    StageView,
+    View,
+    WorkloadOptions,
+    load_pipeline,
+    plan_workload,
+    run_workload,
+)
+from kvstate import Client, Operation, Settings, StageState, StageStatus
+
+OPTIONS = WorkloadOptions(ops=30, concurrency=8, seed=7)
+
+
+def test_plans_are_deterministic_and_cover_retries_redeliveries_and_late_messages() -> None:
+    pipeline = load_pipeline()
+    plans = plan_workload(pipeline, WorkloadOptions(ops=300, seed=3))
+    assert plans == plan_workload(pipeline, WorkloadOptions(ops=300, seed=3))
+    assert len(pipeline.stages) == 10
+    stages = [stage for plan in plans for stage in plan.stages.values()]
+    assert any(m.kind is MessageKind.FAIL for s in stages for m in s.messages)
+    assert any(m.kind is MessageKind.SKIP for s in stages for m in s.messages)
+    assert any(s.redelivered for s in stages)
+    assert any(s.late for s in stages)
+    assert all(e.status in ("succeeded", "skipped") for plan in plans for e in plan.expected.values())
+
+
+async def test_one_command_compares_all_three_systems_and_only_kvstate_is_clean() -> None:
+    plans = plan_workload(load_pipeline(), OPTIONS)
+    assert any(stage.late for plan in plans for stage in plan.stages.values())
+    # Server directories go under /tmp: a PostgreSQL socket path must stay under 107 bytes.
+    options = CompareOptions(workload=OPTIONS, pairs=("fast",), timeout=100.0)
+    results = {r.system: r for r in await run_comparison(options)}
+
+    kv, careful, naive = results["kvstate"], results["careful"], results["naive"]
+    expected_updates = sum(plan.message_count for plan in plans)
+    for r in results.values():
+        assert r.updates == expected_updates
+        assert r.errors == 0, r.error_examples
+        assert r.updates_per_second > 0
+    assert kv.check.clean, kv.check.examples
+    assert kv.outcomes["applied"] > 0
+    assert kv.outcomes["duplicate"] > 0  # redelivered messages, recognised by their event id
+    assert kv.outcomes["stale"] > 0  # late messages with a new event id, refused by the state machine
+    # Row locks stop lost updates but not reordered messages; last-writer-wins loses both.
+    assert careful.check.lost_updates == 0
+    assert careful.check.stale_writes > 0
+    assert naive.check.lost_updates > 0
+    assert naive.check.stale_writes > 0
+    # PostgreSQL was measured for the baselines and for kvstate's archive, which the check read back.
+    assert naive.pg is not None
+    assert naive.pg.wal_bytes > 0
+    assert naive.pg.dead_tuples_made >= expected_updates
+    assert kv.pg is not None, kv.note
+    assert "archive" in kv.note
+    assert kv.pg.rows_inserted >= OPTIONS.ops
+    assert kv.pg.wal_bytes < naive.pg.wal_bytes
+    assert "kvstate" in format_table(list(results.values()))
+
+
+async def test_checker_detects_an_injected_lost_update_and_a_stale_final_state(settings: Settings) -> None:
+    pipeline = load_pipeline()
+    options = WorkloadOptions(ops=6, concurrency=3, seed=11)
+    plans = plan_workload(pipeline, options)
+    async with Client(settings, create_bucket=True) as client:
+        await client.set_pipeline(pipeline)
+        system = KvstateSystem(client, pipeline)
+        record = await run_workload(system, pipeline, plans, options, timeout=60)
+        assert check_run(plans, record, await system.final_views()).clean
+
+        lost_key, stale_key = plans[0].key, plans[1].key
+
+        def drop_geo_metadata(op: Operation) -> Operation:
+            stages = {**op.stages, "geo": msgspec.structs.replace(op.stages["geo"], metadata={})}
+            return msgspec.structs.replace(op, stages=stages)
+
+        def audit_back_to_running(op: Operation) -> Operation:
+            old = op.stages["audit"]
+            stages = {
+                **op.stages,
+                "audit": StageState(status=StageStatus.RUNNING, attempt=old.attempt, metadata=old.metadata),
+            }
+            return msgspec.structs.replace(op, stages=stages)
+
+        assert (await client.update(lost_key, drop_geo_metadata)).applied
+        assert (await client.update(stale_key, audit_back_to_running)).applied
+        result = check_run(plans, record, await system.final_views())
+
+    assert result.lost_updates == 1
+    assert result.wrong_final == 1
+    assert any(lost_key in e and "geo" in e for e in result.examples)
+    assert any(stale_key in e and "audit running" in e for e in result.examples)
+
+
+def test_checker_counts_a_write_that_moves_a_stage_backwards() -> None:
+    pipeline = load_pipeline()
+    plan = plan_workload(pipeline, WorkloadOptions(ops=1, seed=5))[0]
+    final = View(
+        9,
+        "succeeded",
+        {name: StageView(e.status, e.attempt, e.metadata) for name, e in plan.expected.items()},
+    )
+    geo = plan.expected["geo"]
+    done = View(1, "running", {"geo": StageView("succeeded", geo.attempt, geo.metadata)})
+    undone = View(2, "running", {"geo": StageView("running", geo.attempt, None)})
+    message = Message("geo", MessageKind.START, geo.attempt, "e", "geo-0")
+    record = RunRecord("test", [Delivery(plan.key, message, 0.001, v) for v in (undone, done)])
+
+    result = check_run([plan], record, {plan.key: final})
+
+    assert result.stale_writes == 1
+    assert result.lost_updates == 0
+    assert result.wrong_final == 0
+
+
+def test_operation_view_reads_stage_metadata_and_attempts() -> None:
+    op = msgspec.json.decode(
+        b'{"schema":1,"id":"a","pipeline":"orders","status":"running","created_at":"2024-01-01T00:00:00Z",'
+        b'"updated_at":"2024-01-01T00:00:00Z","stages":{"geo":{"status":"succeeded","attempt":2,'
+        b'"metadata":{"token":"t"}},"fraud":{"status":"waiting"}}}',
+        type=Operation,
+    )
+    view = operation_view(msgspec.structs.replace(op, revision=5))
+    assert view.order == 5
+    assert view.stages["geo"] == StageView("succeeded", 2, {"token": "t"})
+    assert view.stages["fraud"] == StageView("waiting", 0, None)
+
+
+def test_command_writes_json_and_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--ops", "0"], {}) == 2
+    with pytest.raises(SystemExit):
+        main(["--pairs", "nope"], {})
+    out = tmp_path / "result.json"
+    code = main(
+        ["--ops", "5", "--concurrency", "2", "--pairs", "fast", "--systems", "careful", "--out", str(out)],
+        {},
+    )
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["results"][0]["system"] == "careful"
+    assert document["results"][0]["check"]["lost_updates"] == 0
+    assert document["machine"]["cores"] >= 1
+    assert "careful" in capsys.readouterr().out
