@@ -536,7 +536,11 @@ class Client:
         if op_id is not None:
             validate_id(op_id)
         watcher = Watcher(
-            self._open_store(), op_id=op_id, include_existing=include_existing, include_corrupt=include_corrupt
+            self._open_store(),
+            op_id=op_id,
+            include_existing=include_existing,
+            include_corrupt=include_corrupt,
+            on_stop=self._watchers.discard,
         )
         self._watchers.add(watcher)
         return watcher
@@ -559,8 +563,6 @@ class Client:
                             raise OperationNotFound(op_id, "it was removed from the bucket while waiting")
             except TimeoutError:
                 raise WaitTimeout(op_id, timeout or 0.0, last.status.value if last else None) from None
-            finally:
-                self._watchers.discard(changes)
         raise ClientClosedError("the client closed while waiting")
 
     async def list(

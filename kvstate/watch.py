@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -61,6 +62,7 @@ class Watcher:
         include_corrupt: bool = False,
         queue_size: int = 10_000,
         check_interval: float = 2.0,
+        on_stop: Callable[[Watcher], None] | None = None,
     ) -> None:
         self._store = store
         self._pattern = OPERATION_PREFIX + (op_id if op_id is not None else "*")
@@ -74,6 +76,7 @@ class Watcher:
         self._initial_pending = 0
         self._initial_done = asyncio.Event()
         self._closed = False
+        self._on_stop = on_stop
         self.resubscribes = 0
 
     @property
@@ -153,6 +156,8 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
+        if self._on_stop is not None:
+            self._on_stop(self)
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)

@@ -382,3 +382,14 @@ async def test_server_without_jetstream_is_refused_at_connect(tmp_path) -> None:
         proc.wait(10)
     assert refused is not None
     assert "JetStream" in str(refused)
+
+
+async def test_stopped_watchers_are_released(client: Client) -> None:
+    op = await client.create("orders")
+    for _ in range(3):
+        async with client.watch(op.id) as changes:
+            async for _change in changes:
+                break
+    with pytest.raises(WaitTimeout):
+        await client.wait(op.id, timeout=0.1)
+    assert client._watchers == set()  # the registry is what would leak
