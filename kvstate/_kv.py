@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
@@ -34,6 +35,20 @@ MARKER_REASON = "Nats-Marker-Reason"
 CONFLICT_CODES = frozenset({10071, 10164})
 _MESSAGE_TOO_LARGE = 10054
 _STREAM_NOT_FOUND = 10059
+
+
+class _ApiError(msgspec.Struct, frozen=True):
+    code: int = 0
+    err_code: int | None = None
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct, frozen=True):
+    seq: int = 0
+    error: _ApiError | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +118,14 @@ def nats_errors(key: str = "", last: int | None = None) -> Iterator[None]:
 class KvStore:
     """Revision-checked access to one bucket."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, config: BucketConfig, direct: bool) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, config: BucketConfig, direct: bool, timeout: float = 5.0
+    ) -> None:
         self.nc = nc
         self.js = js
         self.config = config
         self.direct = direct
+        self.timeout = timeout
         self._prefix = f"$KV.{config.name}."
 
     @classmethod
@@ -143,7 +161,7 @@ class KvStore:
         problems = bucket_problems(info.config)
         if problems:
             raise BucketError(f"bucket {config.name!r} is not usable by kvstate: " + "; ".join(problems))
-        return cls(nc, js, config, direct=bool(info.config.allow_direct))
+        return cls(nc, js, config, direct=bool(info.config.allow_direct), timeout=timeout)
 
     def subject(self, key: str) -> str:
         """The stream subject of ``key``."""
@@ -269,12 +287,24 @@ class KvStore:
             return await self.js.stream_info(self.config.stream)
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str], last: int) -> int:
+        # A JetStream publish is a request whose reply is the stream's ack. Sent with
+        # nc.request and the ack decoded by msgspec, it costs a fraction of the client CPU
+        # of js.publish (which parses the ack with json and a dataclass): this is the path
+        # every update takes.
         try:
-            ack = await self.js.publish(self._prefix + key, value, headers=headers)
+            reply = await self.nc.request(self._prefix + key, value, timeout=self.timeout, headers=headers)
+        except nats.errors.NoRespondersError as exc:
+            raise BucketError(f"no stream answered for {key!r}; run `kvstate bucket init`") from exc
         except Exception:
             with nats_errors(key, last):  # a try block costs nothing until something is raised
                 raise
-        return int(ack.seq)
+        ack = _ack_decoder.decode(reply.data)
+        if ack.error is not None:
+            with nats_errors(key, last):
+                raise nats.js.errors.APIError(
+                    code=ack.error.code, err_code=ack.error.err_code, description=ack.error.description
+                )
+        return ack.seq
 
     async def _last_message(self, key: str, *, direct: bool) -> KvEntry | None:
         with nats_errors(key):
