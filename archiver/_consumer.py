@@ -8,15 +8,19 @@ Errors are translated by ``kvstate._kv.nats_errors`` into kvstate's tree.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 from kvstate._kv import KvStore, nats_errors
-from kvstate.keys import OPERATION_PREFIX
+from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
 
-__all__ = ["ArchiveConsumer", "ConsumerState"]
+_SWEEP_FETCH = 1000
+
+__all__ = ["ArchiveConsumer", "ConsumerState", "live_revisions"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +93,50 @@ class ArchiveConsumer:
         if self._sub is None:
             raise RuntimeError("ArchiveConsumer.open() was not called")
         return self._sub
+
+
+async def live_revisions(store: KvStore, owner: str) -> dict[str, int]:
+    """The current revision of every operation in the bucket (removed ones left out), without reading values.
+
+    A short-lived pull consumer (deliver last per subject, headers only, no acks) that
+    is deleted as soon as the listing is done. Not ``KvStore.scan``: its ordered consumer
+    stays on the server until its inactivity threshold, and while a last-per-subject
+    consumer exists nats-server recounts its pending messages over every key on each
+    purge, which made the archiver's own removals about 10x as costly for the server.
+    """
+    stream = store.config.stream
+    name = f"{owner}-sweep-{secrets.token_hex(4)}"
+    config = api.ConsumerConfig(
+        name=name,
+        description="kvstate archiver sweep: current revisions of the operation keys",
+        deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=api.AckPolicy.NONE,
+        filter_subject=store.subject(OPERATION_PREFIX + ">"),
+        headers_only=True,
+        inactive_threshold=30.0,
+        mem_storage=True,
+    )
+    revisions: dict[str, int] = {}
+    with nats_errors(name):
+        info = await store.js.add_consumer(stream, config=config)
+        try:
+            remaining = int(info.num_pending or 0)
+            sub = await store.js.pull_subscribe_bind(durable=name, stream=stream)
+            try:
+                while remaining > 0:
+                    try:
+                        messages = await sub.fetch(min(remaining, _SWEEP_FETCH), timeout=2.0)
+                    except TimeoutError:
+                        break  # nothing more delivered: the keys seen so far are the listing
+                    for msg in messages:
+                        entry = store.decode_message(msg)
+                        op_id = operation_id_from_key(entry.key)
+                        if op_id is not None and entry.value is not None:
+                            revisions[op_id] = entry.revision
+                    remaining = int(messages[-1].metadata.num_pending)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        finally:
+            await store.js.delete_consumer(stream, name)
+    return revisions

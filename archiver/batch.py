@@ -1,105 +1,104 @@
-"""A size-or-time batch buffer, used as an async context manager.
+"""Sorting consumer messages, and the batch of work for one PostgreSQL transaction.
 
-    async with ArchiveBatch(max_size=500, max_wait=0.2, flush=handle) as batch:
-        for msg in await consumer.fetch(...):
-            await batch.add(msg)
+The archiver's fetch loop sorts every message as it arrives (``classify``):
 
-``handle(items)`` runs when the buffer holds ``max_size`` items, when its oldest item
-waited ``max_wait`` seconds, on ``flush()`` and on a clean exit. Flushes never overlap
-and ``add`` waits while one runs, so at most ``max_size`` items are held. Unlike
-pgqueuer's TimedOverflowBuffer nothing is ever put back: when ``handle`` cannot store
-a batch it leaves the messages unacknowledged (or naks them) and JetStream delivers
-them again. Leaving the context on an exception drops what is buffered, unacknowledged.
+- removal markers and operations not finished yet need nothing written: they are
+  acknowledged at once, without decoding the operation (``peek_status`` reads the
+  top-level ``"status"`` member, which the codec writes right after ``schema``, ``id``
+  and ``pipeline``);
+- finished operations become rows, and values that do not decode become dead letters,
+  in a ``WriteBatch``; its messages are acknowledged only after its transaction commits.
+
+A batch is handed to the writer when it holds ``max_size`` rows, when its oldest
+message waited ``max_wait`` seconds, or (burst mode) when nothing more is pending.
+One batch is written while the next one fills.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import Generic, Self, TypeVar
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
 
-__all__ = ["ArchiveBatch"]
+from nats.aio.msg import Msg
 
-T = TypeVar("T")
+from archiver.rows import ArchiveRow, row_for
+from archiver.store import DeadLetter
+from kvstate._kv import KvEntry
+from kvstate.codec import decode_operation
+from kvstate.errors import CorruptValue
+
+__all__ = ["Kind", "WriteBatch", "needs_decoding", "peek_status"]
+
+_HEAD = b'{"schema":'
+_STATUS = b'"status":"'
+_PEEK_LIMIT = 1024
+_NOT_FINISHED = frozenset({b"pending", b"running"})
 
 
-class ArchiveBatch(Generic[T]):
-    """Collects items and hands them to ``flush`` by size or by age."""
+class Kind(enum.Enum):
+    """What a message is, for the archiver."""
 
-    def __init__(self, *, max_size: int, max_wait: float, flush: Callable[[list[T]], Awaitable[None]]) -> None:
-        if max_size < 1 or max_wait <= 0:
-            raise ValueError("max_size must be >= 1 and max_wait > 0")
-        self.max_size = max_size
-        self.max_wait = max_wait
-        self._handle = flush
-        self._items: list[T] = []
-        self._oldest: float | None = None
-        self._lock = asyncio.Lock()
-        self._added = asyncio.Event()
-        self._timer: asyncio.Task[None] | None = None
-        self._failure: BaseException | None = None
+    MARKER = "marker"
+    RUNNING = "running"
+    FINISHED = "finished"
+    CORRUPT = "corrupt"
+
+
+def peek_status(value: bytes) -> bytes | None:
+    """The status of an encoded operation read without decoding it, or None when not found.
+
+    Only trusted for a value that starts like the codec's output: ``schema`` (an int),
+    ``id`` and ``pipeline`` (JSON strings, whose escaping cannot produce ``"status":"``)
+    come first, so the first ``"status":"`` is the top-level member.
+    """
+    if not value.startswith(_HEAD):
+        return None
+    start = value.find(_STATUS, len(_HEAD), _PEEK_LIMIT)
+    if start < 0:
+        return None
+    start += len(_STATUS)
+    end = value.find(b'"', start, start + 16)
+    return value[start:end] if end > 0 else None
+
+
+@dataclass
+class WriteBatch:
+    """Rows and dead letters for one transaction, and the messages to acknowledge after it."""
+
+    opened: float
+    """loop time of the first message"""
+    messages: list[Msg] = field(default_factory=list)
+    rows: list[ArchiveRow] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
+    finished: list[tuple[str, int, float]] = field(default_factory=list)
+    """(operation id, revision, finished_at as a timestamp) of each row"""
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.messages)
 
-    async def __aenter__(self) -> Self:
-        self._timer = asyncio.create_task(self._flush_when_old(), name="archive-batch-timer")
-        return self
+    def add(self, msg: Msg, entry: KvEntry, archived_at: datetime) -> Kind:
+        """Decode ``entry`` (a value that may be a finished operation) into a row or a dead letter.
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
-            self._timer = None
-        if exc_type is None:
-            await self.flush()
-        else:
-            self._items = []
+        RUNNING when it turns out not to be finished (then nothing is kept).
+        """
+        assert entry.value is not None
+        try:
+            op = decode_operation(entry.key, entry.revision, entry.value)
+        except CorruptValue as exc:
+            self.messages.append(msg)
+            self.letters.append(DeadLetter(entry.key, entry.revision, entry.value, exc.detail))
+            return Kind.CORRUPT
+        if not op.done:
+            return Kind.RUNNING
+        self.messages.append(msg)
+        self.rows.append(row_for(op, archived_at))
+        self.finished.append((op.id, op.revision, (op.finished_at or op.updated_at).timestamp()))
+        return Kind.FINISHED
 
-    async def add(self, item: T) -> None:
-        """Buffer ``item``; flush first if the buffer is full."""
-        self._raise_failure()
-        self._items.append(item)
-        if self._oldest is None:
-            self._oldest = asyncio.get_running_loop().time()
-            self._added.set()
-        if len(self._items) >= self.max_size:
-            await self.flush()
 
-    async def flush(self) -> None:
-        """Hand everything buffered to ``flush`` now (waits for a flush under way)."""
-        self._raise_failure()
-        async with self._lock:
-            items, self._items, self._oldest = self._items, [], None
-            self._added.clear()
-            if items:
-                await self._handle(items)
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            failure, self._failure = self._failure, None
-            raise failure
-
-    async def _flush_when_old(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._added.wait()
-            oldest = self._oldest
-            if oldest is None:
-                self._added.clear()
-                continue
-            delay = oldest + self.max_wait - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                if self._oldest != oldest:
-                    continue  # flushed (and maybe refilled) meanwhile
-            try:
-                await self.flush()
-            except Exception as exc:  # noqa: BLE001 - surfaced by the next add() or flush()
-                self._failure = exc
-                return
+def needs_decoding(entry: KvEntry) -> bool:
+    """False for markers and for values whose peeked status says the operation is not finished."""
+    if entry.value is None:
+        return False
+    return peek_status(entry.value) not in _NOT_FINISHED

@@ -179,6 +179,8 @@ class ArchiveReader:
                     f"unknown status {', '.join(unknown)}: the archive holds {', '.join(TERMINAL_STATUSES)}"
                 )
             where.append(f"status = ANY({arg(statuses)}::text[])")
+            if "succeeded" not in statuses:  # lets the planner use the partial status index
+                where.append("status <> 'succeeded'")
         if failed_stage is not None:
             where.append(f"failed_stage = {arg(failed_stage)}")
         if pipeline is not None:

@@ -6,7 +6,7 @@ order of ``COLUMNS``; the reader turns a row back into an ``Operation``.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import asyncpg
@@ -14,11 +14,40 @@ import msgspec
 
 from kvstate.model import CancelInfo, JSONObject, Operation, OpStatus, StageState, StageStatus, Transition
 
-__all__ = ["COLUMNS", "ArchiveRow", "failed_stage", "operation_from_record", "row_for"]
+__all__ = [
+    "COLUMNS",
+    "ArchiveRow",
+    "HistoryEntry",
+    "decode_history",
+    "encode_history",
+    "failed_stage",
+    "operation_from_record",
+    "row_for",
+]
 
+
+class HistoryEntry(msgspec.Struct, array_like=True, frozen=True):
+    """A ``Transition`` as the archive stores it: ``[at, to, from, stage, attempt, worker, event]``.
+
+    ``at`` is in microseconds since the operation's ``created_at``. A positional array
+    with a small integer instead of an object with an ISO timestamp makes the compressed
+    ``history`` of a 20-change operation about 110 bytes smaller (docs/archive.md).
+    """
+
+    at: int
+    to: str
+    from_: str | None = None
+    stage: str | None = None
+    attempt: int | None = None
+    worker: str | None = None
+    event: str | None = None
+
+
+_MICROSECOND = timedelta(microseconds=1)
 _encoder = msgspec.json.Encoder()
 _stages_decoder = msgspec.json.Decoder(dict[str, StageState])
-_history_decoder = msgspec.json.Decoder(list[Transition])
+_history_decoder = msgspec.json.Decoder(list[HistoryEntry])
+_object_history_decoder = msgspec.json.Decoder(list[Transition])
 _metadata_decoder = msgspec.json.Decoder(dict[str, object])
 _cancel_decoder = msgspec.json.Decoder(CancelInfo)
 
@@ -81,8 +110,37 @@ def row_for(op: Operation, archived_at: datetime) -> ArchiveRow:
         cancel=_encoder.encode(op.cancel) if op.cancel is not None else None,
         metadata=_encoder.encode(op.metadata),
         stages=_encoder.encode(op.stages),
-        history=_encoder.encode(op.history),
+        history=encode_history(op.history, op.created_at),
     )
+
+
+def encode_history(history: list[Transition], created_at: datetime) -> bytes:
+    """The ``history`` column: one ``HistoryEntry`` array per transition."""
+    return _encoder.encode(
+        [
+            HistoryEntry((t.at - created_at) // _MICROSECOND, t.to, t.from_, t.stage, t.attempt, t.worker, t.event)
+            for t in history
+        ]
+    )
+
+
+def decode_history(raw: bytes, created_at: datetime) -> list[Transition]:
+    """The transitions of a ``history`` column: arrays (``encode_history``) or, in rows archived
+    before migration 0002, objects as the operation stores them."""
+    if raw.lstrip()[1:].lstrip()[:1] == b"{":
+        return _object_history_decoder.decode(raw)
+    return [
+        Transition(
+            at=created_at + e.at * _MICROSECOND,
+            to=e.to,
+            from_=e.from_,
+            stage=e.stage,
+            attempt=e.attempt,
+            worker=e.worker,
+            event=e.event,
+        )
+        for e in _history_decoder.decode(raw)
+    ]
 
 
 def operation_from_record(record: asyncpg.Record | dict[str, Any]) -> Operation:
@@ -102,6 +160,6 @@ def operation_from_record(record: asyncpg.Record | dict[str, Any]) -> Operation:
         metadata=metadata,
         cancel=_cancel_decoder.decode(cancel) if cancel is not None else None,
         origin=get("origin"),
-        history=_history_decoder.decode(get("history")),
+        history=decode_history(get("history"), get("created_at")),
         revision=get("revision"),
     )

@@ -191,6 +191,17 @@ class ArchiveStore:
             raise database_error(exc, "cannot read archived revisions") from exc
         return {r["id"]: int(r["revision"]) for r in records}
 
+    async def archived_snapshots(self, ids: Sequence[str]) -> dict[str, tuple[int, float]]:
+        """(archived revision, finished_at as a timestamp) of each of ``ids`` that is archived."""
+        try:
+            async with self._pool.acquire() as conn:
+                records = await conn.fetch(
+                    "SELECT id, revision, finished_at FROM archived_operations WHERE id = ANY($1::text[])", list(ids)
+                )
+        except DATABASE_ERRORS as exc:
+            raise database_error(exc, "cannot read archived revisions") from exc
+        return {r["id"]: (int(r["revision"]), r["finished_at"].timestamp()) for r in records}
+
     async def ping(self) -> None:
         """Raise ArchiveUnavailable unless PostgreSQL answers."""
         try:

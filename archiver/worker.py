@@ -6,16 +6,19 @@
 
 The loop (docs/archive.md):
 
-1. pull messages from the durable consumer into a size-or-time ``ArchiveBatch``;
-2. per batch: decode; terminal operations become rows, undecodable values dead
-   letters, everything else (running operations, removal markers) is only acked;
-3. one PostgreSQL transaction (upsert guarded by revision); on failure nak the batch
-   with a backoff delay and retry nothing in memory: JetStream delivers it again;
-4. after the commit, ack every message of the batch, then schedule each finished
+1. pull messages from the durable consumer and sort them as they arrive: removal
+   markers and operations not finished yet (read by a status peek, without decoding)
+   are acked at once; finished operations become rows and undecodable values dead
+   letters in a size-or-time ``WriteBatch``;
+2. one batch is written while the next one fills: one PostgreSQL transaction (upsert
+   guarded by revision); on failure nak the batch with a backoff delay and retry
+   nothing in memory: JetStream delivers it again;
+3. after the commit, ack every message of the batch, then schedule each finished
    operation's removal for ``finished_at + grace_period``;
-5. removal is ``client.remove(id, revision)``: revision-checked, so an operation that
-   changed after its snapshot stays (and is archived again when it finishes again);
-6. a periodic sweep removes finished operations the archive already holds at their
+4. removal is ``client.remove(id, revision)`` by up to _REMOVE_CONCURRENCY concurrent
+   removers: revision-checked, so an operation that changed after its snapshot stays
+   (and is archived again when it finishes again);
+5. a periodic sweep removes finished operations the archive already holds at their
    revision, which covers removals lost to a crash or a NATS outage.
 """
 
@@ -26,6 +29,7 @@ import contextlib
 import heapq
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
@@ -35,23 +39,27 @@ from typing import Self
 
 from nats.aio.msg import Msg
 
-from archiver._consumer import ArchiveConsumer
-from archiver.batch import ArchiveBatch
+from archiver._consumer import ArchiveConsumer, live_revisions
+from archiver.batch import Kind, WriteBatch, needs_decoding
 from archiver.errors import ArchiveUnavailable
 from archiver.metrics import ArchiverMetrics, MetricsServer
-from archiver.rows import ArchiveRow, row_for
 from archiver.settings import ArchiverSettings
-from archiver.store import ArchiveStore, DeadLetter, WriteResult
+from archiver.store import ArchiveStore, WriteResult
 from kvstate.client import Client
-from kvstate.codec import decode_operation
-from kvstate.errors import ConflictError, ConnectionLostError, CorruptValue, KvstateError
+from kvstate.errors import ConflictError, ConnectionLostError, KvstateError
 
 __all__ = ["ArchiveCounts", "Archiver", "ArchiverHooks"]
 
 log = logging.getLogger("archiver")
 
 _MAX_BACKOFF = 5.0
-_REMOVE_CONCURRENCY = 128
+_REMOVE_CONCURRENCY = 256
+"""removals in flight at once (each is one revision-checked purge awaiting its JetStream ack)"""
+_MIN_ACK_PENDING = 2000
+_MIN_FETCH = 1000
+_BURST_POLL = 0.05
+"""burst mode: how long an empty fetch waits before the run checks whether it is done"""
+_MIN_POLL = 0.01
 _PROGRESS_EVERY = 5.0
 
 
@@ -120,6 +128,8 @@ class Archiver:
         self._counts = ArchiveCounts()
         self._removals: list[_Removal] = []
         self._removal_added = asyncio.Event()
+        self._to_remove: deque[tuple[str, int]] = deque()
+        self._removers: set[asyncio.Task[None]] = set()
         self._backoff = 0.0
         self._database_ok = False
         self._progress = (time.monotonic(), 0)
@@ -196,7 +206,7 @@ class Archiver:
         """Archive until ``stop()`` (or, with ``burst``, until nothing is pending); returns this run's counts.
 
         In burst mode the run ends once the consumer has nothing pending or awaiting
-        acknowledgement; due removals are then done and the bucket swept once.
+        acknowledgement and every due removal is done; the bucket is then swept once.
         """
         client = self.client
         self._counts = ArchiveCounts()
@@ -206,7 +216,7 @@ class Archiver:
             client.store,
             self.settings.consumer,
             ack_wait=self.settings.ack_wait,
-            max_ack_pending=max(1000, 4 * self.settings.batch_size),
+            max_ack_pending=max(_MIN_ACK_PENDING, 4 * self.settings.batch_size),
         )
         await self._retry_nats(consumer.open)
         log.info(
@@ -223,10 +233,10 @@ class Archiver:
         try:
             await self._consume(consumer, burst)
             if burst:
-                await self._remove_due(time.time())
+                await self._removals_settled()
                 await self.sweep()
         finally:
-            for task in (remover, sweeper):
+            for task in (remover, sweeper, *self._removers):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -236,12 +246,33 @@ class Archiver:
         return self._counts
 
     async def _consume(self, consumer: ArchiveConsumer, burst: bool) -> None:
+        """Fetch and sort messages while the previous batch is written (one write at a time)."""
+        loop = asyncio.get_running_loop()
         size = self.settings.batch_size
-        wait = self.settings.batch_timeout if burst else max(1.0, self.settings.batch_timeout)
-        async with ArchiveBatch(max_size=size, max_wait=self.settings.batch_timeout, flush=self._process) as batch:
+        fetch_size = max(size, _MIN_FETCH)
+        store = self.client.store
+        batch = WriteBatch(loop.time())
+        writing: asyncio.Task[None] | None = None
+
+        async def hand_over() -> None:
+            nonlocal batch, writing
+            if writing is not None:
+                await writing  # raises what the previous write raised
+            writing, batch = asyncio.create_task(self._process(batch), name="archiver-write"), WriteBatch(loop.time())
+
+        try:
             while not self._stopping.is_set():
+                if writing is not None and writing.done():
+                    writing, finished = None, writing
+                    finished.result()
+                if burst:
+                    timeout = _BURST_POLL
+                elif batch:
+                    timeout = max(batch.opened + self.settings.batch_timeout - loop.time(), _MIN_POLL)
+                else:
+                    timeout = max(1.0, self.settings.batch_timeout)
                 try:
-                    messages = await consumer.fetch(size - len(batch) or size, timeout=wait)
+                    messages = await consumer.fetch(fetch_size, timeout=timeout)
                 except KvstateError as exc:
                     self.metrics.errors.labels("nats").inc()
                     log.warning("fetching from NATS failed, retrying: %s", exc)
@@ -250,12 +281,48 @@ class Archiver:
                 if messages:
                     self._lag = messages[-1].metadata.num_pending
                     self.metrics.lag.set(self._lag)
+                    now = datetime.now(UTC)
                     for msg in messages:
-                        await batch.add(msg)
-                elif burst:
-                    await batch.flush()
-                    if await self._drained(consumer):
-                        return
+                        entry = store.decode_message(msg)
+                        if not batch:
+                            batch.opened = loop.time()
+                        kind = batch.add(msg, entry, now) if needs_decoding(entry) else None
+                        if kind is None or kind is Kind.RUNNING:
+                            await msg.ack()  # nothing to write
+                            self._count_ack(Kind.MARKER if entry.value is None else Kind.RUNNING)
+                        elif len(batch) >= size:
+                            await hand_over()
+                if batch and (
+                    len(batch) >= size
+                    or loop.time() - batch.opened >= self.settings.batch_timeout
+                    or (burst and (writing is None or writing.done()))  # burst: keep the writer busy
+                ):
+                    await hand_over()
+                elif burst and not messages and self._idle(batch, writing) and await self._drained(consumer):
+                    return
+            if batch:  # stopping: write what was fetched (or nak it if PostgreSQL refuses)
+                await hand_over()
+            if writing is not None:
+                await writing
+                writing = None
+        finally:
+            if writing is not None:  # leaving on an error: abandon the write, JetStream redelivers
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writing
+
+    def _idle(self, batch: WriteBatch, writing: asyncio.Task[None] | None) -> bool:
+        """Nothing fetched is waiting to be written or removed."""
+        return not batch and writing is None and not self._removals_pending()
+
+    def _count_ack(self, kind: Kind) -> None:
+        if kind is Kind.MARKER:
+            self._counts.markers += 1
+            self.totals.markers += 1
+        else:
+            self._counts.skipped += 1
+            self.totals.skipped += 1
+        self.metrics.messages.labels(kind.value).inc()
 
     async def _drained(self, consumer: ArchiveConsumer) -> bool:
         try:
@@ -267,39 +334,16 @@ class Archiver:
         self.metrics.lag.set(state.pending)
         return state.pending == 0 and state.ack_pending == 0
 
-    async def _process(self, messages: list[Msg]) -> None:
-        """One batch: decode, write in one transaction, then ack; nak everything on failure."""
-        assert self._client is not None
+    async def _process(self, batch: WriteBatch) -> None:
+        """One batch: write it in one transaction, then ack; nak everything on failure."""
         assert self._store is not None
         started = time.perf_counter()
-        store = self._client.store
-        now = datetime.now(UTC)
-        rows: list[ArchiveRow] = []
-        letters: list[DeadLetter] = []
-        finished: list[tuple[str, int, float]] = []
-        markers = skipped = 0
-        for msg in messages:
-            entry = store.decode_message(msg)
-            if entry.value is None:
-                markers += 1
-                continue
-            try:
-                op = decode_operation(entry.key, entry.revision, entry.value)
-            except CorruptValue as exc:
-                letters.append(DeadLetter(entry.key, entry.revision, entry.value, exc.detail))
-                continue
-            if not op.done:
-                skipped += 1
-                continue
-            rows.append(row_for(op, now))
-            finished.append((op.id, op.revision, (op.finished_at or op.updated_at).timestamp()))
-        result = WriteResult(frozenset(), 0, 0)
-        if rows or letters:
-            try:
-                result = await self._store.write(rows, letters)
-            except ArchiveUnavailable as exc:
-                await self._refused(messages, exc)
-                return
+        messages = batch.messages
+        try:
+            result = await self._store.write(batch.rows, batch.letters)
+        except ArchiveUnavailable as exc:
+            await self._refused(messages, exc)
+            return
         self._backoff = 0.0
         self._database_ok = True
         self.metrics.database_up.set(1)
@@ -307,9 +351,9 @@ class Archiver:
             await self.hooks.after_commit(messages)
         for msg in messages:
             await msg.ack()
-        for op_id, revision, finished_at in finished:
+        for op_id, revision, finished_at in batch.finished:
             self._schedule_removal(op_id, revision, finished_at + self.settings.grace_period)
-        self._account(messages, result, len(letters), markers, skipped, time.perf_counter() - started)
+        self._account(messages, result, len(batch.letters), time.perf_counter() - started)
 
     async def _refused(self, messages: list[Msg], exc: ArchiveUnavailable) -> None:
         self._database_ok = False
@@ -328,24 +372,18 @@ class Archiver:
             log.warning("nak failed (messages return after ack_wait): %s", nak_error)
         await self._sleep(self._backoff)
 
-    def _account(
-        self, messages: list[Msg], result: WriteResult, letters: int, markers: int, skipped: int, seconds: float
-    ) -> None:
+    def _account(self, messages: list[Msg], result: WriteResult, letters: int, seconds: float) -> None:
         archived, duplicates = len(result.written), result.duplicates
         for counts in (self._counts, self.totals):
             counts.archived += archived
             counts.duplicates += duplicates
             counts.dead_letters += letters
-            counts.markers += markers
-            counts.skipped += skipped
             counts.batches += 1
         m = self.metrics
         m.archived.inc(archived)
         m.duplicates.inc(duplicates)
         m.dead_letters.inc(letters)
         m.messages.labels("terminal").inc(archived + duplicates)
-        m.messages.labels("running").inc(skipped)
-        m.messages.labels("marker").inc(markers)
         m.messages.labels("corrupt").inc(letters)
         m.batches.inc()
         m.batch_rows.observe(len(messages))
@@ -384,25 +422,47 @@ class Archiver:
 
     async def _remove_when_due(self) -> None:
         while True:
-            now = time.time()
-            await self._remove_due(now)
             self._removal_added.clear()
+            self._start_due(time.time())
             timeout = self._removals[0].due - time.time() if self._removals else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if timeout is None else max(timeout, 0.0)):
                     await self._removal_added.wait()
 
-    async def _remove_due(self, now: float) -> None:
-        due: list[tuple[str, int]] = []
+    def _start_due(self, now: float) -> None:
+        """Queue every removal whose grace period is over; keep up to _REMOVE_CONCURRENCY removers at work."""
         while self._removals and self._removals[0].due <= now:
             item = heapq.heappop(self._removals)
-            due.append((item.op_id, item.revision))
-        await self._remove_many(due)
+            self._to_remove.append((item.op_id, item.revision))
+        while self._to_remove and len(self._removers) < _REMOVE_CONCURRENCY:
+            task = asyncio.create_task(self._remove_queued(), name="archiver-remove")
+            self._removers.add(task)
+            task.add_done_callback(self._removers.discard)
+
+    async def _remove_queued(self) -> None:
+        while self._to_remove:
+            op_id, revision = self._to_remove.popleft()
+            await self._remove(op_id, revision)
+
+    def _removals_pending(self) -> bool:
+        """True while a removal is under way, queued or overdue."""
+        return bool(self._removers or self._to_remove) or bool(self._removals and self._removals[0].due <= time.time())
+
+    async def _removals_settled(self) -> None:
+        """Start every due removal and wait until none is under way."""
+        self._start_due(time.time())
+        while self._removers:
+            await asyncio.gather(*self._removers)
 
     async def _remove_many(self, items: Sequence[tuple[str, int]]) -> None:
-        for start in range(0, len(items), _REMOVE_CONCURRENCY):
-            chunk = items[start : start + _REMOVE_CONCURRENCY]
-            await asyncio.gather(*(self._remove(op_id, revision) for op_id, revision in chunk))
+        """Remove ``items``, _REMOVE_CONCURRENCY at a time (each a revision-checked purge awaiting its ack)."""
+        queue = iter(items)
+
+        async def remover() -> None:
+            for op_id, revision in queue:
+                await self._remove(op_id, revision)
+
+        await asyncio.gather(*(remover() for _ in range(min(len(items), _REMOVE_CONCURRENCY))))
 
     async def _remove(self, op_id: str, revision: int) -> None:
         if self.hooks.before_remove is not None:
@@ -429,26 +489,29 @@ class Archiver:
         """Remove every finished operation past its grace period that the archive holds at its revision.
 
         Catches removals lost to a crash (they were only scheduled in memory) or to a
-        NATS outage. Returns how many were removed.
+        NATS outage. Reads only the keys and revisions of the bucket (no values): an
+        operation whose current revision is the one archived is finished, and the
+        archive row says when. Returns how many were removed.
         """
         assert self._store is not None
         cutoff = time.time() - self.settings.grace_period
-        candidates: dict[str, int] = {}
-        async for op in self.client.scan():
-            if op.done and (op.finished_at or op.updated_at).timestamp() <= cutoff:
-                candidates[op.id] = op.revision
-        if not candidates:
+        current = await live_revisions(self.client.store, self.settings.consumer)
+        if not current:
             return 0
-        ids = list(candidates)
-        archived: dict[str, int] = {}
+        ids = list(current)
+        archived: dict[str, tuple[int, float]] = {}
         for start in range(0, len(ids), 1000):
-            archived.update(await self._store.archived_revisions(ids[start : start + 1000]))
-        eligible = [(i, rev) for i, rev in candidates.items() if archived.get(i, -1) >= rev]
+            archived.update(await self._store.archived_snapshots(ids[start : start + 1000]))
+        eligible = [
+            (op_id, revision)
+            for op_id, revision in current.items()
+            if op_id in archived and archived[op_id][0] == revision and archived[op_id][1] <= cutoff
+        ]
         before = self._counts.removed
         await self._remove_many(eligible)
         removed = self._counts.removed - before
         if removed:
-            log.info("sweep removed=%d candidates=%d", removed, len(candidates))
+            log.info("sweep removed=%d live=%d", removed, len(current))
         return removed
 
     async def _sweep_periodically(self) -> None:

@@ -10,7 +10,7 @@ operation lifecycles of 20 status changes each on a seven-stage pipeline:
    archiver acknowledges those (untimed), then every operation takes its 20th,
    terminal change through the kvstate client; the timed part is one archiver burst
    from there to every row committed, every key removed and the consumer drained.
-   WAL bytes per archived operation come from ``pg_current_wal_lsn()`` around it;
+   WAL bytes per archived operation come from ``pg_current_wal_insert_lsn()`` around it;
 2. **raw COPY**: the very rows the archiver wrote, copied with one COPY into a fresh
    table of the same schema and indexes; rows/s and WAL per row;
 3. **one row updated on every change**: the same 20 states of each operation written
@@ -122,13 +122,15 @@ async def gather_limited(count: int, body: Callable[[int], Awaitable[None]]) -> 
 
 
 async def wal_lsn(conn: asyncpg.Connection) -> str:
-    return str(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+    """The WAL insert position: with synchronous_commit off, pg_current_wal_lsn() (the write
+    position) lags behind by what the WAL writer has not written out yet, up to about 1 MB."""
+    return str(await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text"))
 
 
 async def wal_since(conn: asyncpg.Connection, lsn: str) -> int:
     """WAL written since ``lsn``, after flushing the GIN pending list (its deferred WAL counts too)."""
     await conn.execute("SELECT gin_clean_pending_list('archived_operations_metadata')")
-    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)", lsn))
+    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)", lsn))
 
 
 async def prepare_database(admin: asyncpg.Connection, dsn_for: Callable[[str], str], name: str) -> str:

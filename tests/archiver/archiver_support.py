@@ -83,7 +83,18 @@ async def row_count(dsn: str) -> int:
 
 
 async def live_ids(client: Client) -> set[str]:
-    return {op.id async for op in client.scan()}
+    """Ids of the operations in the bucket.
+
+    Retried: ``client.scan()`` can wait forever when keys are purged while it runs (its
+    end-of-scan marker is a message with num_pending 0, which a purge can take away).
+    """
+    for _ in range(5):
+        try:
+            async with asyncio.timeout(5.0):
+                return {op.id async for op in client.scan()}
+        except TimeoutError:
+            continue
+    raise AssertionError("client.scan() did not finish, 5 times in a row")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05) -> None:

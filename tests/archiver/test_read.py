@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import msgspec
 import pytest
 from archiver_support import ROWS_PIPELINE
@@ -106,3 +107,40 @@ async def test_bad_arguments_raise_typed_validation_errors(
     with pytest.raises(error) as info:
         await archive.search(**kwargs)  # type: ignore[arg-type]
     assert isinstance(info.value, ValidationError)
+
+
+async def test_history_archived_as_objects_before_migration_2_reads_back_alike(
+    archive: ArchiveReader, database_url: str
+) -> None:
+    item = await archive.get("op05")
+    assert item is not None and item.operation.history
+    conn = await asyncpg.connect(database_url)
+    try:
+        stored = await conn.fetchval("SELECT history::text FROM archived_operations WHERE id = 'op05'")
+        assert stored.startswith("[[")  # one array per transition since migration 2
+        objects = msgspec.json.encode(item.operation.history).decode()
+        assert objects.startswith("[{")
+        await conn.execute("UPDATE archived_operations SET history = $1::json WHERE id = 'op05'", objects)
+    finally:
+        await conn.close()
+    again = await archive.get("op05")
+    assert again is not None and again.operation == item.operation
+
+
+async def test_minority_status_searches_use_the_partial_status_index(archive: ArchiveReader, database_url: str) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        lines = await conn.fetch(
+            "EXPLAIN SELECT id FROM archived_operations WHERE status = ANY($1::text[]) AND status <> 'succeeded' "
+            "ORDER BY finished_at DESC, id DESC LIMIT 5",
+            ["failed", "cancelled"],
+        )
+        plan = "\n".join(line[0] for line in lines)
+    finally:
+        await conn.close()
+    assert "archived_operations_status" in plan
+    both = await archive.search(status=["failed", "cancelled"], limit=100)
+    assert {i.id for i in both.items} == {f"op{i:02d}" for i in range(25) if i % 3}
+    succeeded = await archive.search(status=["succeeded"], limit=100)
+    assert {i.id for i in succeeded.items} == {f"op{i:02d}" for i in range(0, 25, 3)} | {"tie-a", "tie-b"}

@@ -29,11 +29,11 @@ async def test_migrations_apply_once_and_record_their_version(database_url: str)
     conn = await asyncpg.connect(database_url)
     try:
         assert await migrations.current_version(conn) == 0
-        assert await migrations.apply(conn) == [1]
+        assert await migrations.apply(conn) == [1, 2]
         assert await migrations.apply(conn) == []
         assert await migrations.current_version(conn) == migrations.MIGRATIONS[-1].version
         rows = await conn.fetch("SELECT version, name FROM archive_schema_version")
-        assert [(r["version"], r["name"]) for r in rows] == [(1, "archive")]
+        assert [(r["version"], r["name"]) for r in rows] == [(1, "archive"), (2, "smaller_rows")]
         indexes = {
             r["indexname"]
             for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'archived_operations'")
@@ -101,3 +101,18 @@ async def test_dead_letters_keep_the_raw_bytes_once_per_revision(database_url: s
         ]
     finally:
         await conn.close()
+
+
+def test_history_round_trips_through_its_compact_form() -> None:
+    from archiver.rows import decode_history, encode_history
+    from kvstate.model import Transition
+
+    history = [
+        Transition(at=T0 - timedelta(seconds=1), to="pending", event="clock-skew"),
+        Transition(at=T0, to="running", from_="waiting", stage="ingest", attempt=1, worker="w", event="e1"),
+        Transition(at=T0 + timedelta(days=3, microseconds=1), to="succeeded", from_="running"),
+    ]
+    raw = encode_history(history, T0)
+    assert raw.startswith(b'[[-1000000,"pending",null,null,null,null,"clock-skew"],[0,"running"')
+    assert decode_history(raw, T0) == history
+    assert decode_history(msgspec.json.encode(history), T0) == history  # rows archived before migration 2
