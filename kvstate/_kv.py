@@ -8,6 +8,7 @@ the stream leader, which the update loop uses after repeated conflicts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ __all__ = ["BucketConfig", "KvEntry", "KvStore", "nats_errors"]
 KV_OPERATION = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"
 CONFLICT_CODES = frozenset({10071, 10164})
+_SCAN_IDLE = 0.5
+"""Seconds without a message after which a scan asks its consumer whether it is done."""
 _MESSAGE_TOO_LARGE = 10054
 _STREAM_NOT_FOUND = 10059
 
@@ -222,7 +225,8 @@ class KvStore:
         """The latest entry (or with ``history`` every entry) of keys matching ``pattern``, then stop.
 
         Deleted keys are skipped unless ``history`` is set. Values written after the scan
-        started may or may not be included.
+        started may or may not be included. The scan's consumer is deleted when it ends,
+        so it costs the server nothing afterwards.
         """
         queue: asyncio.Queue[KvEntry | None] = asyncio.Queue()
 
@@ -244,16 +248,32 @@ class KvStore:
                 headers_only=headers_only,
                 inactive_threshold=30.0,
             )
+        consumer: str | None = None
         try:
             with nats_errors(pattern):
                 info = await sub.consumer_info()
+            consumer = info.name
             if info.num_pending == 0 and sub.delivered == 0:
                 queue.put_nowait(None)
-            while (item := await queue.get()) is not None:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), _SCAN_IDLE)
+                except TimeoutError:
+                    # The message that would have said "nothing pending" may have been purged
+                    # while we scanned: ask the consumer instead of waiting for it forever.
+                    with nats_errors(pattern):
+                        info = await sub.consumer_info()
+                    if info.num_pending == 0 and queue.empty():
+                        return
+                    continue
+                if item is None:
+                    return
                 yield item
         finally:
-            with nats_errors(pattern):
+            with contextlib.suppress(Exception):  # closing anyway; the consumer expires by itself
                 await sub.unsubscribe()
+                if consumer is not None:
+                    await self.js.delete_consumer(self.config.stream, consumer)
 
     async def subscribe(
         self, pattern: str, cb: Callable[[Msg], Awaitable[None]], *, start_sequence: int | None

@@ -393,3 +393,20 @@ async def test_stopped_watchers_are_released(client: Client) -> None:
     with pytest.raises(WaitTimeout):
         await client.wait(op.id, timeout=0.1)
     assert client._watchers == set()  # the registry is what would leak
+
+
+async def test_scans_leave_no_consumer_behind(client: Client) -> None:
+    for _ in range(3):
+        await client.create("orders")
+    assert len(await client.list()) == 3
+    await client.history((await client.list())[0].id)
+    info = await client.store.info()
+    assert info.state.consumer_count == 0
+
+
+async def test_scan_finishes_while_keys_are_purged_under_it(client: Client) -> None:
+    ops = [await client.create("orders") for _ in range(200)]
+    listing = asyncio.create_task(client.list())
+    await asyncio.gather(*(client.remove(op.id, op.revision) for op in ops))
+    found = await asyncio.wait_for(listing, 10)
+    assert {o.id for o in found} <= {o.id for o in ops}
