@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ MARKER_REASON = "Nats-Marker-Reason"
 CONFLICT_CODES = frozenset({10071, 10164})
 _SCAN_IDLE = 0.5
 """Seconds without a message after which a scan asks its consumer whether it is done."""
+_SCAN_RESTARTS = 5
+
+log = logging.getLogger("kvstate.kv")
 _MESSAGE_TOO_LARGE = 10054
 _STREAM_NOT_FOUND = 10059
 
@@ -227,7 +231,36 @@ class KvStore:
         Deleted keys are skipped unless ``history`` is set. Values written after the scan
         started may or may not be included. The scan's consumer is deleted when it ends,
         so it costs the server nothing afterwards.
+
+        nats-server can leave a last-per-subject consumer that was created while keys were
+        being purged with messages pending and nothing delivered. A scan that sees its
+        consumer make no progress starts again with a fresh one (at most
+        ``_SCAN_RESTARTS`` times), skipping what it already yielded.
         """
+        last_seq = 0
+        yielded: set[str] = set()
+        for _ in range(_SCAN_RESTARTS):
+            start = last_seq + 1 if history and last_seq else None
+            finished = True
+            async for entry in self._scan_once(pattern, history, headers_only, start):
+                if entry is None:
+                    finished = False  # stalled: scan again
+                    break
+                last_seq = max(last_seq, entry.revision)
+                if not history:
+                    if entry.key in yielded:
+                        continue
+                    yielded.add(entry.key)
+                yield entry
+            if finished:
+                return
+            log.warning("scan of %r stalled on the server; starting again with a new consumer", pattern)
+        raise ConnectionLostError(f"scan of {pattern!r} made no progress after {_SCAN_RESTARTS} attempts")
+
+    async def _scan_once(
+        self, pattern: str, history: bool, headers_only: bool, start: int | None
+    ) -> AsyncIterator[KvEntry | None]:
+        """One consumer's pass; yields None (and stops) when the consumer stalls."""
         queue: asyncio.Queue[KvEntry | None] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
@@ -237,14 +270,18 @@ class KvStore:
             if msg.metadata.num_pending == 0:
                 queue.put_nowait(None)
 
-        policy = api.DeliverPolicy.ALL if history else api.DeliverPolicy.LAST_PER_SUBJECT
+        if start is not None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        else:
+            policy = api.DeliverPolicy.ALL if history else api.DeliverPolicy.LAST_PER_SUBJECT
+            config = api.ConsumerConfig(deliver_policy=policy)
         with nats_errors(pattern):
             sub = await self.js.subscribe(
                 self._prefix + pattern,
                 stream=self.config.stream,
                 cb=on_msg,
                 ordered_consumer=True,
-                deliver_policy=policy,
+                config=config,
                 headers_only=headers_only,
                 inactive_threshold=30.0,
             )
@@ -255,6 +292,7 @@ class KvStore:
             consumer = info.name
             if info.num_pending == 0 and sub.delivered == 0:
                 queue.put_nowait(None)
+            progress = -1
             while True:
                 try:
                     item = await asyncio.wait_for(queue.get(), _SCAN_IDLE)
@@ -265,6 +303,11 @@ class KvStore:
                         info = await sub.consumer_info()
                     if info.num_pending == 0 and queue.empty():
                         return
+                    delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+                    if delivered == progress:
+                        yield None  # pending messages, and nothing delivered for two checks
+                        return
+                    progress = delivered
                     continue
                 if item is None:
                     return

@@ -129,7 +129,14 @@ class Watcher:
         return Change(op_id, entry.revision, op, initial=initial)
 
     async def _supervise(self) -> None:
-        """Resubscribe from the last delivered sequence when the consumer is gone."""
+        """Resubscribe from the last delivered sequence when the consumer is gone or stuck.
+
+        Gone: the server restarted and forgot the ephemeral consumer before nats-py
+        noticed. Stuck: nats-server can leave a consumer created while keys were being
+        purged with messages pending and nothing delivered; two checks without progress
+        (while this watcher is not itself the one holding delivery back) count as stuck.
+        """
+        progress = -1
         while not self._closed:
             await asyncio.sleep(self._check_interval)
             if self._store.nc.is_closed:
@@ -140,16 +147,27 @@ class Watcher:
             if sub is None:
                 continue
             try:
-                await sub.consumer_info()
+                info = await sub.consumer_info()
             except Exception as exc:  # noqa: BLE001 - any failure means: resubscribe
-                log.info("watch consumer lost (%s); resubscribing from sequence %d", exc, self._last_seq + 1)
-                with contextlib.suppress(Exception):  # the old subscription may already be gone
-                    await sub.unsubscribe()
-                try:
-                    await self._subscribe(self._last_seq + 1)
-                    self.resubscribes += 1
-                except KvstateError as again:
-                    log.warning("watch resubscribe failed, will retry: %s", again)
+                await self._resubscribe(sub, f"consumer lost ({exc})")
+                progress = -1
+                continue
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            stuck = (info.num_pending or 0) > 0 and delivered == progress and not self._queue.full()
+            progress = delivered
+            if stuck:
+                await self._resubscribe(sub, f"consumer stuck with {info.num_pending} pending")
+                progress = -1
+
+    async def _resubscribe(self, sub: JetStreamContext.PushSubscription, reason: str) -> None:
+        log.info("watch %s; resubscribing from sequence %d", reason, self._last_seq + 1)
+        with contextlib.suppress(Exception):  # the old subscription may already be gone
+            await sub.unsubscribe()
+        try:
+            await self._subscribe(self._last_seq + 1)
+            self.resubscribes += 1
+        except KvstateError as again:
+            log.warning("watch resubscribe failed, will retry: %s", again)
 
     async def stop(self) -> None:
         """Stop delivering changes and release the consumer."""

@@ -410,3 +410,19 @@ async def test_scan_finishes_while_keys_are_purged_under_it(client: Client) -> N
     await asyncio.gather(*(client.remove(op.id, op.revision) for op in ops))
     found = await asyncio.wait_for(listing, 10)
     assert {o.id for o in found} <= {o.id for o in ops}
+
+
+async def test_watch_started_while_keys_are_purged_still_delivers(client: Client) -> None:
+    ops = [await client.create("orders") for _ in range(200)]
+    kept = await client.create("orders")
+    removing = asyncio.gather(*(client.remove(op.id, op.revision) for op in ops))
+    async with client.watch(include_existing=True) as changes:  # created while the purges land
+        await removing
+        await client.start(kept.id, "ingest")
+
+        async def until_started() -> None:
+            async for change in changes:
+                if change.op_id == kept.id and change.operation and change.operation.active_stages:
+                    return
+
+        await asyncio.wait_for(until_started(), 15)
