@@ -107,6 +107,7 @@ class MetricsServer:
             if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             elif path == "/metrics":
+                self._health()  # refreshes the up/down gauges before they are read
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self._metrics.render()
             elif path == "/healthz":
                 health = self._health()

@@ -338,5 +338,6 @@ async def test_metrics_and_health_endpoint(client: Client, archiver_settings: Ar
     assert "kvstate_archiver_removed_total 7.0" in metrics
     assert "kvstate_archiver_lag_messages 0.0" in metrics
     assert "kvstate_archiver_batches_total" in metrics
+    assert "kvstate_archiver_nats_up 1.0" in metrics  # read before any /healthz call
     assert health.status_code == 200 and health.json()["ok"] is True
     assert missing.status_code == 404
