@@ -6,48 +6,15 @@ Nothing in ``archiver`` reads ``os.environ``: the CLI passes it to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
-from kvstate.settings import Settings
+from kvstate.settings import Settings, env_value, non_negative_float, positive_float, positive_int
 
 __all__ = ["ArchiverSettings"]
-
-T = TypeVar("T")
-
-
-def _parse(environ: Mapping[str, str], name: str, default: T, convert: Callable[[str], T]) -> T:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        return convert(raw.strip())
-    except ValueError as exc:
-        raise ConfigurationError(f"{name}={raw!r} is not valid: {exc}") from exc
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError("must be a positive integer")
-    return value
-
-
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("must be a positive number")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError("must be zero or a positive number")
-    return value
 
 
 def _port(raw: str) -> int:
@@ -134,14 +101,14 @@ class ArchiverSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
         return cls(
             kv=Settings.from_env(environ),
-            database_url=_parse(environ, "DATABASE_URL", cls.database_url, _database_url),
-            batch_size=_parse(environ, "ARCHIVER_BATCH_SIZE", cls.batch_size, _positive_int),
-            batch_timeout=_parse(environ, "ARCHIVER_BATCH_TIMEOUT", cls.batch_timeout, _positive_float),
-            grace_period=_parse(environ, "ARCHIVER_GRACE_PERIOD", cls.grace_period, _non_negative_float),
-            consumer=_parse(environ, "ARCHIVER_CONSUMER", cls.consumer, _consumer),
-            marker_ttl=_parse(environ, "ARCHIVER_MARKER_TTL", cls.marker_ttl, _positive_float),
-            ack_wait=_parse(environ, "ARCHIVER_ACK_WAIT", cls.ack_wait, _positive_float),
-            sweep_interval=_parse(environ, "ARCHIVER_SWEEP_INTERVAL", cls.sweep_interval, _positive_float),
-            metrics_port=_parse(environ, "ARCHIVER_METRICS_PORT", cls.metrics_port, _port),
-            metrics_host=_parse(environ, "ARCHIVER_METRICS_HOST", cls.metrics_host, str),
+            database_url=env_value(environ, "DATABASE_URL", cls.database_url, _database_url),
+            batch_size=env_value(environ, "ARCHIVER_BATCH_SIZE", cls.batch_size, positive_int),
+            batch_timeout=env_value(environ, "ARCHIVER_BATCH_TIMEOUT", cls.batch_timeout, positive_float),
+            grace_period=env_value(environ, "ARCHIVER_GRACE_PERIOD", cls.grace_period, non_negative_float),
+            consumer=env_value(environ, "ARCHIVER_CONSUMER", cls.consumer, _consumer),
+            marker_ttl=env_value(environ, "ARCHIVER_MARKER_TTL", cls.marker_ttl, positive_float),
+            ack_wait=env_value(environ, "ARCHIVER_ACK_WAIT", cls.ack_wait, positive_float),
+            sweep_interval=env_value(environ, "ARCHIVER_SWEEP_INTERVAL", cls.sweep_interval, positive_float),
+            metrics_port=env_value(environ, "ARCHIVER_METRICS_PORT", cls.metrics_port, _port),
+            metrics_host=env_value(environ, "ARCHIVER_METRICS_HOST", cls.metrics_host, str),
         )
