@@ -263,8 +263,9 @@ class Archiver:
         try:
             while not self._stopping.is_set():
                 if writing is not None and writing.done():
-                    writing, finished = None, writing
-                    finished.result()
+                    finished: asyncio.Task[None] = writing
+                    writing = None
+                    finished.result()  # raises what the write raised
                 if burst:
                     timeout = _BURST_POLL
                 elif batch:
