@@ -1,4 +1,4 @@
--- Less WAL per archived operation (docs/benchmarks-archiver.md):
+-- Less WAL per archived operation (docs/benchmarks.md, section Archiver):
 -- the status index holds only the minority statuses. Succeeded operations, nearly all
 -- rows, are found through archived_operations_finished with a filter (archiver.read adds
 -- "status <> 'succeeded'" to searches without succeeded so that this index matches them).
