@@ -54,7 +54,7 @@ class RevisionCache:
     def get(self, key: str) -> Operation | None:
         return self._entries.get(key)
 
-    def put(self, key: str, op: Operation) -> None:
+    def remember(self, key: str, op: Operation) -> None:
         entries = self._entries
         entries.pop(key, None)
         entries[key] = op
@@ -170,7 +170,7 @@ class GroupCommitter:
                             item.resolve(None, OperationNotFound(op_id))
                         return
                     cached = decode_operation(key, entry.revision, entry.value)
-                    self._cache.put(key, cached)
+                    self._cache.remember(key, cached)
                 current = cached
                 last_revision = current.revision
                 pipeline = self._pipelines.get(current.pipeline) or await self._resolve_pipeline(current.pipeline)
@@ -218,7 +218,7 @@ class GroupCommitter:
                 return
             self.writes += 1
             written = msgspec.structs.replace(state, revision=revision)
-            self._cache.put(key, written)
+            self._cache.remember(key, written)
             self._finish(batch, written)
             return
 

@@ -351,7 +351,7 @@ class Client:
                     raise
                 await asyncio.sleep(0.1 * attempt)
         created = _with_revision(op, revision)
-        self._cache.put(key, created)
+        self._cache.remember(key, created)
         return created
 
     async def get(self, op_id: str) -> Operation:
@@ -365,7 +365,7 @@ class Client:
         if entry is None or entry.value is None:
             raise OperationNotFound(op_id, await self._not_found_hint(key))
         op = decode_operation(key, entry.revision, entry.value)
-        self._cache.put(key, op)
+        self._cache.remember(key, op)
         return op
 
     async def _not_found_hint(self, key: str) -> str:
