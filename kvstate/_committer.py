@@ -21,7 +21,7 @@ import msgspec
 
 from kvstate._kv import KvStore
 from kvstate.codec import decode_operation, encode_operation
-from kvstate.errors import ConflictError, ConnectionLostError, KvstateError, OperationNotFound
+from kvstate.errors import ClientClosedError, ConflictError, ConnectionLostError, KvstateError, OperationNotFound
 from kvstate.keys import operation_id_from_key
 from kvstate.machine import Decision
 from kvstate.model import Operation, Outcome, UpdateResult
@@ -150,7 +150,7 @@ class GroupCommitter:
                 await self._run(key, batch, pending)
         finally:
             for item in pending:
-                item.resolve(None, ConflictError(key, None, 0))
+                item.resolve(None, ClientClosedError(f"the update of {key!r} was not written: the client is closing"))
             del self._queues[key]
 
     async def _run(self, key: str, batch: list[_Item], pending: list[_Item]) -> None:

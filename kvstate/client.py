@@ -25,6 +25,7 @@ from importlib.metadata import version as package_version
 from types import TracebackType
 from typing import Self
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -632,8 +633,6 @@ def _eid(event_id: str | None) -> dict[str, str]:
 
 
 def _with_revision(op: Operation, revision: int) -> Operation:
-    import msgspec
-
     return msgspec.structs.replace(op, revision=revision)
 
 

@@ -30,8 +30,6 @@ __all__ = ["Change", "Watcher"]
 
 log = logging.getLogger("kvstate.watch")
 
-_INITIAL_DONE = object()
-
 
 @dataclass(frozen=True, slots=True)
 class Change:
