@@ -262,8 +262,11 @@ class KvStore:
     ) -> AsyncIterator[KvEntry | None]:
         """One consumer's pass; yields None (and stops) when the consumer stalls."""
         queue: asyncio.Queue[KvEntry | None] = asyncio.Queue()
+        processed = 0
 
         async def on_msg(msg: Msg) -> None:
+            nonlocal processed
+            processed += 1
             entry = self.decode_message(msg)
             if history or not entry.deleted:
                 queue.put_nowait(entry)
@@ -290,8 +293,8 @@ class KvStore:
             with nats_errors(pattern):
                 info = await sub.consumer_info()
             consumer = info.name
-            if info.num_pending == 0 and sub.delivered == 0:
-                queue.put_nowait(None)
+            if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
+                queue.put_nowait(None)  # nothing matches: no message will come to say so
             progress = -1
             while True:
                 try:
@@ -301,10 +304,10 @@ class KvStore:
                     # while we scanned: ask the consumer instead of waiting for it forever.
                     with nats_errors(pattern):
                         info = await sub.consumer_info()
-                    if info.num_pending == 0 and queue.empty():
-                        return
                     delivered = info.delivered.consumer_seq if info.delivered is not None else 0
-                    if delivered == progress:
+                    if info.num_pending == 0 and processed >= delivered and queue.empty():
+                        return  # the server has nothing more, and we handled all it sent
+                    if delivered == progress and processed >= delivered:
                         yield None  # pending messages, and nothing delivered for two checks
                         return
                     progress = delivered

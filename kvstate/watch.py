@@ -98,8 +98,8 @@ class Watcher:
         self._sub = sub
         if start_seq is None and not self._initial_done.is_set():
             info = await sub.consumer_info()
-            if info.num_pending == 0 and sub.delivered == 0:
-                self._initial_done.set()
+            if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
+                self._initial_done.set()  # nothing to replay: no message will come to say so
 
     async def _on_message(self, msg: Msg) -> None:
         entry = self._store.decode_message(msg)
