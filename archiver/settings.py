@@ -12,16 +12,9 @@ from typing import ClassVar
 
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
-from kvstate.settings import Settings, env_value, non_negative_float, positive_float, positive_int
+from kvstate.settings import Settings, env_value, non_negative_float, positive_float, positive_int, tcp_port
 
 __all__ = ["ArchiverSettings"]
-
-
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port (0-65535, 0 turns the endpoint off)")
-    return value
 
 
 def _database_url(raw: str) -> str:
@@ -109,6 +102,6 @@ class ArchiverSettings:
             marker_ttl=env_value(environ, "ARCHIVER_MARKER_TTL", cls.marker_ttl, positive_float),
             ack_wait=env_value(environ, "ARCHIVER_ACK_WAIT", cls.ack_wait, positive_float),
             sweep_interval=env_value(environ, "ARCHIVER_SWEEP_INTERVAL", cls.sweep_interval, positive_float),
-            metrics_port=env_value(environ, "ARCHIVER_METRICS_PORT", cls.metrics_port, _port),
+            metrics_port=env_value(environ, "ARCHIVER_METRICS_PORT", cls.metrics_port, tcp_port),
             metrics_host=env_value(environ, "ARCHIVER_METRICS_HOST", cls.metrics_host, str),
         )

@@ -7,16 +7,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from kvstate.errors import ConfigurationError
-from kvstate.settings import Settings, env_value, positive_float, positive_int
+from kvstate.settings import Settings, env_value, positive_float, positive_int, tcp_port
 
 __all__ = ["DashboardSettings"]
-
-
-def _port(raw: str) -> int:
-    value = int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port (0-65535)")
-    return value
 
 
 _NONE: str | None = None
@@ -88,7 +81,7 @@ class DashboardSettings:
         return cls(
             kv=Settings.from_env(environ),
             host=env_value(environ, "DASHBOARD_HOST", cls.host, str),
-            port=env_value(environ, "DASHBOARD_PORT", cls.port, _port),
+            port=env_value(environ, "DASHBOARD_PORT", cls.port, tcp_port),
             auth_token=env_value(environ, "DASHBOARD_AUTH_TOKEN", _NONE, _optional),
             database_url=env_value(environ, "DATABASE_URL", _NONE, _optional),
             stats_window=env_value(environ, "DASHBOARD_STATS_WINDOW", cls.stats_window, positive_float),
