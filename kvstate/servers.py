@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -97,7 +98,27 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-class NatsServer:
+class _ServerProcess(ABC):
+    """A child server process used as a context manager: started on entry, stopped on exit."""
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start the server and wait until it is ready."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop the server by pid."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class NatsServer(_ServerProcess):
     """A nats-server with JetStream, file storage under ``directory``.
 
     ``sync_interval`` is written into the configuration: a short interval by default
@@ -186,16 +207,8 @@ class NatsServer:
         self.stop()
         return self.start()
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class PostgresServer:
+class PostgresServer(_ServerProcess):
     """A PostgreSQL cluster initialised in ``directory``, trust auth on 127.0.0.1.
 
     PostgreSQL refuses to run as root, so under root the server runs as the ``postgres``
@@ -332,11 +345,3 @@ class PostgresServer:
     def kill(self) -> None:
         """SIGKILL the postmaster (a crash); its children exit on their own."""
         _stop(self.proc, signal.SIGKILL)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
