@@ -516,13 +516,31 @@ class Client:
     async def remove(self, op_id: str, revision: int, *, marker_ttl: float | None = 300.0) -> int:
         """Remove the operation only if it is still at ``revision`` (ConflictError otherwise).
 
-        Used by the archiver after a snapshot. All revisions go; one purge marker stays
-        for watchers and expires after ``marker_ttl`` seconds.
+        Used by the archiver after a snapshot. Every kept revision goes; one removal marker
+        stays for watchers and expires after ``marker_ttl`` seconds.
         """
         key = operation_key(op_id)
-        result = await self._open_store().purge(key, revision, marker_ttl)
+        result = await self._open_store().remove(key, revision, marker_ttl)
         self._cache.discard(key)
         return result
+
+    async def remove_many(
+        self, items: builtins.list[tuple[str, int]], *, marker_ttl: float | None = 300.0
+    ) -> builtins.list[int | KvstateError]:
+        """``remove`` for many ``(op_id, revision)`` pairs at once, pipelined; one result per pair, in order.
+
+        A result is the marker's revision, ConflictError when that operation changed after
+        ``revision`` (or is already gone), or the error that kept it from being removed:
+        the caller decides per operation. Only an invalid id raises (InvalidKey), before
+        anything is sent.
+        """
+        keys = [operation_key(op_id) for op_id, _ in items]
+        results = await self._open_store().remove_many(
+            [(key, revision) for key, (_, revision) in zip(keys, items, strict=True)], marker_ttl
+        )
+        for key in keys:
+            self._cache.discard(key)
+        return results
 
     # ----------------------------------------------------------------- reading many
 

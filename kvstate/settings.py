@@ -97,7 +97,7 @@ class Settings:
     NATS_URL                 nats://127.0.0.1:4222          NATS server(s), comma-separated
     KVSTATE_BUCKET           operations                     the KV bucket holding operations
     KVSTATE_REPLICAS         1                              bucket replicas when it is created (1/3/5)
-    KVSTATE_HISTORY          10                             revisions kept per key (10-64)
+    KVSTATE_HISTORY          1                              revisions kept per key (1-64)
     KVSTATE_MAX_VALUE_SIZE   262144                         largest operation value, in bytes
     KVSTATE_MAX_RETRIES      25                             compare-and-set attempts per update
     KVSTATE_TIMEOUT          5.0                            seconds to wait for one NATS request
@@ -107,7 +107,7 @@ class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
     bucket: str = "operations"
     replicas: int = 1
-    history: int = 10
+    history: int = 1
     max_value_size: int = 262144
     max_retries: int = 25
     timeout: float = 5.0
@@ -123,8 +123,8 @@ class Settings:
     }
 
     def __post_init__(self) -> None:
-        if not 10 <= self.history <= 64:
-            raise ConfigurationError(f"KVSTATE_HISTORY={self.history}: must be between 10 and 64")
+        if not 1 <= self.history <= 64:
+            raise ConfigurationError(f"KVSTATE_HISTORY={self.history}: must be between 1 and 64")
         if self.max_value_size < 1024:
             raise ConfigurationError(f"KVSTATE_MAX_VALUE_SIZE={self.max_value_size}: must be at least 1024")
 

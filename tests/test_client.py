@@ -30,6 +30,7 @@ from kvstate import (
     WaitTimeout,
 )
 from kvstate.servers import NatsServer
+from tests.conftest import PIPELINE
 
 
 async def test_create_and_get_round_trip(client: Client) -> None:
@@ -194,16 +195,27 @@ async def test_list_filters_by_status_and_stage(client: Client) -> None:
     assert [o.id for o in await client.list(status=["running", "failed"])] == [b.id]
 
 
-async def test_history_lists_kv_revisions(client: Client) -> None:
-    op = await client.create("orders")
-    await client.start(op.id, "ingest")
-    await client.succeed(op.id, "ingest")
-    revisions = await client.history(op.id)
+async def test_history_lists_kv_revisions(nats_server: NatsServer, bucket_name: str) -> None:
+    async with Client(Settings(nats_url=nats_server.url, bucket=bucket_name, history=10), create_bucket=True) as kv:
+        await kv.set_pipeline(PIPELINE)
+        op = await kv.create("orders")
+        await kv.start(op.id, "ingest")
+        await kv.succeed(op.id, "ingest")
+        revisions = await kv.history(op.id)
     assert [r.operation.stage("ingest").status for r in revisions if r.operation] == [
         StageStatus.WAITING,
         StageStatus.RUNNING,
         StageStatus.SUCCEEDED,
     ]
+
+
+async def test_default_history_keeps_the_current_revision_only(client: Client) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    done = await client.succeed(op.id, "ingest")
+    revisions = await client.history(op.id)
+    assert [r.revision for r in revisions] == [done.revision]
+    assert [t.to for t in done.operation.history if t.stage == "ingest"] == ["running", "succeeded"]
 
 
 async def test_remove_is_revision_checked(client: Client) -> None:
@@ -216,6 +228,29 @@ async def test_remove_is_revision_checked(client: Client) -> None:
     await client.remove(op.id, moved.revision)
     with pytest.raises(OperationNotFound, match="archive"):
         await client.get(op.id)
+
+
+async def test_remove_many_checks_each_revision_and_reports_each_result(client: Client) -> None:
+    ops = [await client.create("orders") for _ in range(5)]
+    moved = await client.start(ops[1].id, "ingest")  # changed after the "snapshot"
+    await client.remove(ops[3].id, ops[3].revision)  # already gone
+    results = await client.remove_many([(op.id, op.revision) for op in ops], marker_ttl=60)
+    assert [type(r).__name__ for r in results] == ["int", "ConflictError", "int", "ConflictError", "int"]
+    assert all(isinstance(r, int) and r > moved.revision for r in (results[0], results[2], results[4]))
+    assert [op.id for op in await client.list()] == [ops[1].id]
+    with pytest.raises(OperationNotFound, match="archive"):
+        await client.get(ops[0].id)
+    assert await client.remove_many([]) == []
+    with pytest.raises(InvalidKey):
+        await client.remove_many([(ops[1].id, moved.revision), ("bad id", 1)])
+    assert (await client.get(ops[1].id)).revision == moved.revision  # nothing was sent
+
+
+async def test_remove_many_pipelines_more_than_one_window(client: Client) -> None:
+    created = await asyncio.gather(*(client.create("orders") for _ in range(1500)))
+    results = await client.remove_many([(op.id, op.revision) for op in created])
+    assert sum(isinstance(r, int) for r in results) == 1500
+    assert await client.list() == []
 
 
 # ---------------------------------------------------------------- bad input
@@ -327,10 +362,10 @@ async def test_missing_bucket_is_a_clear_error(nats_server: NatsServer) -> None:
 
 async def test_bucket_with_wrong_config_is_refused(nats_server: NatsServer) -> None:
     nc = await nats.connect(nats_server.url)
-    await nc.jetstream().create_key_value(bucket="tiny_history", history=1)
+    await nc.jetstream().create_key_value(bucket="plain_kv", history=1)
     await nc.close()
-    with pytest.raises(BucketError, match="history"):
-        async with Client(Settings(nats_url=nats_server.url, bucket="tiny_history")):
+    with pytest.raises(BucketError, match="direct get must be enabled"):
+        async with Client(Settings(nats_url=nats_server.url, bucket="plain_kv")):
             pass
 
 

@@ -61,7 +61,8 @@ async def test_several_processes_updating_the_same_operations_lose_nothing(clien
 
 @pytest.mark.slow
 async def test_watch_survives_a_nats_server_restart(private_nats: NatsServer, bucket_name: str) -> None:
-    settings = Settings(nats_url=private_nats.url, bucket=bucket_name, timeout=2.0)
+    # history 10: the bucket keeps every revision, so the test can compare what the watch saw with them
+    settings = Settings(nats_url=private_nats.url, bucket=bucket_name, timeout=2.0, history=10)
     async with Client(settings, create_bucket=True) as kv:
         await kv.set_pipeline(PIPELINE)
         op = await kv.create("orders")

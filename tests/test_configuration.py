@@ -69,7 +69,7 @@ def test_every_variable_the_code_reads_is_documented() -> None:
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("KVSTATE_HISTORY", "5"),
+        ("KVSTATE_HISTORY", "65"),
         ("KVSTATE_REPLICAS", "2"),
         ("KVSTATE_TIMEOUT", "-1"),
         ("KVSTATE_BUCKET", "a.b"),
@@ -86,4 +86,4 @@ def test_defaults_and_overrides() -> None:
     custom = Settings.from_env({"NATS_URL": "nats://a:1, nats://b:2", "KVSTATE_BUCKET": "ops", "KVSTATE_HISTORY": ""})
     assert custom.servers == ["nats://a:1", "nats://b:2"]
     assert custom.bucket == "ops"
-    assert custom.history == 10
+    assert custom.history == 1

@@ -57,7 +57,7 @@ def test_the_documented_variables_are_the_ones_read() -> None:
         ("ARCHIVER_MARKER_TTL", "0.5"),
         ("ARCHIVER_METRICS_PORT", "70000"),
         ("DATABASE_URL", "mysql://x"),
-        ("KVSTATE_HISTORY", "2"),
+        ("KVSTATE_HISTORY", "0"),
     ],
 )
 def test_bad_values_are_configuration_errors_naming_the_variable(variable: str, value: str) -> None:

@@ -27,7 +27,9 @@ async def until(predicate: object, timeout: float) -> None:
 
 
 async def test_nats_restart_shows_a_banner_then_catches_up_without_duplicates(private_nats: NatsServer) -> None:
-    kv = Settings(nats_url=private_nats.url, bucket="restart")
+    # history 10: every revision written while the dashboard was cut off is still there to
+    # replay, so the count of changes below is exact
+    kv = Settings(nats_url=private_nats.url, bucket="restart", history=10)
     async with Client(kv, create_bucket=True) as writer:
         await writer.set_pipeline(PIPELINE)
         first = await writer.create("orders")
