@@ -8,19 +8,32 @@ Errors are translated by ``kvstate._kv.nats_errors`` into kvstate's tree.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
+from collections import deque
 from dataclasses import dataclass
 
+import msgspec
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.aio.subscription import Subscription
+from nats.js import api
 
 from kvstate._kv import KvStore, nats_errors
+from kvstate.errors import KvstateError
 from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
 
 _SWEEP_FETCH = 1000
+_ACK_PREFIX = "$JS.ACK."
+_PULL_EXPIRES = 2.0
+"""seconds a pull request waits on the server for messages before it expires (a 408 ends it)"""
+_PULL_GRACE = 1.0
+"""seconds past its expiry after which a request with no answer counts as lost (server restart)"""
+_PENDING_LIMIT = 1_000_000
+_PENDING_BYTES_LIMIT = 1 << 30
+"""deliveries are bounded by max_ack_pending; these only keep nats-py from dropping any"""
 
-__all__ = ["ArchiveConsumer", "ConsumerState", "live_revisions"]
+__all__ = ["ArchiveConsumer", "ConsumerState", "delivery_sequence", "live_revisions"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +45,16 @@ class ConsumerState:
 
 
 class ArchiveConsumer:
-    """Pull batches of operation-key messages from the durable consumer ``name``."""
+    """Pull messages from the durable consumer ``name`` into a local buffer.
+
+    One pull request is outstanding at a time, for ``fetch``'s batch size; it is sent
+    when the buffer runs low, so at most about two batches are delivered ahead of what
+    the archiver took. Deliveries land in the buffer from a subscription callback, and
+    ``fetch`` hands out what is buffered: a fraction of the client CPU of nats-py's
+    ``fetch``, which awaits every message separately. A request that ends (expired,
+    interrupted by a leader change, refused) is replaced by the next ``fetch``; one that
+    got lost with a server restart is replaced once it is overdue.
+    """
 
     def __init__(self, store: KvStore, name: str, *, ack_wait: float, max_ack_pending: int) -> None:
         self._store = store
@@ -50,28 +72,95 @@ class ArchiveConsumer:
             max_ack_pending=max_ack_pending,
             replay_policy=api.ReplayPolicy.INSTANT,
         )
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{store.config.stream}.{name}"
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        self._request = 0
+        """number of the outstanding pull request (0: none)"""
+        self._owed = 0
+        """messages the outstanding request may still deliver"""
+        self._overdue = 0.0
+        """loop time after which the outstanding request counts as lost"""
+        self._problem: str | None = None
+        """why the consumer cannot deliver (deleted, missing), reported by the next fetch"""
 
     async def open(self) -> None:
-        """Create the consumer, or update its editable settings (ack wait), and bind to it."""
+        """Create the consumer, or update its editable settings (ack wait), and subscribe for deliveries."""
         stream = self._store.config.stream
+        nc = self._store.nc
         with nats_errors(self.name):
             await self._store.js.add_consumer(stream, config=self._config)
-            self._sub = await self._store.js.pull_subscribe_bind(durable=self.name, stream=stream)
+            if self._sub is None:
+                self._inbox = nc.new_inbox()
+                self._sub = await nc.subscribe(
+                    self._inbox + ".*",
+                    cb=self._deliver,
+                    pending_msgs_limit=_PENDING_LIMIT,
+                    pending_bytes_limit=_PENDING_BYTES_LIMIT,
+                )
+        self._request, self._owed, self._problem = 0, 0, None
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
-        """Up to ``batch`` messages: those ready now, else the first to arrive within ``timeout`` (else none).
+        """Up to ``batch`` messages: those buffered now, else the first to arrive within ``timeout`` (else none).
 
-        ConnectionLostError / KvstateError when NATS fails in a way waiting cannot fix.
+        ConnectionLostError / KvstateError when NATS fails in a way waiting cannot fix
+        (the consumer is re-created by the next call after it was deleted).
         """
-        sub = self._subscription()
-        try:
-            return await sub.fetch(batch, timeout=timeout)
-        except TimeoutError:  # nats.errors.TimeoutError included: nothing arrived in time
-            return []
-        except Exception:
-            with nats_errors(self.name):
-                raise
+        if self._sub is None:
+            raise RuntimeError("ArchiveConsumer.open() was not called")
+        if self._problem is not None:
+            problem, self._problem = self._problem, None
+            await self.open()
+            raise KvstateError(f"consumer {self.name!r}: {problem}; it was created again")
+        await self._pull(batch)
+        if not self._buffer:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            if not self._buffer:
+                return []
+        buffer = self._buffer
+        taken = [buffer.popleft() for _ in range(min(batch, len(buffer)))]
+        await self._pull(batch)
+        return taken
+
+    async def _pull(self, batch: int) -> None:
+        """Send a pull request for ``batch`` messages unless one is outstanding or enough are buffered."""
+        now = asyncio.get_running_loop().time()
+        if self._request and now < self._overdue:
+            return
+        if len(self._buffer) >= batch:
+            return
+        self._request += 1
+        self._owed = batch
+        self._overdue = now + _PULL_EXPIRES + _PULL_GRACE
+        request = msgspec.json.encode({"batch": batch, "expires": int(_PULL_EXPIRES * 1e9)})
+        with nats_errors(self.name):
+            await self._store.nc.publish(self._next_subject, request, reply=f"{self._inbox}.{self._request}")
+
+    async def _deliver(self, msg: Msg) -> None:
+        if msg.reply.startswith(_ACK_PREFIX):
+            self._buffer.append(msg)
+            self._arrived.set()
+            if self._owed > 0:
+                self._owed -= 1
+                if not self._owed:
+                    self._request = 0  # fully delivered: the next fetch asks again
+            return
+        # A status message ending a pull request: 408 expired, 409 leader change, max
+        # waiting and the like (the next fetch sends another request), or a consumer
+        # that is gone (the next fetch re-creates it).
+        if msg.subject != f"{self._inbox}.{self._request}":
+            return  # about a request already replaced
+        self._request = 0
+        headers = msg.headers or {}
+        status, description = headers.get("Status", ""), headers.get("Description", "")
+        if status == "503" or (status == "409" and "Consumer Deleted" in description):
+            self._problem = f"the server answered {status} {description or 'no responders'}".strip()
+        self._arrived.set()
 
     async def state(self) -> ConsumerState:
         """Messages pending for the consumer and messages awaiting acknowledgement."""
@@ -80,8 +169,9 @@ class ArchiveConsumer:
         return ConsumerState(int(info.num_pending or 0), int(info.num_ack_pending or 0))
 
     async def close(self) -> None:
-        """Stop pulling (the durable consumer stays on the server)."""
+        """Stop pulling (the durable consumer stays on the server; buffered messages are delivered again)."""
         sub, self._sub = self._sub, None
+        self._buffer.clear()
         if sub is not None:
             try:
                 with nats_errors(self.name):
@@ -89,10 +179,18 @@ class ArchiveConsumer:
             except Exception:  # noqa: BLE001 - the connection may already be gone; nothing to release then
                 return
 
-    def _subscription(self) -> JetStreamContext.PullSubscription:
-        if self._sub is None:
-            raise RuntimeError("ArchiveConsumer.open() was not called")
-        return self._sub
+
+def delivery_sequence(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, messages still pending for the consumer) of a delivered message.
+
+    Read from the ack subject, ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer
+    seq>.<time>.<pending>``, or its newer form with a domain and an account hash after
+    ``ACK`` (and a random token at the end): the same fields ``msg.metadata`` parses,
+    without building its objects.
+    """
+    tokens = msg.reply.split(".")
+    base = 2 if len(tokens) == 9 else 4
+    return int(tokens[base + 3]), int(tokens[base + 6])
 
 
 async def live_revisions(store: KvStore, owner: str) -> dict[str, int]:

@@ -15,9 +15,9 @@ The loop (docs/archive.md):
    nothing in memory: JetStream delivers it again;
 3. after the commit, ack every message of the batch, then schedule each finished
    operation's removal for ``finished_at + grace_period``;
-4. removal is ``client.remove(id, revision)`` by up to _REMOVE_CONCURRENCY concurrent
-   removers: revision-checked, so an operation that changed after its snapshot stays
-   (and is archived again when it finishes again);
+4. one remover sends what is due as a batch, ``client.remove_many``: pipelined purges,
+   each revision-checked, so an operation that changed after its snapshot stays (and is
+   archived again when it finishes again);
 5. a periodic sweep removes finished operations the archive already holds at their
    revision, which covers removals lost to a crash or a NATS outage.
 """
@@ -29,7 +29,6 @@ import contextlib
 import heapq
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from typing import Self
 
 from nats.aio.msg import Msg
 
-from archiver._consumer import ArchiveConsumer, live_revisions
+from archiver._consumer import ArchiveConsumer, delivery_sequence, live_revisions
 from archiver.batch import Kind, WriteBatch, needs_decoding
 from archiver.errors import ArchiveUnavailable
 from archiver.metrics import ArchiverMetrics, MetricsServer
@@ -53,8 +52,8 @@ __all__ = ["ArchiveCounts", "Archiver", "ArchiverHooks"]
 log = logging.getLogger("archiver")
 
 _MAX_BACKOFF = 5.0
-_REMOVE_CONCURRENCY = 256
-"""removals in flight at once (each is one revision-checked purge awaiting its JetStream ack)"""
+_REMOVE_BATCH = 4096
+"""most removals sent as one pipelined batch of purges"""
 _MIN_ACK_PENDING = 2000
 _MIN_FETCH = 1000
 _BURST_POLL = 0.05
@@ -119,6 +118,8 @@ class Archiver:
         self.settings = settings
         self.hooks = hooks or ArchiverHooks()
         self.metrics = ArchiverMetrics()
+        self._marker_messages = self.metrics.messages.labels(Kind.MARKER.value)
+        self._running_messages = self.metrics.messages.labels(Kind.RUNNING.value)
         self.totals = ArchiveCounts()
         self._stack = AsyncExitStack()
         self._client: Client | None = None
@@ -128,8 +129,8 @@ class Archiver:
         self._counts = ArchiveCounts()
         self._removals: list[_Removal] = []
         self._removal_added = asyncio.Event()
-        self._to_remove: deque[tuple[str, int]] = deque()
-        self._removers: set[asyncio.Task[None]] = set()
+        self._removal_done = asyncio.Event()
+        self._removing = False
         self._backoff = 0.0
         self._database_ok = False
         self._progress = (time.monotonic(), 0)
@@ -236,7 +237,7 @@ class Archiver:
                 await self._removals_settled()
                 await self.sweep()
         finally:
-            for task in (remover, sweeper, *self._removers):
+            for task in (remover, sweeper):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -280,19 +281,25 @@ class Archiver:
                     await self._sleep(1.0)
                     continue
                 if messages:
-                    self._lag = messages[-1].metadata.num_pending
-                    self.metrics.lag.set(self._lag)
                     now = datetime.now(UTC)
+                    markers = running = pending = 0
                     for msg in messages:
-                        entry = store.decode_message(msg)
+                        revision, pending = delivery_sequence(msg)
+                        entry = store.decode_message(msg, revision)
                         if not batch:
                             batch.opened = loop.time()
                         kind = batch.add(msg, entry, now) if needs_decoding(entry) else None
                         if kind is None or kind is Kind.RUNNING:
                             await msg.ack()  # nothing to write
-                            self._count_ack(Kind.MARKER if entry.value is None else Kind.RUNNING)
+                            if entry.value is None:
+                                markers += 1
+                            else:
+                                running += 1
                         elif len(batch) >= size:
                             await hand_over()
+                    self._lag = pending
+                    self.metrics.lag.set(pending)
+                    self._count_acks(markers, running)
                 if batch and (
                     len(batch) >= size
                     or loop.time() - batch.opened >= self.settings.batch_timeout
@@ -316,14 +323,15 @@ class Archiver:
         """Nothing fetched is waiting to be written or removed."""
         return not batch and writing is None and not self._removals_pending()
 
-    def _count_ack(self, kind: Kind) -> None:
-        if kind is Kind.MARKER:
-            self._counts.markers += 1
-            self.totals.markers += 1
-        else:
-            self._counts.skipped += 1
-            self.totals.skipped += 1
-        self.metrics.messages.labels(kind.value).inc()
+    def _count_acks(self, markers: int, running: int) -> None:
+        """Count messages acknowledged with nothing to write: removal markers, operations not finished."""
+        for counts in (self._counts, self.totals):
+            counts.markers += markers
+            counts.skipped += running
+        if markers:
+            self._marker_messages.inc(markers)
+        if running:
+            self._running_messages.inc(running)
 
     async def _drained(self, consumer: ArchiveConsumer) -> bool:
         try:
@@ -422,69 +430,76 @@ class Archiver:
         self._removal_added.set()
 
     async def _remove_when_due(self) -> None:
+        """The remover: whatever is due goes out as one pipelined batch of purges, then the next."""
         while True:
             self._removal_added.clear()
-            self._start_due(time.time())
+            due = self._take_due(time.time())
+            if due:
+                self._removing = True
+                try:
+                    await self._remove_batch(due)
+                finally:
+                    self._removing = False
+                    self._removal_done.set()
+                continue
             timeout = self._removals[0].due - time.time() if self._removals else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if timeout is None else max(timeout, 0.0)):
                     await self._removal_added.wait()
 
-    def _start_due(self, now: float) -> None:
-        """Queue every removal whose grace period is over; keep up to _REMOVE_CONCURRENCY removers at work."""
-        while self._removals and self._removals[0].due <= now:
+    def _take_due(self, now: float) -> list[tuple[str, int]]:
+        """Up to _REMOVE_BATCH removals whose grace period is over, oldest first."""
+        due: list[tuple[str, int]] = []
+        while self._removals and self._removals[0].due <= now and len(due) < _REMOVE_BATCH:
             item = heapq.heappop(self._removals)
-            self._to_remove.append((item.op_id, item.revision))
-        while self._to_remove and len(self._removers) < _REMOVE_CONCURRENCY:
-            task = asyncio.create_task(self._remove_queued(), name="archiver-remove")
-            self._removers.add(task)
-            task.add_done_callback(self._removers.discard)
-
-    async def _remove_queued(self) -> None:
-        while self._to_remove:
-            op_id, revision = self._to_remove.popleft()
-            await self._remove(op_id, revision)
+            due.append((item.op_id, item.revision))
+        return due
 
     def _removals_pending(self) -> bool:
-        """True while a removal is under way, queued or overdue."""
-        return bool(self._removers or self._to_remove) or bool(self._removals and self._removals[0].due <= time.time())
+        """True while a removal is under way or overdue."""
+        return self._removing or bool(self._removals and self._removals[0].due <= time.time())
 
     async def _removals_settled(self) -> None:
-        """Start every due removal and wait until none is under way."""
-        self._start_due(time.time())
-        while self._removers:
-            await asyncio.gather(*self._removers)
+        """Wait until no removal is under way or overdue (the remover task must be running)."""
+        while self._removals_pending():
+            self._removal_done.clear()
+            self._removal_added.set()  # wake the remover for what became due meanwhile
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_BURST_POLL):
+                    await self._removal_done.wait()
 
-    async def _remove_many(self, items: Sequence[tuple[str, int]]) -> None:
-        """Remove ``items``, _REMOVE_CONCURRENCY at a time (each a revision-checked purge awaiting its ack)."""
-        queue = iter(items)
-
-        async def remover() -> None:
-            for op_id, revision in queue:
-                await self._remove(op_id, revision)
-
-        await asyncio.gather(*(remover() for _ in range(min(len(items), _REMOVE_CONCURRENCY))))
-
-    async def _remove(self, op_id: str, revision: int) -> None:
-        if self.hooks.before_remove is not None:
-            await self.hooks.before_remove(op_id, revision)
-        try:
-            await self.client.remove(op_id, revision, marker_ttl=self.settings.marker_ttl)
-        except ConflictError:
-            # Changed after the snapshot (reopened, updated) or already removed by another
-            # instance: keep it; a newer terminal revision is archived and removed later.
-            self._counts.remove_conflicts += 1
-            self.totals.remove_conflicts += 1
-            self.metrics.remove_conflicts.inc()
-            log.info("not removing %s: it changed after revision %d", op_id, revision)
-            return
-        except KvstateError as exc:
-            self.metrics.errors.labels("nats").inc()
-            log.warning("removing %s at revision %d failed (the next sweep retries): %s", op_id, revision, exc)
-            return
-        self._counts.removed += 1
-        self.totals.removed += 1
-        self.metrics.removed.inc()
+    async def _remove_batch(self, items: Sequence[tuple[str, int]]) -> None:
+        """Remove ``items`` with pipelined revision-checked purges, _REMOVE_BATCH at a time."""
+        for start in range(0, len(items), _REMOVE_BATCH):
+            chunk = list(items[start : start + _REMOVE_BATCH])
+            if self.hooks.before_remove is not None:
+                for op_id, revision in chunk:
+                    await self.hooks.before_remove(op_id, revision)
+            try:
+                results = await self.client.remove_many(chunk, marker_ttl=self.settings.marker_ttl)
+            except KvstateError as exc:  # the reply subscription could not even be set up
+                self.metrics.errors.labels("nats").inc()
+                log.warning("removing %d operations failed (the next sweep retries): %s", len(chunk), exc)
+                continue
+            removed = 0
+            for (op_id, revision), result in zip(chunk, results, strict=True):
+                if isinstance(result, int):
+                    removed += 1
+                elif isinstance(result, ConflictError):
+                    # Changed after the snapshot (reopened, updated) or already removed by another
+                    # instance: keep it; a newer terminal revision is archived and removed later.
+                    self._counts.remove_conflicts += 1
+                    self.totals.remove_conflicts += 1
+                    self.metrics.remove_conflicts.inc()
+                    log.info("not removing %s: it changed after revision %d", op_id, revision)
+                else:
+                    self.metrics.errors.labels("nats").inc()
+                    log.warning(
+                        "removing %s at revision %d failed (the next sweep retries): %s", op_id, revision, result
+                    )
+            self._counts.removed += removed
+            self.totals.removed += removed
+            self.metrics.removed.inc(removed)
 
     async def sweep(self) -> int:
         """Remove every finished operation past its grace period that the archive holds at its revision.
@@ -509,7 +524,7 @@ class Archiver:
             if op_id in archived and archived[op_id][0] == revision and archived[op_id][1] <= cutoff
         ]
         before = self._counts.removed
-        await self._remove_many(eligible)
+        await self._remove_batch(eligible)
         removed = self._counts.removed - before
         if removed:
             log.info("sweep removed=%d live=%d", removed, len(current))

@@ -1,6 +1,6 @@
 """Archiver throughput and WAL next to a raw COPY and to updating PostgreSQL on every change, in one run.
 
-    python -m bench.archiver [--ops 20000] [--batch-size 500] [--json out.json] [--timeout 900]
+    python -m bench.archiver [--ops 20000] [--batch-size 500] [--history 1] [--json out.json] [--timeout 900]
 
 Starts its own nats-server (sync_interval 1s) and PostgreSQL (synchronous_commit off:
 the "short" durability pair of docs/operations.md) in a temp dir, then for ``--ops``
@@ -44,6 +44,7 @@ from archiver._pg import init_connection
 from archiver.rows import COLUMNS, row_for
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
+from bench.compare_servers import process_tree_cpu
 from kvstate import Client, Operation, Pipeline, Settings, StageSpec, apply_event, new_operation
 from kvstate.codec import encode_operation
 from kvstate.events import Event, FailStage, Heartbeat, MergeMetadata, SkipStage, StartStage, SucceedStage
@@ -144,10 +145,16 @@ async def prepare_database(admin: asyncpg.Connection, dsn_for: Callable[[str], s
 
 
 async def measure_archiver(
-    nats_url: str, dsn: str, ops: int, batch_size: int, say: Callable[[str], None]
+    nats_url: str,
+    dsn: str,
+    ops: int,
+    batch_size: int,
+    history: int,
+    server_pids: dict[str, int],
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
     """Phase 1: the archiver end to end, from terminal updates to rows committed and keys removed."""
-    kv = Settings(nats_url=nats_url, bucket="bench")
+    kv = Settings(nats_url=nats_url, bucket="bench", history=history)
     settings = ArchiverSettings(
         kv=kv, database_url=dsn, batch_size=batch_size, grace_period=0, metrics_port=0, marker_ttl=60
     )
@@ -180,9 +187,13 @@ async def measure_archiver(
         conn = await asyncpg.connect(dsn)
         try:
             lsn = await wal_lsn(conn)
+            cpu_before = {name: process_tree_cpu(pid) for name, pid in server_pids.items()}
+            cpu_before["archiver"] = time.process_time()
             started = time.perf_counter()
             counts = await archiver.run(burst=True)
             seconds = time.perf_counter() - started
+            cpu = {name: process_tree_cpu(pid) - cpu_before[name] for name, pid in server_pids.items()}
+            cpu["archiver"] = time.process_time() - cpu_before["archiver"]
             wal = await wal_since(conn, lsn)
             rows = int(await conn.fetchval("SELECT count(*) FROM archived_operations"))
             distinct = int(await conn.fetchval("SELECT count(DISTINCT id) FROM archived_operations"))
@@ -198,6 +209,7 @@ async def measure_archiver(
         "wal_bytes": wal,
         "wal_bytes_per_op": wal / ops,
         "counts": counts.as_dict(),
+        "cpu_seconds": cpu,
         "terminal_updates_per_s": ops / terminal_seconds,
         "stream_messages_after": stream.messages,
     }
@@ -264,7 +276,7 @@ async def measure_updates(dsn: str, ops: int) -> dict[str, Any]:
     return {"seconds": seconds, "statements": ops * CHANGES, "wal_bytes": wal, "wal_bytes_per_op": wal / ops}
 
 
-async def run(ops: int, batch_size: int, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+async def run(ops: int, batch_size: int, history: int, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     nats = NatsServer(workdir / "nats", sync_interval="1s")
     pg = PostgresServer(
         workdir / "pg",
@@ -281,7 +293,10 @@ async def run(ops: int, batch_size: int, workdir: Path, say: Callable[[str], Non
         finally:
             await admin.close()
         say("1. archiver end to end")
-        archiver = await measure_archiver(nats.url, archive_dsn, ops, batch_size, say)
+        assert nats.proc is not None
+        assert pg.proc is not None
+        pids = {"nats-server": nats.proc.pid, "postgres": pg.proc.pid}
+        archiver = await measure_archiver(nats.url, archive_dsn, ops, batch_size, history, pids, say)
         say("2. raw COPY of the same rows")
         copy = await measure_copy(archive_dsn, copy_dsn)
         say("3. one row updated on every change")
@@ -293,6 +308,7 @@ async def run(ops: int, batch_size: int, workdir: Path, say: Callable[[str], Non
         "ops": ops,
         "changes_per_op": CHANGES,
         "batch_size": batch_size,
+        "history": history,
         "durability": "short: nats sync_interval 1s, PostgreSQL synchronous_commit off",
         "archiver": archiver,
         "copy": copy,
@@ -305,7 +321,8 @@ async def run(ops: int, batch_size: int, workdir: Path, say: Callable[[str], Non
 def report(result: dict[str, Any]) -> str:
     a, c, u = result["archiver"], result["copy"], result["updates"]
     lines = [
-        f"{result['ops']} operations, {result['changes_per_op']} changes each; durability {result['durability']}",
+        f"{result['ops']} operations, {result['changes_per_op']} changes each, bucket history {result['history']}; "
+        f"durability {result['durability']}",
         f"archiver end to end   {a['rows_per_s']:>9,.0f} ops/s  ({a['seconds']:.2f}s: rows committed, keys removed)",
         f"raw COPY, same rows   {c['rows_per_s']:>9,.0f} rows/s ({c['seconds']:.2f}s)",
         f"ratio                 {result['throughput_ratio']:>9.0%}    (target >= 40%)",
@@ -313,6 +330,7 @@ def report(result: dict[str, Any]) -> str:
         f"(target <= 2048; raw COPY {c['wal_bytes_per_op']:,.0f} B)",
         f"WAL per op, UPDATE on every change {u['wal_bytes_per_op']:>9,.0f} B "
         f"= {result['wal_ratio_updates_to_archiver']:.1f}x the archiver (target >= 15x)",
+        "CPU seconds in the archiver run: " + ", ".join(f"{k} {v:.2f}" for k, v in a["cpu_seconds"].items()),
         f"terminal updates through the client: {a['terminal_updates_per_s']:,.0f}/s; "
         f"stream messages left: {a['stream_messages_after']}; counts {json.dumps(a['counts'])}",
     ]
@@ -323,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.archiver", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=20_000)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument(
+        "--history", type=int, default=Settings.history, help="revisions the bucket keeps per key (KVSTATE_HISTORY)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--workdir", type=Path, help="where the servers keep their data (default: a temp dir)")
@@ -333,7 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kvs-bench-archiver-", dir=args.workdir) as tmp:
         try:
-            result = asyncio.run(asyncio.wait_for(run(args.ops, args.batch_size, Path(tmp), say), args.timeout))
+            result = asyncio.run(
+                asyncio.wait_for(run(args.ops, args.batch_size, args.history, Path(tmp), say), args.timeout)
+            )
         except TimeoutError:
             say(f"bench.archiver: gave up after {args.timeout:g}s")
             return 1
