@@ -44,17 +44,113 @@ class ConsumerState:
     ack_pending: int
 
 
-class ArchiveConsumer:
-    """Pull messages from the durable consumer ``name`` into a local buffer.
+class _PullBuffer:
+    """Deliveries of one pull consumer, buffered as they arrive.
 
-    One pull request is outstanding at a time, for ``fetch``'s batch size; it is sent
-    when the buffer runs low, so at most about two batches are delivered ahead of what
-    the archiver took. Deliveries land in the buffer from a subscription callback, and
-    ``fetch`` hands out what is buffered: a fraction of the client CPU of nats-py's
-    ``fetch``, which awaits every message separately. A request that ends (expired,
-    interrupted by a leader change, refused) is replaced by the next ``fetch``; one that
-    got lost with a server restart is replaced once it is overdue.
+    One pull request is outstanding at a time, for the batch size ``take`` asks for; it
+    is sent when the buffer holds less than that, so at most about two batches are
+    delivered ahead of what was taken. Deliveries land in the buffer from a subscription
+    callback and ``take`` hands out what is buffered: a fraction of the client CPU of
+    nats-py's ``fetch``, which awaits every message separately. A request that ends
+    (expired, interrupted by a leader change, refused) is replaced by the next ``take``;
+    one that got lost with a server restart is replaced once it is overdue.
     """
+
+    def __init__(self, store: KvStore, consumer: str) -> None:
+        self._store = store
+        self._consumer = consumer
+        self._next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{store.config.stream}.{consumer}"
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._buffer: deque[Msg] = deque()
+        self._arrived = asyncio.Event()
+        self._request = 0
+        """number of the outstanding pull request (0: none)"""
+        self._owed = 0
+        """messages the outstanding request may still deliver"""
+        self._overdue = 0.0
+        """loop time after which the outstanding request counts as lost"""
+        self.problem: str | None = None
+        """why the consumer cannot deliver (deleted, missing), when the server said so"""
+
+    async def start(self) -> None:
+        """Subscribe for deliveries (once) and forget any request in flight."""
+        if self._sub is None:
+            nc = self._store.nc
+            self._inbox = nc.new_inbox()
+            with nats_errors(self._consumer):
+                self._sub = await nc.subscribe(
+                    self._inbox + ".*",
+                    cb=self._deliver,
+                    pending_msgs_limit=_PENDING_LIMIT,
+                    pending_bytes_limit=_PENDING_BYTES_LIMIT,
+                )
+        self._request, self._owed, self.problem = 0, 0, None
+
+    async def take(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to ``batch`` messages: those buffered now, else the first to arrive within ``timeout`` (else none)."""
+        await self._pull(batch)
+        if not self._buffer:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._arrived.wait()
+            if not self._buffer:
+                return []
+        buffer = self._buffer
+        taken = [buffer.popleft() for _ in range(min(batch, len(buffer)))]
+        await self._pull(batch)
+        return taken
+
+    async def stop(self) -> None:
+        """Unsubscribe; what is still buffered is dropped (JetStream delivers unacknowledged messages again)."""
+        sub, self._sub = self._sub, None
+        self._buffer.clear()
+        if sub is not None:
+            try:
+                with nats_errors(self._consumer):
+                    await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may already be gone; nothing to release then
+                return
+
+    async def _pull(self, batch: int) -> None:
+        """Send a pull request for ``batch`` messages unless one is outstanding or enough are buffered."""
+        now = asyncio.get_running_loop().time()
+        if self._request and now < self._overdue:
+            return
+        if len(self._buffer) >= batch:
+            return
+        self._request += 1
+        self._owed = batch
+        self._overdue = now + _PULL_EXPIRES + _PULL_GRACE
+        request = msgspec.json.encode({"batch": batch, "expires": int(_PULL_EXPIRES * 1e9)})
+        with nats_errors(self._consumer):
+            await self._store.nc.publish(self._next_subject, request, reply=f"{self._inbox}.{self._request}")
+
+    async def _deliver(self, msg: Msg) -> None:
+        if msg.reply.startswith(_ACK_PREFIX):
+            self._buffer.append(msg)
+            self._arrived.set()
+            if self._owed > 0:
+                self._owed -= 1
+                if not self._owed:
+                    self._request = 0  # fully delivered: the next take asks again
+            return
+        # A status message ending a pull request: 408 expired, 409 leader change, max
+        # waiting and the like (the next take sends another request), or a consumer
+        # that is gone.
+        if msg.subject != f"{self._inbox}.{self._request}":
+            return  # about a request already replaced
+        self._request = 0
+        headers = msg.headers or {}
+        status, description = headers.get("Status", ""), headers.get("Description", "")
+        if status == "503" or (status == "409" and "Consumer Deleted" in description):
+            self.problem = f"the server answered {status} {description or 'no responders'}".strip()
+        self._arrived.set()
+
+
+class ArchiveConsumer:
+    """Pull messages from the durable consumer ``name`` (through a ``_PullBuffer``)."""
 
     def __init__(self, store: KvStore, name: str, *, ack_wait: float, max_ack_pending: int) -> None:
         self._store = store
@@ -72,95 +168,29 @@ class ArchiveConsumer:
             max_ack_pending=max_ack_pending,
             replay_policy=api.ReplayPolicy.INSTANT,
         )
-        self._next_subject = f"{api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{store.config.stream}.{name}"
-        self._sub: Subscription | None = None
-        self._inbox = ""
-        self._buffer: deque[Msg] = deque()
-        self._arrived = asyncio.Event()
-        self._request = 0
-        """number of the outstanding pull request (0: none)"""
-        self._owed = 0
-        """messages the outstanding request may still deliver"""
-        self._overdue = 0.0
-        """loop time after which the outstanding request counts as lost"""
-        self._problem: str | None = None
-        """why the consumer cannot deliver (deleted, missing), reported by the next fetch"""
+        self._buffer: _PullBuffer | None = None
 
     async def open(self) -> None:
         """Create the consumer, or update its editable settings (ack wait), and subscribe for deliveries."""
-        stream = self._store.config.stream
-        nc = self._store.nc
         with nats_errors(self.name):
-            await self._store.js.add_consumer(stream, config=self._config)
-            if self._sub is None:
-                self._inbox = nc.new_inbox()
-                self._sub = await nc.subscribe(
-                    self._inbox + ".*",
-                    cb=self._deliver,
-                    pending_msgs_limit=_PENDING_LIMIT,
-                    pending_bytes_limit=_PENDING_BYTES_LIMIT,
-                )
-        self._request, self._owed, self._problem = 0, 0, None
+            await self._store.js.add_consumer(self._store.config.stream, config=self._config)
+        if self._buffer is None:
+            self._buffer = _PullBuffer(self._store, self.name)
+        await self._buffer.start()
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages: those buffered now, else the first to arrive within ``timeout`` (else none).
 
         ConnectionLostError / KvstateError when NATS fails in a way waiting cannot fix
-        (the consumer is re-created by the next call after it was deleted).
+        (after the consumer was deleted, this call re-creates it and raises).
         """
-        if self._sub is None:
+        if self._buffer is None:
             raise RuntimeError("ArchiveConsumer.open() was not called")
-        if self._problem is not None:
-            problem, self._problem = self._problem, None
+        problem = self._buffer.problem
+        if problem is not None:
             await self.open()
             raise KvstateError(f"consumer {self.name!r}: {problem}; it was created again")
-        await self._pull(batch)
-        if not self._buffer:
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._arrived.wait()
-            if not self._buffer:
-                return []
-        buffer = self._buffer
-        taken = [buffer.popleft() for _ in range(min(batch, len(buffer)))]
-        await self._pull(batch)
-        return taken
-
-    async def _pull(self, batch: int) -> None:
-        """Send a pull request for ``batch`` messages unless one is outstanding or enough are buffered."""
-        now = asyncio.get_running_loop().time()
-        if self._request and now < self._overdue:
-            return
-        if len(self._buffer) >= batch:
-            return
-        self._request += 1
-        self._owed = batch
-        self._overdue = now + _PULL_EXPIRES + _PULL_GRACE
-        request = msgspec.json.encode({"batch": batch, "expires": int(_PULL_EXPIRES * 1e9)})
-        with nats_errors(self.name):
-            await self._store.nc.publish(self._next_subject, request, reply=f"{self._inbox}.{self._request}")
-
-    async def _deliver(self, msg: Msg) -> None:
-        if msg.reply.startswith(_ACK_PREFIX):
-            self._buffer.append(msg)
-            self._arrived.set()
-            if self._owed > 0:
-                self._owed -= 1
-                if not self._owed:
-                    self._request = 0  # fully delivered: the next fetch asks again
-            return
-        # A status message ending a pull request: 408 expired, 409 leader change, max
-        # waiting and the like (the next fetch sends another request), or a consumer
-        # that is gone (the next fetch re-creates it).
-        if msg.subject != f"{self._inbox}.{self._request}":
-            return  # about a request already replaced
-        self._request = 0
-        headers = msg.headers or {}
-        status, description = headers.get("Status", ""), headers.get("Description", "")
-        if status == "503" or (status == "409" and "Consumer Deleted" in description):
-            self._problem = f"the server answered {status} {description or 'no responders'}".strip()
-        self._arrived.set()
+        return await self._buffer.take(batch, timeout)
 
     async def state(self) -> ConsumerState:
         """Messages pending for the consumer and messages awaiting acknowledgement."""
@@ -170,14 +200,9 @@ class ArchiveConsumer:
 
     async def close(self) -> None:
         """Stop pulling (the durable consumer stays on the server; buffered messages are delivered again)."""
-        sub, self._sub = self._sub, None
-        self._buffer.clear()
-        if sub is not None:
-            try:
-                with nats_errors(self.name):
-                    await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection may already be gone; nothing to release then
-                return
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            await buffer.stop()
 
 
 def delivery_sequence(msg: Msg) -> tuple[int, int]:
@@ -217,24 +242,24 @@ async def live_revisions(store: KvStore, owner: str) -> dict[str, int]:
     revisions: dict[str, int] = {}
     with nats_errors(name):
         info = await store.js.add_consumer(stream, config=config)
+    try:
+        remaining = int(info.num_pending or 0)
+        buffer = _PullBuffer(store, name)
+        await buffer.start()
         try:
-            remaining = int(info.num_pending or 0)
-            sub = await store.js.pull_subscribe_bind(durable=name, stream=stream)
-            try:
-                while remaining > 0:
-                    try:
-                        messages = await sub.fetch(min(remaining, _SWEEP_FETCH), timeout=2.0)
-                    except TimeoutError:
-                        break  # nothing more delivered: the keys seen so far are the listing
-                    for msg in messages:
-                        entry = store.decode_message(msg)
-                        op_id = operation_id_from_key(entry.key)
-                        if op_id is not None and entry.value is not None:
-                            revisions[op_id] = entry.revision
-                    remaining = int(messages[-1].metadata.num_pending)
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+            while remaining > 0:
+                messages = await buffer.take(min(remaining, _SWEEP_FETCH), timeout=2.0)
+                if not messages:
+                    break  # nothing more delivered: the keys seen so far are the listing
+                for msg in messages:
+                    revision, remaining = delivery_sequence(msg)
+                    entry = store.decode_message(msg, revision)
+                    op_id = operation_id_from_key(entry.key)
+                    if op_id is not None and entry.value is not None:
+                        revisions[op_id] = revision
         finally:
+            await buffer.stop()
+    finally:
+        with nats_errors(name):
             await store.js.delete_consumer(stream, name)
     return revisions

@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
@@ -99,13 +99,6 @@ class ArchiverHooks:
     before_remove: Callable[[str, int], Awaitable[None]] | None = None
 
 
-@dataclass(order=True)
-class _Removal:
-    due: float
-    op_id: str = field(compare=False)
-    revision: int = field(compare=False)
-
-
 class Archiver:
     """Snapshots finished operations from the bucket into PostgreSQL, exactly once per revision.
 
@@ -127,7 +120,8 @@ class Archiver:
         self._server: MetricsServer | None = None
         self._stopping = asyncio.Event()
         self._counts = ArchiveCounts()
-        self._removals: list[_Removal] = []
+        self._removals: list[tuple[float, str, int]] = []
+        """a heap of (due time, operation id, archived revision)"""
         self._removal_added = asyncio.Event()
         self._removal_done = asyncio.Event()
         self._removing = False
@@ -426,7 +420,7 @@ class Archiver:
     # ------------------------------------------------------------------ removal
 
     def _schedule_removal(self, op_id: str, revision: int, due: float) -> None:
-        heapq.heappush(self._removals, _Removal(due, op_id, revision))
+        heapq.heappush(self._removals, (due, op_id, revision))
         self._removal_added.set()
 
     async def _remove_when_due(self) -> None:
@@ -442,7 +436,7 @@ class Archiver:
                     self._removing = False
                     self._removal_done.set()
                 continue
-            timeout = self._removals[0].due - time.time() if self._removals else None
+            timeout = self._removals[0][0] - time.time() if self._removals else None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(None if timeout is None else max(timeout, 0.0)):
                     await self._removal_added.wait()
@@ -450,14 +444,14 @@ class Archiver:
     def _take_due(self, now: float) -> list[tuple[str, int]]:
         """Up to _REMOVE_BATCH removals whose grace period is over, oldest first."""
         due: list[tuple[str, int]] = []
-        while self._removals and self._removals[0].due <= now and len(due) < _REMOVE_BATCH:
-            item = heapq.heappop(self._removals)
-            due.append((item.op_id, item.revision))
+        while self._removals and self._removals[0][0] <= now and len(due) < _REMOVE_BATCH:
+            _, op_id, revision = heapq.heappop(self._removals)
+            due.append((op_id, revision))
         return due
 
     def _removals_pending(self) -> bool:
         """True while a removal is under way or overdue."""
-        return self._removing or bool(self._removals and self._removals[0].due <= time.time())
+        return self._removing or bool(self._removals and self._removals[0][0] <= time.time())
 
     async def _removals_settled(self) -> None:
         """Wait until no removal is under way or overdue (the remover task must be running)."""
