@@ -20,8 +20,10 @@ from typing import Any
 
 import msgspec
 
+from archiver import runtime
 from archiver.errors import InvalidQuery
 from archiver.read import ArchivedOperation, ArchivePage, ArchiveReader
+from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.store import DATABASE_ERRORS
 from archiver.worker import Archiver
@@ -60,6 +62,7 @@ async def _run_archiver(settings: ArchiverSettings, burst: bool) -> int:
         loop.add_signal_handler(sig, archiver.stop)
     try:
         async with archiver:
+            freeze_heap()  # connected and migrated: what exists now lives as long as the process
             counts = await archiver.run(burst=burst)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,7 +81,7 @@ def _cmd_archiver(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 2
     _configure_logging(args.verbose)
     try:
-        return asyncio.run(_run_archiver(settings, args.burst))
+        return runtime.run(_run_archiver(settings, args.burst))
     except KvstateError as exc:
         sys.stderr.write(f"kvstate archiver: {exc}\n")
         return 1

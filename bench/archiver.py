@@ -39,9 +39,10 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from archiver import migrations
+from archiver import migrations, runtime
 from archiver._pg import init_connection
 from archiver.rows import COLUMNS, row_for
+from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
 from bench.compare_servers import process_tree_cpu
@@ -183,6 +184,8 @@ async def measure_archiver(
         await gather_limited(ops, finish)
         terminal_seconds = time.perf_counter() - started
         say(f"  {ops} terminal updates in {terminal_seconds:.1f}s")
+        events.clear()  # the load's own objects: the archiver runs in a process of its own (archiver/cli.py)
+        freeze_heap()
 
         conn = await asyncpg.connect(dsn)
         try:
@@ -227,6 +230,7 @@ async def measure_copy(source_dsn: str, target_dsn: str) -> dict[str, Any]:
     try:
         await init_connection(conn)
         lsn = await wal_lsn(conn)
+        freeze_heap()  # as before the archiver's run
         started = time.perf_counter()
         await conn.copy_records_to_table("archived_operations", records=records, columns=COLUMNS)
         seconds = time.perf_counter() - started
@@ -354,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kvs-bench-archiver-", dir=args.workdir) as tmp:
         try:
-            result = asyncio.run(
+            result = runtime.run(
                 asyncio.wait_for(run(args.ops, args.batch_size, args.history, Path(tmp), say), args.timeout)
             )
         except TimeoutError:

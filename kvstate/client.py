@@ -31,6 +31,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from kvstate._committer import GroupCommitter, Mutation, RevisionCache
+from kvstate._connection import Connection
 from kvstate._kv import BucketConfig, KvStore, nats_errors
 from kvstate._time import new_ulid, utcnow
 from kvstate.codec import (
@@ -198,7 +199,7 @@ class Client:
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
 
-        nc = NATS()
+        nc = Connection()
         try:
             # nats-py retries the first connection forever when reconnects are unlimited,
             # so the initial attempt gets a deadline of its own.
