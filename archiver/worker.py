@@ -38,7 +38,7 @@ from typing import Self
 
 from nats.aio.msg import Msg
 
-from archiver._consumer import ArchiveConsumer, delivery_sequence, live_revisions
+from archiver._consumer import ArchiveConsumer, ConsumerState, delivery_sequence, live_revisions
 from archiver.batch import Kind, WriteBatch, needs_decoding
 from archiver.errors import ArchiveUnavailable
 from archiver.metrics import ArchiverMetrics, MetricsServer
@@ -56,7 +56,7 @@ _REMOVE_BATCH = 4096
 """most removals sent as one pipelined batch of purges"""
 _MIN_ACK_PENDING = 2000
 _MIN_FETCH = 1000
-_BURST_POLL = 0.05
+_BURST_POLL = 0.01
 """burst mode: how long an empty fetch waits before the run checks whether it is done"""
 _MIN_POLL = 0.01
 _PROGRESS_EVERY = 5.0
@@ -123,7 +123,6 @@ class Archiver:
         self._removals: list[tuple[float, str, int]] = []
         """a heap of (due time, operation id, archived revision)"""
         self._removal_added = asyncio.Event()
-        self._removal_done = asyncio.Event()
         self._removing = False
         self._backoff = 0.0
         self._database_ok = False
@@ -200,8 +199,10 @@ class Archiver:
     async def run(self, *, burst: bool = False) -> ArchiveCounts:
         """Archive until ``stop()`` (or, with ``burst``, until nothing is pending); returns this run's counts.
 
-        In burst mode the run ends once the consumer has nothing pending or awaiting
-        acknowledgement and every due removal is done; the bucket is then swept once.
+        In burst mode the bucket is swept once as soon as nothing fetched waits to be
+        written or removed (while the markers of the last removals still come in), and
+        the run ends once that sweep is done and the consumer has nothing pending or
+        awaiting acknowledgement.
         """
         client = self.client
         self._counts = ArchiveCounts()
@@ -227,9 +228,6 @@ class Archiver:
         sweeper = None if burst else asyncio.create_task(self._sweep_periodically(), name="archiver-sweeper")
         try:
             await self._consume(consumer, burst)
-            if burst:
-                await self._removals_settled()
-                await self.sweep()
         finally:
             for task in (remover, sweeper):
                 if task is not None:
@@ -248,6 +246,7 @@ class Archiver:
         store = self.client.store
         batch = WriteBatch(loop.time())
         writing: asyncio.Task[None] | None = None
+        sweeping: asyncio.Task[int] | None = None  # burst: the one sweep at the end
 
         async def hand_over() -> None:
             nonlocal batch, writing
@@ -300,8 +299,17 @@ class Archiver:
                     or (burst and (writing is None or writing.done()))  # burst: keep the writer busy
                 ):
                     await hand_over()
-                elif burst and not messages and self._idle(batch, writing) and await self._drained(consumer):
-                    return
+                elif burst and not messages and self._idle(batch, writing):
+                    state = await self._consumer_state(consumer)
+                    if sweeping is None:
+                        # Once every delivered message is acknowledged (what a crashed run held
+                        # has come back and was handled), while markers may still come in.
+                        if state is not None and state.ack_pending == 0:
+                            sweeping = asyncio.create_task(self.sweep(), name="archiver-sweep")
+                    elif sweeping.done():
+                        sweeping.result()  # raises what the sweep raised
+                        if state is not None and state.pending == 0 and state.ack_pending == 0:
+                            return
             if batch:  # stopping: write what was fetched (or nak it if PostgreSQL refuses)
                 await hand_over()
             if writing is not None:
@@ -312,6 +320,10 @@ class Archiver:
                 writing.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await writing
+            if sweeping is not None and not sweeping.done():
+                sweeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sweeping
 
     def _idle(self, batch: WriteBatch, writing: asyncio.Task[None] | None) -> bool:
         """Nothing fetched is waiting to be written or removed."""
@@ -327,15 +339,16 @@ class Archiver:
         if running:
             self._running_messages.inc(running)
 
-    async def _drained(self, consumer: ArchiveConsumer) -> bool:
+    async def _consumer_state(self, consumer: ArchiveConsumer) -> ConsumerState | None:
+        """The consumer's pending and unacknowledged counts (None when NATS cannot say now); updates the lag."""
         try:
             state = await consumer.state()
         except KvstateError as exc:
             log.warning("cannot read the consumer state: %s", exc)
-            return False
+            return None
         self._lag = state.pending
         self.metrics.lag.set(state.pending)
-        return state.pending == 0 and state.ack_pending == 0
+        return state
 
     async def _process(self, batch: WriteBatch) -> None:
         """One batch: write it in one transaction, then ack; nak everything on failure."""
@@ -434,7 +447,6 @@ class Archiver:
                     await self._remove_batch(due)
                 finally:
                     self._removing = False
-                    self._removal_done.set()
                 continue
             timeout = self._removals[0][0] - time.time() if self._removals else None
             with contextlib.suppress(TimeoutError):
@@ -452,15 +464,6 @@ class Archiver:
     def _removals_pending(self) -> bool:
         """True while a removal is under way or overdue."""
         return self._removing or bool(self._removals and self._removals[0][0] <= time.time())
-
-    async def _removals_settled(self) -> None:
-        """Wait until no removal is under way or overdue (the remover task must be running)."""
-        while self._removals_pending():
-            self._removal_done.clear()
-            self._removal_added.set()  # wake the remover for what became due meanwhile
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_BURST_POLL):
-                    await self._removal_done.wait()
 
     async def _remove_batch(self, items: Sequence[tuple[str, int]]) -> None:
         """Remove ``items`` with pipelined revision-checked purges, _REMOVE_BATCH at a time."""
