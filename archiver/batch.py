@@ -19,12 +19,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeGuard
 
 from nats.aio.msg import Msg
 
 from archiver.rows import ArchiveRow, row_for
 from archiver.store import DeadLetter
-from kvstate._kv import KvEntry
 from kvstate.codec import decode_operation
 from kvstate.errors import CorruptValue
 
@@ -77,17 +77,16 @@ class WriteBatch:
     def __len__(self) -> int:
         return len(self.messages)
 
-    def add(self, msg: Msg, entry: KvEntry, archived_at: datetime) -> Kind:
-        """Decode ``entry`` (a value that may be a finished operation) into a row or a dead letter.
+    def add(self, msg: Msg, key: str, revision: int, value: bytes, archived_at: datetime) -> Kind:
+        """Decode ``value`` (stored at ``key``/``revision``, maybe a finished operation) into a row or a dead letter.
 
         RUNNING when it turns out not to be finished (then nothing is kept).
         """
-        assert entry.value is not None
         try:
-            op = decode_operation(entry.key, entry.revision, entry.value)
+            op = decode_operation(key, revision, value)
         except CorruptValue as exc:
             self.messages.append(msg)
-            self.letters.append(DeadLetter(entry.key, entry.revision, entry.value, exc.detail))
+            self.letters.append(DeadLetter(key, revision, value, exc.detail))
             return Kind.CORRUPT
         if not op.done:
             return Kind.RUNNING
@@ -97,8 +96,8 @@ class WriteBatch:
         return Kind.FINISHED
 
 
-def needs_decoding(entry: KvEntry) -> bool:
-    """False for markers and for values whose peeked status says the operation is not finished."""
-    if entry.value is None:
+def needs_decoding(value: bytes | None) -> TypeGuard[bytes]:
+    """False for markers (``None``) and for values whose peeked status says the operation is not finished."""
+    if value is None:
         return False
-    return peek_status(entry.value) not in _NOT_FINISHED
+    return peek_status(value) not in _NOT_FINISHED

@@ -44,6 +44,7 @@ from archiver.errors import ArchiveUnavailable
 from archiver.metrics import ArchiverMetrics, MetricsServer
 from archiver.settings import ArchiverSettings
 from archiver.store import ArchiveStore, WriteResult
+from kvstate._kv import is_removal_marker
 from kvstate.client import Client
 from kvstate.errors import ConflictError, ConnectionLostError, KvstateError
 
@@ -243,7 +244,7 @@ class Archiver:
         loop = asyncio.get_running_loop()
         size = self.settings.batch_size
         fetch_size = max(size, _MIN_FETCH)
-        store = self.client.store
+        key_start = len(self.client.store.subject(""))
         batch = WriteBatch(loop.time())
         writing: asyncio.Task[None] | None = None
         sweeping: asyncio.Task[int] | None = None  # burst: the one sweep at the end
@@ -278,13 +279,19 @@ class Archiver:
                     markers = running = pending = 0
                     for msg in messages:
                         revision, pending = delivery_sequence(msg)
-                        entry = store.decode_message(msg, revision)
+                        value: bytes | None = msg.data
+                        if not value and is_removal_marker(msg.headers):
+                            value = None
                         if not batch:
                             batch.opened = loop.time()
-                        kind = batch.add(msg, entry, now) if needs_decoding(entry) else None
+                        kind = (
+                            batch.add(msg, msg.subject[key_start:], revision, value, now)
+                            if needs_decoding(value)
+                            else None
+                        )
                         if kind is None or kind is Kind.RUNNING:
                             await msg.ack()  # nothing to write
-                            if entry.value is None:
+                            if value is None:
                                 markers += 1
                             else:
                                 running += 1

@@ -30,7 +30,7 @@ from kvstate.errors import (
     ValueTooLarge,
 )
 
-__all__ = ["BucketConfig", "KvEntry", "KvStore", "nats_errors"]
+__all__ = ["BucketConfig", "KvEntry", "KvStore", "is_removal_marker", "nats_errors"]
 
 KV_OPERATION = "KV-Operation"
 MARKER_REASON = "Nats-Marker-Reason"
@@ -495,6 +495,16 @@ def _ack_result(key: str, last: int, reply: Msg) -> int | KvstateError:
     except KvstateError as exc:
         return exc
     raise AssertionError("nats_errors translates every APIError")  # pragma: no cover
+
+
+def is_removal_marker(headers: dict[str, str] | None) -> bool:
+    """True for the headers of a delete or purge marker (KV-Operation DEL/PURGE, or a server marker)."""
+    if not headers:
+        return False
+    operation = headers.get(KV_OPERATION)
+    if operation is None:
+        return headers.get(MARKER_REASON) is not None
+    return operation in ("DEL", "PURGE")
 
 
 def _entry(

@@ -10,7 +10,7 @@ from archiver_support import ROWS_PIPELINE
 
 from archiver.batch import needs_decoding, peek_status
 from kvstate import OpStatus, new_operation
-from kvstate._kv import KvEntry
+from kvstate._kv import is_removal_marker
 from kvstate.codec import encode_operation
 
 
@@ -19,8 +19,7 @@ def test_the_peeked_status_is_the_encoded_one(status: OpStatus) -> None:
     op = new_operation("op-1", ROWS_PIPELINE, datetime.now(UTC), {"status": "running", '"status":"x"': 1})
     value = encode_operation(msgspec.structs.replace(op, status=status))
     assert peek_status(value) == status.value.encode()
-    entry = KvEntry("op.op-1", 3, value)
-    assert needs_decoding(entry) is status.terminal
+    assert needs_decoding(value) is status.terminal
 
 
 @pytest.mark.parametrize(
@@ -35,8 +34,24 @@ def test_the_peeked_status_is_the_encoded_one(status: OpStatus) -> None:
     ],
 )
 def test_values_that_do_not_peek_as_unfinished_are_decoded(value: bytes) -> None:
-    assert needs_decoding(KvEntry("op.a", 1, value))
+    assert needs_decoding(value)
 
 
 def test_markers_need_no_decoding() -> None:
-    assert not needs_decoding(KvEntry("op.a", 9, None, "PURGE"))
+    assert not needs_decoding(None)
+
+
+@pytest.mark.parametrize(
+    ("headers", "marker"),
+    [
+        ({"KV-Operation": "DEL", "Nats-TTL": "300s"}, True),
+        ({"KV-Operation": "PURGE", "Nats-Rollup": "sub"}, True),
+        ({"Nats-Marker-Reason": "MaxAge"}, True),
+        ({"Nats-Expected-Last-Subject-Sequence": "4"}, False),
+        ({"KV-Operation": "PUT"}, False),
+        ({}, False),
+        (None, False),
+    ],
+)
+def test_removal_markers_are_told_by_their_headers(headers: dict[str, str] | None, marker: bool) -> None:
+    assert is_removal_marker(headers) is marker
