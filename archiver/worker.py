@@ -100,6 +100,67 @@ class ArchiverHooks:
     before_remove: Callable[[str, int], Awaitable[None]] | None = None
 
 
+class _Writer:
+    """Writes batches one at a time, in order, in a task of its own, with one more batch queued.
+
+    ``submit`` returns as soon as the batch is queued, so the fetch loop goes on sorting
+    (markers, the next batch) while PostgreSQL writes; it waits only when a batch is being
+    written and another one is already queued. A write that raises stops the writer: the
+    next ``check``, ``submit`` or ``finish`` raises it.
+    """
+
+    def __init__(self, write: Callable[[WriteBatch], Awaitable[None]]) -> None:
+        self._write = write
+        self._queue: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=1)
+        self._busy = False
+        self._task = asyncio.create_task(self._run(), name="archiver-writer")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being written."""
+        return not self._busy and self._queue.empty()
+
+    def check(self) -> None:
+        """Raise what a write raised, if one did."""
+        if self._task.done():
+            self._task.result()
+
+    async def submit(self, batch: WriteBatch) -> None:
+        """Queue ``batch``; wait while another one is already queued."""
+        self.check()
+        put = asyncio.ensure_future(self._queue.put(batch))
+        if not put.done():
+            await asyncio.wait((put, self._task), return_when=asyncio.FIRST_COMPLETED)
+        if not put.done():
+            put.cancel()
+            self.check()
+        put.result()
+
+    async def finish(self) -> None:
+        """Wait until everything submitted is written."""
+        join = asyncio.ensure_future(self._queue.join())
+        await asyncio.wait((join, self._task), return_when=asyncio.FIRST_COMPLETED)
+        if not join.done():
+            join.cancel()
+        self.check()
+
+    async def close(self) -> None:
+        """Stop the writer (a write under way is cancelled)."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            self._busy = True
+            try:
+                await self._write(batch)
+            finally:
+                self._busy = False
+                self._queue.task_done()
+
+
 class Archiver:
     """Snapshots finished operations from the bucket into PostgreSQL, exactly once per revision.
 
@@ -240,27 +301,23 @@ class Archiver:
         return self._counts
 
     async def _consume(self, consumer: ArchiveConsumer, burst: bool) -> None:
-        """Fetch and sort messages while the previous batch is written (one write at a time)."""
+        """Fetch and sort messages while earlier batches are written (one write at a time, one more queued)."""
         loop = asyncio.get_running_loop()
         size = self.settings.batch_size
         fetch_size = max(size, _MIN_FETCH)
         key_start = len(self.client.store.subject(""))
         batch = WriteBatch(loop.time())
-        writing: asyncio.Task[None] | None = None
+        writer = _Writer(self._process)
         sweeping: asyncio.Task[int] | None = None  # burst: the one sweep at the end
 
         async def hand_over() -> None:
-            nonlocal batch, writing
-            if writing is not None:
-                await writing  # raises what the previous write raised
-            writing, batch = asyncio.create_task(self._process(batch), name="archiver-write"), WriteBatch(loop.time())
+            nonlocal batch
+            await writer.submit(batch)  # waits while one batch is written and another queued
+            batch = WriteBatch(loop.time())
 
         try:
             while not self._stopping.is_set():
-                if writing is not None and writing.done():
-                    finished: asyncio.Task[None] = writing
-                    writing = None
-                    finished.result()  # raises what the write raised
+                writer.check()  # raises what a write raised
                 if burst:
                     timeout = _BURST_POLL
                 elif batch:
@@ -303,10 +360,10 @@ class Archiver:
                 if batch and (
                     len(batch) >= size
                     or loop.time() - batch.opened >= self.settings.batch_timeout
-                    or (burst and (writing is None or writing.done()))  # burst: keep the writer busy
+                    or (burst and writer.idle)  # burst: keep the writer busy
                 ):
                     await hand_over()
-                elif burst and not messages and self._idle(batch, writing):
+                elif burst and not messages and not batch and writer.idle and not self._removals_pending():
                     state = await self._consumer_state(consumer)
                     if sweeping is None:
                         # Once every delivered message is acknowledged (what a crashed run held
@@ -319,22 +376,13 @@ class Archiver:
                             return
             if batch:  # stopping: write what was fetched (or nak it if PostgreSQL refuses)
                 await hand_over()
-            if writing is not None:
-                await writing
-                writing = None
+            await writer.finish()
         finally:
-            if writing is not None:  # leaving on an error: abandon the write, JetStream redelivers
-                writing.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writing
+            await writer.close()  # after an error: abandons what is unwritten, JetStream redelivers it
             if sweeping is not None and not sweeping.done():
                 sweeping.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await sweeping
-
-    def _idle(self, batch: WriteBatch, writing: asyncio.Task[None] | None) -> bool:
-        """Nothing fetched is waiting to be written or removed."""
-        return not batch and writing is None and not self._removals_pending()
 
     def _count_acks(self, markers: int, running: int) -> None:
         """Count messages acknowledged with nothing to write: removal markers, operations not finished."""
