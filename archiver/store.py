@@ -137,7 +137,8 @@ class ArchiveStore:
                         written = await self._write_rows(conn, list(newest.values()), fast=True)
                         parked = await self._park(conn, dead_letters)
                 except asyncpg.UniqueViolationError:
-                    # Another archiver inserted one of these ids since we looked: upsert them all.
+                    # One of these ids is archived already (a redelivery, a reopened operation
+                    # finishing again, another instance): the guarded upsert decides row by row.
                     async with conn.transaction():
                         written = await self._write_rows(conn, list(newest.values()), fast=False)
                         parked = await self._park(conn, dead_letters)
@@ -149,28 +150,17 @@ class ArchiveStore:
     async def _write_rows(
         conn: asyncpg.pool.PoolConnectionProxy, rows: list[ArchiveRow], *, fast: bool
     ) -> frozenset[str]:
-        """Rows not archived yet go in by COPY (multi-row inserts, the least WAL); newer revisions
-        of archived ones through the guarded upsert. ``fast=False`` upserts everything."""
+        """``fast``: everything by one COPY into the table (multi-row inserts, the least WAL), which
+        fails with UniqueViolationError when one of the ids is archived already; otherwise
+        COPY into a staging table and the upsert guarded by revision, which writes only rows
+        that are new or newer than the archived ones."""
         if not rows:
             return frozenset()
-        fresh: list[ArchiveRow] = []
         if fast:
-            archived = {
-                r["id"]: r["revision"]
-                for r in await conn.fetch(
-                    "SELECT id, revision FROM archived_operations WHERE id = ANY($1::text[]) FOR UPDATE",
-                    [row.id for row in rows],
-                )
-            }
-            fresh = [row for row in rows if row.id not in archived]
-            rows = [row for row in rows if row.id in archived and archived[row.id] < row.revision]
-            if fresh:
-                await conn.copy_records_to_table("archived_operations", records=fresh, columns=COLUMNS)
-        written = {row.id for row in fresh}
-        if rows:
-            await conn.copy_records_to_table(_STAGING, records=rows, columns=COLUMNS)
-            written |= {r["id"] for r in await conn.fetch(_UPSERT)}
-        return frozenset(written)
+            await conn.copy_records_to_table("archived_operations", records=rows, columns=COLUMNS)
+            return frozenset(row.id for row in rows)
+        await conn.copy_records_to_table(_STAGING, records=rows, columns=COLUMNS)
+        return frozenset(r["id"] for r in await conn.fetch(_UPSERT))
 
     @staticmethod
     async def _park(conn: asyncpg.pool.PoolConnectionProxy, dead_letters: Sequence[DeadLetter]) -> int:
