@@ -19,9 +19,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from kvstate._kv import KvStore, nats_errors
+from kvstate._kv import KvStore, is_removal_marker, nats_errors
 from kvstate.errors import KvstateError
-from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
+from kvstate.keys import OPERATION_PREFIX
 
 _SWEEP_FETCH = 1000
 _ACK_PREFIX = "$JS.ACK."
@@ -240,6 +240,7 @@ async def live_revisions(store: KvStore, owner: str) -> dict[str, int]:
         mem_storage=True,
     )
     revisions: dict[str, int] = {}
+    id_start = len(store.subject(OPERATION_PREFIX))
     with nats_errors(name):
         info = await store.js.add_consumer(stream, config=config)
     try:
@@ -253,10 +254,8 @@ async def live_revisions(store: KvStore, owner: str) -> dict[str, int]:
                     break  # nothing more delivered: the keys seen so far are the listing
                 for msg in messages:
                     revision, remaining = delivery_sequence(msg)
-                    entry = store.decode_message(msg, revision)
-                    op_id = operation_id_from_key(entry.key)
-                    if op_id is not None and entry.value is not None:
-                        revisions[op_id] = revision
+                    if not is_removal_marker(msg.headers):
+                        revisions[msg.subject[id_start:]] = revision
         finally:
             await buffer.stop()
     finally:
