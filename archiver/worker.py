@@ -309,6 +309,10 @@ class Archiver:
         batch = WriteBatch(loop.time())
         writer = _Writer(self._process)
         sweeping: asyncio.Task[int] | None = None  # burst: the one sweep at the end
+        # Messages delivered before this run and not acknowledged yet (an instance that
+        # crashed holding them): the sweep waits until they came back and were handled.
+        inherited = await self._consumer_state(consumer) if burst else None
+        sweep_waits_for_acks = inherited is None or inherited.ack_pending > 0
 
         async def hand_over() -> None:
             nonlocal batch
@@ -366,9 +370,8 @@ class Archiver:
                 elif burst and not messages and not batch and writer.idle and not self._removals_pending():
                     state = await self._consumer_state(consumer)
                     if sweeping is None:
-                        # Once every delivered message is acknowledged (what a crashed run held
-                        # has come back and was handled), while markers may still come in.
-                        if state is not None and state.ack_pending == 0:
+                        # While the markers of the last removals may still come in.
+                        if not sweep_waits_for_acks or (state is not None and state.ack_pending == 0):
                             sweeping = asyncio.create_task(self.sweep(), name="archiver-sweep")
                     elif sweeping.done():
                         sweeping.result()  # raises what the sweep raised
