@@ -28,11 +28,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import multiprocessing.process
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ from archiver._pg import init_connection
 from archiver.rows import COLUMNS, row_for
 from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
-from archiver.worker import Archiver
+from archiver.worker import ArchiveCounts, Archiver
 from bench.compare_servers import process_tree_cpu
 from kvstate import Client, Operation, Pipeline, Settings, StageSpec, apply_event, new_operation
 from kvstate.codec import encode_operation
@@ -145,12 +148,65 @@ async def prepare_database(admin: asyncpg.Connection, dsn_for: Callable[[str], s
     return dsn_for(name)
 
 
+def _helper_instance(settings: ArchiverSettings, pipe: Connection) -> None:
+    """A further archiver instance in a process of its own: connects, says "ready", archives
+    one burst on "go" and sends back its counts (what ``kvstate archiver --burst`` does)."""
+    runtime.run(_helper_burst(settings, pipe))
+
+
+async def _helper_burst(settings: ArchiverSettings, pipe: Connection) -> None:
+    async with Archiver(settings) as archiver:
+        freeze_heap()
+        pipe.send("ready")
+        await asyncio.to_thread(pipe.recv)
+        counts = await archiver.run(burst=True)
+    pipe.send(counts.as_dict())
+
+
+class HelperInstances:
+    """``count`` archiver instances in processes of their own, connected before the timed part."""
+
+    def __init__(self, settings: ArchiverSettings, count: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipes: list[Connection] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        for _ in range(count):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_helper_instance, args=(settings, theirs), daemon=True)
+            process.start()
+            self._pipes.append(ours)
+            self._processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes if p.pid is not None]
+
+    async def ready(self) -> None:
+        for pipe in self._pipes:
+            if await asyncio.to_thread(pipe.recv) != "ready":
+                raise RuntimeError("a helper archiver did not start")
+
+    def go(self) -> None:
+        for pipe in self._pipes:
+            pipe.send("go")
+
+    async def counts(self) -> list[dict[str, int]]:
+        return [await asyncio.to_thread(pipe.recv) for pipe in self._pipes]
+
+    def stop(self) -> None:
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
 async def measure_archiver(
     nats_url: str,
     dsn: str,
     ops: int,
     batch_size: int,
     history: int,
+    instances: int,
     server_pids: dict[str, int],
     say: Callable[[str], None],
 ) -> dict[str, Any]:
@@ -159,6 +215,7 @@ async def measure_archiver(
     settings = ArchiverSettings(
         kv=kv, database_url=dsn, batch_size=batch_size, grace_period=0, metrics_port=0, marker_ttl=60
     )
+    helpers: HelperInstances | None = None
     async with Client(kv, create_bucket=True) as client, Archiver(settings) as archiver:
         await client.set_pipeline(PIPELINE)
         events = {i: lifecycle(i) for i in range(ops)}
@@ -186,22 +243,35 @@ async def measure_archiver(
         say(f"  {ops} terminal updates in {terminal_seconds:.1f}s")
         events.clear()  # the load's own objects: the archiver runs in a process of its own (archiver/cli.py)
         freeze_heap()
+        if instances > 1:
+            helpers = HelperInstances(settings, instances - 1)
+            await helpers.ready()
 
         conn = await asyncpg.connect(dsn)
         try:
             lsn = await wal_lsn(conn)
+            helper_pids = helpers.pids if helpers else []
             cpu_before = {name: process_tree_cpu(pid) for name, pid in server_pids.items()}
-            cpu_before["archiver"] = time.process_time()
+            cpu_before["archiver"] = time.process_time() + sum(process_tree_cpu(pid) for pid in helper_pids)
             started = time.perf_counter()
+            if helpers:
+                helpers.go()
             counts = await archiver.run(burst=True)
+            if helpers:
+                for other in await helpers.counts():
+                    counts = ArchiveCounts(**{k: v + other[k] for k, v in counts.as_dict().items()})
             seconds = time.perf_counter() - started
             cpu = {name: process_tree_cpu(pid) - cpu_before[name] for name, pid in server_pids.items()}
-            cpu["archiver"] = time.process_time() - cpu_before["archiver"]
+            cpu["archiver"] = (
+                time.process_time() + sum(process_tree_cpu(pid) for pid in helper_pids) - cpu_before["archiver"]
+            )
             wal = await wal_since(conn, lsn)
             rows = int(await conn.fetchval("SELECT count(*) FROM archived_operations"))
             distinct = int(await conn.fetchval("SELECT count(DISTINCT id) FROM archived_operations"))
         finally:
             await conn.close()
+            if helpers:
+                helpers.stop()
         left = sum([1 async for _ in client.scan()])
         stream = (await client.store.info()).state
     if rows != ops or distinct != ops or left != 0 or counts.removed != ops:
@@ -280,7 +350,9 @@ async def measure_updates(dsn: str, ops: int) -> dict[str, Any]:
     return {"seconds": seconds, "statements": ops * CHANGES, "wal_bytes": wal, "wal_bytes_per_op": wal / ops}
 
 
-async def run(ops: int, batch_size: int, history: int, workdir: Path, say: Callable[[str], None]) -> dict[str, Any]:
+async def run(
+    ops: int, batch_size: int, history: int, instances: int, workdir: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
     nats = NatsServer(workdir / "nats", sync_interval="1s")
     pg = PostgresServer(
         workdir / "pg",
@@ -300,7 +372,7 @@ async def run(ops: int, batch_size: int, history: int, workdir: Path, say: Calla
         assert nats.proc is not None
         assert pg.proc is not None
         pids = {"nats-server": nats.proc.pid, "postgres": pg.proc.pid}
-        archiver = await measure_archiver(nats.url, archive_dsn, ops, batch_size, history, pids, say)
+        archiver = await measure_archiver(nats.url, archive_dsn, ops, batch_size, history, instances, pids, say)
         say("2. raw COPY of the same rows")
         copy = await measure_copy(archive_dsn, copy_dsn)
         say("3. one row updated on every change")
@@ -313,6 +385,7 @@ async def run(ops: int, batch_size: int, history: int, workdir: Path, say: Calla
         "changes_per_op": CHANGES,
         "batch_size": batch_size,
         "history": history,
+        "archiver_instances": instances,
         "durability": "short: nats sync_interval 1s, PostgreSQL synchronous_commit off",
         "archiver": archiver,
         "copy": copy,
@@ -348,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--history", type=int, default=Settings.history, help="revisions the bucket keeps per key (KVSTATE_HISTORY)"
     )
+    parser.add_argument(
+        "--instances", type=int, default=1, help="archiver instances sharing the consumer (the others in processes)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--workdir", type=Path, help="where the servers keep their data (default: a temp dir)")
@@ -359,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kvs-bench-archiver-", dir=args.workdir) as tmp:
         try:
             result = runtime.run(
-                asyncio.wait_for(run(args.ops, args.batch_size, args.history, Path(tmp), say), args.timeout)
+                asyncio.wait_for(
+                    run(args.ops, args.batch_size, args.history, args.instances, Path(tmp), say), args.timeout
+                )
             )
         except TimeoutError:
             say(f"bench.archiver: gave up after {args.timeout:g}s")
