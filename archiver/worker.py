@@ -335,9 +335,9 @@ class Archiver:
                     log.warning("fetching from NATS failed, retrying: %s", exc)
                     await self._sleep(1.0)
                     continue
+                markers = running = pending = 0
                 if messages:
                     now = datetime.now(UTC)
-                    markers = running = pending = 0
                     for msg in messages:
                         revision, pending = delivery_sequence(msg)
                         value: bytes | None = msg.data
@@ -367,16 +367,19 @@ class Archiver:
                     or (burst and writer.idle)  # burst: keep the writer busy
                 ):
                     await hand_over()
-                elif burst and not messages and not batch and writer.idle and not self._removals_pending():
-                    state = await self._consumer_state(consumer)
-                    if sweeping is None:
-                        # While the markers of the last removals may still come in.
-                        if not sweep_waits_for_acks or (state is not None and state.ack_pending == 0):
-                            sweeping = asyncio.create_task(self.sweep(), name="archiver-sweep")
-                    elif sweeping.done():
-                        sweeping.result()  # raises what the sweep raised
-                        if state is not None and state.pending == 0 and state.ack_pending == 0:
-                            return
+                elif burst and not batch and writer.idle and not self._removals_pending():
+                    if sweeping is None and not sweep_waits_for_acks and markers == len(messages):
+                        # Nothing but removal markers came: sweep while the rest of them come in.
+                        sweeping = asyncio.create_task(self.sweep(), name="archiver-sweep")
+                    elif not messages:
+                        state = await self._consumer_state(consumer)
+                        if sweeping is None:
+                            if state is not None and state.ack_pending == 0:
+                                sweeping = asyncio.create_task(self.sweep(), name="archiver-sweep")
+                        elif sweeping.done():
+                            sweeping.result()  # raises what the sweep raised
+                            if state is not None and state.pending == 0 and state.ack_pending == 0:
+                                return
             if batch:  # stopping: write what was fetched (or nak it if PostgreSQL refuses)
                 await hand_over()
             await writer.finish()
