@@ -335,31 +335,27 @@ class Archiver:
                     log.warning("fetching from NATS failed, retrying: %s", exc)
                     await self._sleep(1.0)
                     continue
-                markers = running = pending = 0
+                markers = running = 0
                 if messages:
                     now = datetime.now(UTC)
                     for msg in messages:
-                        revision, pending = delivery_sequence(msg)
-                        value: bytes | None = msg.data
+                        value = msg.data
                         if not value and is_removal_marker(msg.headers):
-                            value = None
-                        if not batch:
-                            batch.opened = loop.time()
-                        kind = (
-                            batch.add(msg, msg.subject[key_start:], revision, value, now)
-                            if needs_decoding(value)
-                            else None
-                        )
-                        if kind is None or kind is Kind.RUNNING:
                             await msg.ack()  # nothing to write
-                            if value is None:
-                                markers += 1
-                            else:
-                                running += 1
-                        elif len(batch) >= size:
-                            await hand_over()
-                    self._lag = pending
-                    self.metrics.lag.set(pending)
+                            markers += 1
+                            continue
+                        if needs_decoding(value):
+                            if not batch:
+                                batch.opened = loop.time()
+                            revision = delivery_sequence(msg)[0]
+                            if batch.add(msg, msg.subject[key_start:], revision, value, now) is not Kind.RUNNING:
+                                if len(batch) >= size:
+                                    await hand_over()
+                                continue
+                        await msg.ack()  # not finished: nothing to write
+                        running += 1
+                    self._lag = delivery_sequence(messages[-1])[1]
+                    self.metrics.lag.set(self._lag)
                     self._count_acks(markers, running)
                 if batch and (
                     len(batch) >= size
