@@ -364,7 +364,7 @@ class Archiver:
                 ):
                     await hand_over()
                 elif burst and not batch and writer.idle and not self._removals_pending():
-                    if sweeping is None and not sweep_waits_for_acks and markers == len(messages):
+                    if sweeping is None and not sweep_waits_for_acks and messages and markers == len(messages):
                         # Nothing but removal markers came: sweep while the rest of them come in.
                         sweeping = asyncio.create_task(self.sweep(), name="archiver-sweep")
                     elif not messages:
