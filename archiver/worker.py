@@ -10,16 +10,18 @@ The loop (docs/archive.md):
    markers and operations not finished yet (read by a status peek, without decoding)
    are acked at once; finished operations become rows and undecodable values dead
    letters in a size-or-time ``WriteBatch``;
-2. one batch is written while the next one fills: one PostgreSQL transaction (upsert
-   guarded by revision); on failure nak the batch with a backoff delay and retry
-   nothing in memory: JetStream delivers it again;
+2. a writer task writes one batch at a time while the next ones fill (one more can wait
+   in its queue): one PostgreSQL transaction, a COPY, or the upsert guarded by revision
+   when an id is archived already; on failure nak the batch with a backoff delay and
+   retry nothing in memory: JetStream delivers it again;
 3. after the commit, ack every message of the batch, then schedule each finished
    operation's removal for ``finished_at + grace_period``;
-4. one remover sends what is due as a batch, ``client.remove_many``: pipelined purges,
+4. one remover sends what is due as a batch, ``client.remove_many``: pipelined removals,
    each revision-checked, so an operation that changed after its snapshot stays (and is
    archived again when it finishes again);
-5. a periodic sweep removes finished operations the archive already holds at their
-   revision, which covers removals lost to a crash or a NATS outage.
+5. a periodic sweep (in a burst: one, at the end) removes finished operations the
+   archive already holds at their revision, which covers removals lost to a crash or a
+   NATS outage.
 """
 
 from __future__ import annotations
@@ -494,7 +496,7 @@ class Archiver:
         self._removal_added.set()
 
     async def _remove_when_due(self) -> None:
-        """The remover: whatever is due goes out as one pipelined batch of purges, then the next."""
+        """The remover: whatever is due goes out as one pipelined batch of removals, then the next."""
         while True:
             self._removal_added.clear()
             due = self._take_due(time.time())
