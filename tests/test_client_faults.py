@@ -99,3 +99,13 @@ async def _retry(call, attempts: int = 50):  # type: ignore[no-untyped-def]
         except ConnectionLostError:
             await asyncio.sleep(0.2)
     return await call()
+
+
+async def test_remove_many_reports_a_missing_bucket_for_each_pair(nats_server: NatsServer, bucket_name: str) -> None:
+    settings = Settings(nats_url=nats_server.url, bucket=bucket_name, timeout=2.0)
+    async with Client(settings, create_bucket=True) as kv:
+        await kv.set_pipeline(PIPELINE)
+        ops = [await kv.create("orders") for _ in range(3)]
+        await kv.store.js.delete_stream(kv.store.config.stream)
+        results = await kv.remove_many([(op.id, op.revision) for op in ops])
+    assert [type(r).__name__ for r in results] == ["BucketError"] * 3

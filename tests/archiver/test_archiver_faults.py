@@ -154,6 +154,26 @@ async def test_duplicate_delivery_changes_nothing(client: Client, archiver_setti
     assert set(after) == set(ids)
 
 
+async def test_a_consumer_deleted_under_a_running_archiver_is_created_again(
+    client: Client, archiver_settings: ArchiverSettings
+) -> None:
+    settings = dataclasses.replace(archiver_settings, batch_timeout=0.05)
+    async with Archiver(settings) as archiver:
+        task = asyncio.create_task(archiver.run())
+        ids = await finished_ops(client, 20)
+        await eventually(lambda: _at_least(settings.database_url, 20), 20, "the first rows")
+
+        await client.store.js.delete_consumer(client.store.config.stream, settings.consumer)
+        ids += await finished_ops(client, 20)
+        await eventually(lambda: _at_least(settings.database_url, 40), 30, "archiving with the new consumer")
+        await eventually(_bucket_without(client, ids), 20, "removal with the new consumer")
+        archiver.stop()
+        await asyncio.wait_for(task, 10)
+    errors = archiver.metrics.registry.get_sample_value("kvstate_archiver_errors_total", {"component": "nats"})
+    assert errors is not None and errors >= 1  # the loss was noticed, not silent
+    await assert_exactly_once(client, settings.database_url, ids)
+
+
 async def test_garbage_values_are_dead_lettered_and_the_archiver_goes_on(
     client: Client, archiver_settings: ArchiverSettings
 ) -> None:
