@@ -423,11 +423,8 @@ class KvStore:
                 inactive_threshold=60.0,
             )
 
-    def decode_message(self, msg: Msg, revision: int | None = None) -> KvEntry:
-        """A watch or consumer message as an entry; with ``revision`` (already read from the
-        message's ack subject) the metadata is not parsed and the entry has no ``created``."""
-        if revision is not None:
-            return _entry(msg.subject[len(self._prefix) :], revision, msg.data, msg.headers)
+    def decode_message(self, msg: Msg) -> KvEntry:
+        """A watch message as an entry."""
         meta = msg.metadata
         return _entry(msg.subject[len(self._prefix) :], meta.sequence.stream, msg.data, msg.headers, meta.timestamp)
 
