@@ -79,6 +79,9 @@ async def test_fifty_tasks_each_add_a_key_to_one_operation(client: Client) -> No
 async def test_two_clients_on_one_operation_lose_nothing(settings: Settings, client: Client) -> None:
     op = await client.create("orders")
     async with Client(settings) as other:
+        # Both start from the same revision (each remembers what it read), so whichever
+        # writes second must be refused by compare-and-set however the tasks interleave.
+        await other.get(op.id)
         await asyncio.gather(
             *(client.merge_metadata(op.id, {f"a{i}": i}) for i in range(40)),
             *(other.merge_metadata(op.id, {f"b{i}": i}) for i in range(40)),
