@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeGuard
 
 import msgspec
 import nats.errors
@@ -445,13 +446,10 @@ class KvStore:
         except Exception:
             with nats_errors(key, last):  # a try block costs nothing until something is raised
                 raise
-        ack = _ack_decoder.decode(reply.data)
-        if ack.error is not None:
-            with nats_errors(key, last):
-                raise nats.js.errors.APIError(
-                    code=ack.error.code, err_code=ack.error.err_code, description=ack.error.description
-                )
-        return ack.seq
+        result = _ack_result(key, last, reply)
+        if isinstance(result, KvstateError):
+            raise result
+        return result
 
     async def _last_message(self, key: str, *, direct: bool) -> KvEntry | None:
         with nats_errors(key):
@@ -462,10 +460,10 @@ class KvStore:
         return _entry(key, msg.seq or 0, msg.data, msg.headers)
 
 
-def _translated(exc: Exception, key: str) -> KvstateError:
+def _translated(exc: Exception, key: str, last: int | None = None) -> KvstateError:
     """The kvstate error ``nats_errors`` turns ``exc`` into; ``exc`` itself is re-raised when it is not a nats error."""
     try:
-        with nats_errors(key):
+        with nats_errors(key, last):
             raise exc
     except KvstateError as translated:
         return translated
@@ -484,17 +482,11 @@ def _ack_result(key: str, last: int, reply: Msg) -> int | KvstateError:
         return KvstateError(f"unreadable publish ack for {key!r}: {reply.data[:200]!r}")
     if ack.error is None:
         return ack.seq
-    try:
-        with nats_errors(key, last):
-            raise nats.js.errors.APIError(
-                code=ack.error.code, err_code=ack.error.err_code, description=ack.error.description
-            )
-    except KvstateError as exc:
-        return exc
-    raise AssertionError("nats_errors translates every APIError")  # pragma: no cover
+    error = nats.js.errors.APIError(code=ack.error.code, err_code=ack.error.err_code, description=ack.error.description)
+    return _translated(error, key, last)
 
 
-def is_removal_marker(headers: dict[str, str] | None) -> bool:
+def is_removal_marker(headers: dict[str, str] | None) -> TypeGuard[dict[str, str]]:
     """True for the headers of a delete or purge marker (KV-Operation DEL/PURGE, or a server marker)."""
     if not headers:
         return False
@@ -507,13 +499,8 @@ def is_removal_marker(headers: dict[str, str] | None) -> bool:
 def _entry(
     key: str, revision: int, data: bytes | None, headers: dict[str, str] | None, created: datetime | None = None
 ) -> KvEntry:
-    operation = None
-    if headers:
-        operation = headers.get(KV_OPERATION)
-        if operation is None and headers.get(MARKER_REASON) is not None:
-            operation = "PURGE"
-    if operation in ("DEL", "PURGE"):
-        return KvEntry(key, revision, None, operation, created)
+    if is_removal_marker(headers):
+        return KvEntry(key, revision, None, headers.get(KV_OPERATION) or "PURGE", created)
     return KvEntry(key, revision, data or b"", "PUT", created)
 
 
