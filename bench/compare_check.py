@@ -20,7 +20,7 @@ from bench.workload import MessageKind, OperationPlan, RunRecord, StageView, Vie
 
 __all__ = ["CheckResult", "check_run"]
 
-_PHASE = {"waiting": 0, "running": 1, "retrying": 2, "failed": 2, "succeeded": 2, "skipped": 2}
+_PHASE = {"waiting": 0, "running": 1, "retrying": 2, "failed": 2, "succeeded": 2, "skipped": 2, "cancelled": 2}
 _TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 

@@ -50,7 +50,7 @@ __all__ = [
 
 OP_STATUS_ORDER = ("pending", "running", "succeeded", "failed", "cancelled", "corrupt")
 STAGE_COUNT_ORDER = (StageStatus.WAITING, StageStatus.RUNNING, StageStatus.RETRYING, StageStatus.SUCCEEDED,
-                     StageStatus.FAILED, StageStatus.SKIPPED)  # fmt: skip
+                     StageStatus.FAILED, StageStatus.SKIPPED, StageStatus.CANCELLED)  # fmt: skip
 
 
 @dataclass

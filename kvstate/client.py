@@ -506,7 +506,8 @@ class Client:
     async def reopen(
         self, op_id: str, stages: builtins.list[str] | tuple[str, ...], *, event_id: str | None = None
     ) -> UpdateResult:
-        """Put ``stages`` and every stage after them back to waiting (also un-cancels)."""
+        """Put ``stages``, every stage after them and every cancelled stage back to waiting
+        (also un-cancels). InvalidTransition when the operation would stay failed."""
         return await self.apply(op_id, Reopen(stages=tuple(stages), **_eid(event_id)))
 
     async def _pipeline_of(self, op_id: str) -> Pipeline:

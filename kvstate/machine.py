@@ -45,6 +45,7 @@ __all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_s
 
 _replace = msgspec.structs.replace
 _WAITING = StageState(status=StageStatus.WAITING)
+_ACTIVE = (StageStatus.RUNNING, StageStatus.RETRYING)
 
 
 class Decision(NamedTuple):
@@ -298,6 +299,10 @@ def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime) -> 
         pipeline.stage(name)  # UnknownStage for a name the pipeline lacks
         targets.add(name)
         targets |= pipeline.dependents(name)
+    for name, state in op.stages.items():  # cut off when the operation ended: they run again too
+        if state.status is StageStatus.CANCELLED:
+            targets.add(name)
+            targets |= pipeline.dependents(name)
     stages = dict(op.stages)
     entries: list[Transition] = []
     for name in pipeline.stage_names:
@@ -312,6 +317,13 @@ def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime) -> 
     if not entries and op.cancel is None:
         return Decision(Outcome.STALE, op, "every stage named is already waiting")
     reopened = _replace(op, stages=stages, cancel=None, finished_at=None)
+    if derive_status(reopened, pipeline) is OpStatus.FAILED:
+        still_failed = [
+            s.name
+            for s in pipeline.stages
+            if not s.optional and stages.get(s.name, _WAITING).status is StageStatus.FAILED
+        ]
+        raise InvalidTransition(op.id, f"the operation would still be failed: reopen {', '.join(still_failed)} as well")
     return Decision(Outcome.APPLIED, _finalize(reopened, pipeline, entries, event, now))
 
 
@@ -343,6 +355,8 @@ def _finalize(op: Operation, pipeline: Pipeline, entries: list[Transition], even
     status = derive_status(op, pipeline)
     finished_at = op.finished_at
     if status is not op.status:
+        if status is OpStatus.FAILED or status is OpStatus.CANCELLED:
+            op = _cancel_active_stages(op, entries, event, now)
         if not isinstance(event, Cancel):
             entries.append(Transition(at=now, from_=op.status.value, to=status.value, event=event.event_id))
         finished_at = now if status.terminal else None
@@ -352,6 +366,34 @@ def _finalize(op: Operation, pipeline: Pipeline, entries: list[Transition], even
     return _replace(
         op, status=status, finished_at=finished_at, updated_at=now, history=history, events=_events(op, event)
     )
+
+
+def _cancel_active_stages(op: Operation, entries: list[Transition], event: Event, now: datetime) -> Operation:
+    """Close the stages still running or waiting for a retry when the operation ends unfinished.
+
+    Their work can no longer change the outcome, and their late reports are stale, so left
+    alone they would read as running for ever in the bucket, the dashboard and the archive.
+    A running attempt is closed now; a retrying one keeps the time and error of its failure.
+    """
+    active = [(name, state) for name, state in op.stages.items() if state.status in _ACTIVE]
+    if not active:
+        return op
+    stages = dict(op.stages)
+    for name, state in active:
+        finished_at = now if state.status is StageStatus.RUNNING else state.finished_at
+        stages[name] = _replace(state, status=StageStatus.CANCELLED, finished_at=finished_at)
+        entries.append(
+            Transition(
+                at=now,
+                stage=name,
+                from_=state.status.value,
+                to=StageStatus.CANCELLED.value,
+                attempt=state.attempt or None,
+                worker=state.worker,
+                event=event.event_id,
+            )
+        )
+    return _replace(op, stages=stages)
 
 
 def _events(op: Operation, event: Event) -> list[str]:

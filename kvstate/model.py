@@ -70,14 +70,16 @@ class StageStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+    """The operation ended (failed or cancelled) while this stage was running or waiting for a retry."""
 
     @property
     def terminal(self) -> bool:
-        """True for succeeded, failed (no attempt left) and skipped."""
+        """True for succeeded, failed (no attempt left), skipped and cancelled."""
         return self in _TERMINAL_STAGE
 
 
-_TERMINAL_STAGE = frozenset({StageStatus.SUCCEEDED, StageStatus.FAILED, StageStatus.SKIPPED})
+_TERMINAL_STAGE = frozenset({StageStatus.SUCCEEDED, StageStatus.FAILED, StageStatus.SKIPPED, StageStatus.CANCELLED})
 
 
 class StageError(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):

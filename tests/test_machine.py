@@ -154,6 +154,80 @@ def test_anything_after_a_terminal_status_is_stale() -> None:
         assert d.outcome is Outcome.STALE
 
 
+def _enrichers_in_flight() -> list[Event]:
+    """ingest and validate done; geo running, fraud waiting for its retry."""
+    return [
+        StartStage(stage="ingest"),
+        SucceedStage(stage="ingest"),
+        StartStage(stage="validate"),
+        SucceedStage(stage="validate"),
+        StartStage(stage="geo", worker="geo-1"),
+        StartStage(stage="fraud", worker="fraud-1"),
+        FailStage(stage="fraud", error="timeout", retryable=True),
+    ]
+
+
+def test_a_failing_stage_cancels_the_stages_still_in_flight() -> None:
+    op, _ = run(
+        fresh(),
+        *_enrichers_in_flight(),
+        StartStage(stage="profile"),
+        FailStage(stage="profile", error="down", retryable=False),
+    )
+    assert op.status is OpStatus.RUNNING  # an optional stage failing ends nothing
+    op, _ = run(op, FailStage(stage="geo", error="poison", retryable=False, event_id="geo-poison"))
+    assert op.status is OpStatus.FAILED
+    geo, fraud = op.stage("geo"), op.stage("fraud")
+    assert geo.status is StageStatus.FAILED
+    assert op.stage("profile").status is StageStatus.FAILED  # finished before: left as it was
+    assert fraud.status is StageStatus.CANCELLED
+    assert fraud.error is not None and fraud.error.message == "timeout"  # its last failure is kept
+    assert op.active_stages == []
+    closing = [h for h in op.history if h.event == "geo-poison"]
+    assert [(h.stage, h.from_, h.to) for h in closing] == [
+        ("geo", "running", "failed"),
+        ("fraud", "retrying", "cancelled"),
+        (None, "running", "failed"),
+    ]
+    assert derive_status(op, PIPELINE) is OpStatus.FAILED
+
+
+def test_a_running_attempt_cut_off_by_the_failure_is_closed_and_its_late_report_is_stale() -> None:
+    events = [*_enrichers_in_flight(), StartStage(stage="fraud", attempt=2, worker="fraud-2")]
+    op, _ = run(fresh(), *events, FailStage(stage="geo", error="poison", retryable=False))
+    fraud = op.stage("fraud")
+    assert fraud.status is StageStatus.CANCELLED
+    assert (fraud.attempt, fraud.worker, fraud.finished_at) == (2, "fraud-2", op.finished_at)
+    for late in (SucceedStage(stage="fraud", attempt=2), Heartbeat(stage="fraud", attempt=2)):
+        _, (d,) = run(op, late)
+        assert d.outcome is Outcome.STALE
+
+
+def test_cancel_closes_running_stages() -> None:
+    op, _ = run(fresh(), StartStage(stage="ingest", worker="w"), Cancel(reason="user", event_id="stop"))
+    assert op.status is OpStatus.CANCELLED
+    assert op.stage("ingest").status is StageStatus.CANCELLED
+    assert [(h.stage, h.to) for h in op.history if h.event == "stop"] == [(None, "cancelled"), ("ingest", "cancelled")]
+
+
+def test_reopen_after_a_failure_runs_the_cancelled_stages_again() -> None:
+    op, _ = run(fresh(), *_enrichers_in_flight(), FailStage(stage="geo", error="poison", retryable=False))
+    op, (d,) = run(op, Reopen(stages=("geo",)))
+    assert d.outcome is Outcome.APPLIED
+    assert op.status is OpStatus.RUNNING
+    assert op.finished_at is None
+    assert op.stage("geo").status is StageStatus.WAITING
+    assert op.stage("fraud").status is StageStatus.WAITING
+    assert op.stage("fraud").attempt == 0
+    assert set(ready_stages(op, PIPELINE)) == {"geo", "fraud", "profile"}
+
+
+def test_reopen_that_leaves_the_failure_in_place_is_refused() -> None:
+    op, _ = run(fresh(), *_enrichers_in_flight(), FailStage(stage="geo", error="poison", retryable=False))
+    with pytest.raises(InvalidTransition, match="reopen geo as well"):
+        run(op, Reopen(stages=("fraud",)))
+
+
 def test_reopen_puts_stages_and_their_dependents_back() -> None:
     op, _ = run(fresh(), *happy_path())
     op, (d,) = run(op, Reopen(stages=("merge",)))
@@ -275,7 +349,10 @@ _FORWARD = {
     StageStatus.SUCCEEDED: set(),
     StageStatus.FAILED: set(),
     StageStatus.SKIPPED: set(),
+    StageStatus.CANCELLED: set(),
 }
+for _status in (StageStatus.RUNNING, StageStatus.RETRYING):  # cut off when the operation fails or is cancelled
+    _FORWARD[_status].add(StageStatus.CANCELLED)
 
 
 def _apply(op: Operation, event: Event, i: int) -> Decision | None:
@@ -312,6 +389,11 @@ def test_invariants_hold_for_any_event_stream(stream: list[Event]) -> None:
         assert len(new.history) <= HISTORY_LIMIT
         assert len(new.events) <= EVENT_WINDOW
         assert (new.finished_at is not None) == new.status.terminal
+        statuses = {new.stage(name).status for name in PIPELINE.stage_names}
+        if new.status.terminal:
+            assert not statuses & {StageStatus.RUNNING, StageStatus.RETRYING}, new.stages
+        if StageStatus.CANCELLED in statuses:
+            assert new.status in (OpStatus.FAILED, OpStatus.CANCELLED)
         op = new
     assert decode_operation("op.op1", 7, encode_operation(op)) == _with_revision(op, 7)
 

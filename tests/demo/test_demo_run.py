@@ -27,6 +27,9 @@ STAGE_EDGES = {
     ("running", "retrying"),
     ("running", "failed"),
     ("retrying", "running"),
+    # the operation failed while the stage ran or waited for a retry
+    ("running", "cancelled"),
+    ("retrying", "cancelled"),
 }
 OPERATION_EDGES = {("pending", "running"), ("running", "succeeded"), ("running", "failed")}
 
