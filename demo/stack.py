@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import importlib.util
 import json
@@ -42,7 +41,7 @@ import asyncpg
 from demo.errors import StackError
 from demo.runner import load_pipeline
 from kvstate import Client, KvstateError, Settings
-from kvstate.servers import NatsServer, PostgresServer, ServerStartError, free_port
+from kvstate.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
 from kvstate.settings import env_value
 
 __all__ = ["StackSettings", "register"]
@@ -231,6 +230,7 @@ class Stack:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StackError(f"another `kvstate up` is running on {self.state_dir} (see stack.json)") from None
+            (self.state_dir / "stack.json").unlink(missing_ok=True)  # left by a run that was killed
             try:
                 yield
             finally:
@@ -270,7 +270,9 @@ class Stack:
 
     def _start_nats(self) -> str:
         port = self.settings.nats_port if _port_free(self.settings.nats_port) else free_port()
-        server = NatsServer(self.state_dir / "nats", port=port, sync_interval=self.settings.sync_interval)
+        server = NatsServer(
+            self.state_dir / "nats", port=port, sync_interval=self.settings.sync_interval, die_with_parent=True
+        )
         self._say(f"starting nats-server on port {port} (sync_interval {self.settings.sync_interval})")
         self.nats = server
         try:
@@ -281,7 +283,9 @@ class Stack:
 
     def _start_postgres(self) -> str:
         port = self.settings.postgres_port if _port_free(self.settings.postgres_port) else free_port()
-        server = PostgresServer(self.state_dir / "postgres", port=port, settings={"synchronous_commit": "off"})
+        server = PostgresServer(
+            self.state_dir / "postgres", port=port, settings={"synchronous_commit": "off"}, die_with_parent=True
+        )
         self._say(f"starting PostgreSQL on port {port} (synchronous_commit off)")
         self.postgres = server
         try:
@@ -318,7 +322,7 @@ class Stack:
                 stdout=None if terminal else log,
                 stderr=log,
                 start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
-                preexec_fn=_die_with_parent,
+                preexec_fn=parent_death_signal(signal.SIGTERM),  # and a killed `kvstate up` leaves none
             )
         child = _Child(name, proc, log_path, required)
         self.children.append(child)
@@ -468,15 +472,6 @@ def _terminate(proc: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> None
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(grace)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if ``kvstate up`` dies without stopping us (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _tail(path: Path | None, lines: int = 20) -> str:

@@ -4,6 +4,10 @@ Both run as child processes on random loopback ports with their data in a direct
 the caller's choosing, log to a file (so a long run never stalls on a full pipe) and are
 stopped by pid: SIGTERM, then SIGKILL after a grace period. Standard library only.
 
+With ``die_with_parent=True`` the kernel also stops the server when the thread that
+started it ends, so a parent killed with SIGKILL leaves no server behind (Linux; start such
+a server from the main thread).
+
     with NatsServer(tmp_path / "nats") as nats:
         ...  # nats.url
     with PostgresServer(tmp_path / "pg") as pg:
@@ -12,6 +16,7 @@ stopped by pid: SIGTERM, then SIGKILL after a grace period. Standard library onl
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import re
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,6 +39,7 @@ __all__ = [
     "find_nats_server",
     "find_postgres_bin",
     "free_port",
+    "parent_death_signal",
 ]
 
 MIN_NATS_SERVER = (2, 11, 0)
@@ -91,6 +98,26 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace
         proc.wait(grace)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_signal(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel for ``sig`` when the starting thread ends (Linux only).
+
+    It runs after Popen switched user (``user=``), because a change of credentials clears
+    the setting; the binary the child then executes is not set-user-ID, so it survives exec.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return lambda: None
+
+    def ask() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig)
+
+    return ask
+
+
 def _tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -134,9 +161,11 @@ class NatsServer(_ServerProcess):
         sync_interval: str = "1s",
         http_port: int | None = None,
         binary: str | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.port = port
+        self.die_with_parent = die_with_parent
         self.http_port = http_port
         self.sync_interval = sync_interval
         self.binary = binary or find_nats_server()
@@ -177,6 +206,7 @@ class NatsServer(_ServerProcess):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=parent_death_signal(signal.SIGTERM) if self.die_with_parent else None,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -211,8 +241,8 @@ class NatsServer(_ServerProcess):
 class PostgresServer(_ServerProcess):
     """A PostgreSQL cluster initialised in ``directory``, trust auth on 127.0.0.1.
 
-    PostgreSQL refuses to run as root, so under root the server runs as the ``postgres``
-    system user (created by Debian's package) via ``setpriv``. ``settings`` are passed as
+    PostgreSQL refuses to run as root, so under root the server (and initdb) runs as the
+    ``postgres`` system user created by Debian's package. ``settings`` are passed as
     ``-c name=value`` (for example ``{"synchronous_commit": "off"}``).
     """
 
@@ -223,9 +253,11 @@ class PostgresServer(_ServerProcess):
         port: int | None = None,
         settings: dict[str, str] | None = None,
         bin_dir: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.port = port
+        self.die_with_parent = die_with_parent
         self.settings = dict(settings or {})
         self.bin_dir = bin_dir or find_postgres_bin()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -314,9 +346,20 @@ class PostgresServer(_ServerProcess):
             for name, value in self.settings.items():
                 argv += ["-c", f"{name}={value}"]
             offset = self.log_path.stat().st_size
+            # Under root, Popen switches to postgres before preexec_fn runs; setpriv would
+            # switch after it and so clear the parent-death signal.
+            user = "postgres" if os.geteuid() == 0 else None
             with open(self.log_path, "ab") as log:
                 self.proc = subprocess.Popen(
-                    self._as_postgres(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                    user=user,
+                    group=user,
+                    extra_groups=[] if user is not None else None,
+                    preexec_fn=parent_death_signal(signal.SIGINT) if self.die_with_parent else None,
                 )
             if self._wait_ready(port, offset, timeout):
                 self.port = port

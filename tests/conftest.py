@@ -38,7 +38,7 @@ PIPELINE = Pipeline(
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats"))
+    server = NatsServer(tmp_path_factory.mktemp("nats"), die_with_parent=True)
     server.start()
     yield server
     server.stop()
@@ -46,7 +46,9 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("pg"), settings={"fsync": "off", "max_connections": "200"})
+    server = PostgresServer(
+        tmp_path_factory.mktemp("pg"), settings={"fsync": "off", "max_connections": "200"}, die_with_parent=True
+    )
     server.start()
     yield server
     server.stop()

@@ -116,7 +116,7 @@ def run_stack_once(state: Path, tmp_path: Path, name: str, min_archived: int) ->
             [sys.executable, "-m", "kvstate.cli", "up"], env=stack_env(state), stdout=handle, stderr=subprocess.STDOUT
         )
     try:
-        info = wait_until(lambda: read_stack(state), 90, "stack.json", proc, out)
+        info = wait_until(lambda: (i := read_stack(state)) and i["pid"] == proc.pid and i, 90, "stack.json", proc, out)
         assert set(info["children"]) == {"archiver", "dashboard", "demo"}
         assert set(info["servers"]) == {"nats", "postgres"}
         wait_until(lambda: dashboard_healthy(info["dashboard"]), 30, "the dashboard", proc, out)
@@ -156,3 +156,35 @@ def test_kvstate_up_runs_the_system_and_stops_everything_on_sigint(tmp_path: Pat
     # the second run starts on the same data: the archive still holds the first run's operations
     second = run_stack_once(state, tmp_path, "second", min_archived=first + 1)
     assert second > first
+
+
+def test_kvstate_up_killed_with_sigkill_leaves_no_process_and_starts_again(tmp_path: Path) -> None:
+    pytest.importorskip("archiver.cli")
+    pytest.importorskip("dashboard.cli")
+    state = tmp_path / "state"
+    out = tmp_path / "killed.out"
+    with open(out, "wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstate.cli", "up", "--no-demo"],
+            env=stack_env(state),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        info = wait_until(lambda: read_stack(state), 90, "stack.json", proc, out)
+        pids = [*info["children"].values(), *info["servers"].values()]
+        assert len(pids) == 4  # archiver, dashboard, nats-server, postgres
+        proc.kill()  # no handler runs: only the kernel can stop the children now
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 30
+    while (leftovers := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert leftovers == [], f"still running after kvstate up was killed: {leftovers}"
+    assert processes_mentioning(state) == []
+    assert read_stack(state) is not None  # nobody was left to remove it
+    # the next run replaces the stale stack.json and finds a PostgreSQL that shut down cleanly
+    run_stack_once(state, tmp_path, "after-kill", min_archived=1)
