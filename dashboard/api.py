@@ -2,7 +2,8 @@
 
     GET  /api/operations/{id}          one operation: name, done, metadata, error | result; ETag = revision
     GET  /api/operations               filter (``status=running AND stage=geo``), page_size, page_token
-    POST /api/operations/{id}:cancel   revision-checked cancel (CSRF token; write token when configured)
+    POST /api/operations/{id}:cancel   revision-checked cancel (write token when configured;
+                                       CSRF token unless sent as Authorization: Bearer)
     GET  /api/csrf                     a CSRF token for API writes (send it back as X-CSRFToken)
 
 ``metadata`` is the full operation state; ``result`` (succeeded) holds the shared and

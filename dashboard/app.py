@@ -31,7 +31,7 @@ from dashboard.feed import Broadcaster, IndexFeed, running
 from dashboard.index import OperationIndex
 from dashboard.metrics import DashboardMetrics
 from dashboard.pages import Pages
-from dashboard.security import security_headers_middleware
+from dashboard.security import csrf_middleware, security_headers_middleware
 from dashboard.settings import DashboardSettings
 from dashboard.templating import Renderer, make_environment
 from dashboard.views import DashboardState
@@ -127,10 +127,14 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
             "renderer": Provide(_renderer, sync_to_thread=False),
         },
         lifespan=[lifespan],
-        csrf_config=CSRFConfig(
-            secret=settings.secret or secrets.token_hex(32), cookie_samesite="strict", cookie_httponly=False
-        ),
-        middleware=[security_headers_middleware],
+        middleware=[
+            security_headers_middleware,
+            csrf_middleware(
+                CSRFConfig(
+                    secret=settings.secret or secrets.token_hex(32), cookie_samesite="strict", cookie_httponly=False
+                )
+            ),
+        ],
         exception_handlers={Exception: exception_to_response},
         request_max_body_size=settings.max_body,
         openapi_config=OpenAPIConfig(title="kvstate dashboard API", version="0.1.0", path="/schema"),

@@ -251,6 +251,34 @@ async def test_write_token_is_required_when_configured(client: Client, dashboard
         assert (await client.get(op2.id)).status is OpStatus.CANCELLED
 
 
+async def test_bearer_token_writes_without_csrf_and_ambient_credentials_still_need_it(
+    client: Client, dashboard_settings: DashboardSettings
+) -> None:
+    from dataclasses import replace
+
+    app = create_app(replace(dashboard_settings, auth_token="secret-token"))
+    op = await client.create("orders")
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:  # no cookie, no CSRF token
+        basic = base64.b64encode(b"anyone:secret-token").decode()
+        ambient = await http.post(f"/api/operations/{op.id}:cancel", headers={"Authorization": f"Basic {basic}"})
+        assert ambient.status_code == 403  # a browser resends basic auth by itself: CSRF still applies
+        plain = await http.post(f"/api/operations/{op.id}:cancel")
+        assert plain.status_code == 403
+        wrong = await http.post(f"/api/operations/{op.id}:cancel", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert (await client.get(op.id)).status is OpStatus.PENDING
+        ok = await http.post(
+            f"/api/operations/{op.id}:cancel",
+            json={"reason": "script"},
+            headers={"Authorization": "Bearer secret-token"},
+        )
+        assert ok.status_code == 200, ok.text
+        assert "csrftoken" not in http.cookies
+    cancelled = await client.get(op.id)
+    assert cancelled.status is OpStatus.CANCELLED
+    assert cancelled.cancel is not None and cancelled.cancel.reason == "script"
+
+
 async def test_openapi_healthz_and_metrics(client: Client, app: Litestar, http: Http) -> None:
     await client.create("orders")
     await eventually(lambda: len(state_of(app).index) == 1)
