@@ -208,11 +208,13 @@ def _attempts(op: Operation, stage: str, now: datetime) -> list[tuple[int, datet
     state = op.stage(stage)
     if state.started_at is not None and state.attempt and state.attempt not in found:
         found[state.attempt] = [state.attempt, state.started_at, state.finished_at, state.status.value]
-    if state.attempt in found:  # the stage state is the truth about the latest attempt
-        found[state.attempt][3] = (
-            state.status.value if state.status is not StageStatus.WAITING else found[state.attempt][3]
-        )
-        found[state.attempt][2] = state.finished_at or found[state.attempt][2]
+    if state.attempt in found:  # the stage state is the truth about the latest attempt,
+        latest = found[state.attempt]
+        # except that an attempt which failed before the operation ended stays a failed attempt
+        cut_off_retry = state.status is StageStatus.CANCELLED and latest[3] == StageStatus.RETRYING.value
+        if state.status is not StageStatus.WAITING and not cut_off_retry:
+            latest[3] = state.status.value
+        latest[2] = state.finished_at or latest[2]
     return [(a, s, e, st) for a, s, e, st in sorted(found.values(), key=lambda item: item[0])]
 
 

@@ -108,6 +108,26 @@ async def test_detail_page_shows_timeline_metadata_history_and_revisions(
     assert "Cancel this operation" in html
 
 
+async def test_detail_page_shows_stages_cut_off_by_the_failure_as_cancelled(client: Client, http: Http) -> None:
+    op = await client.create("orders")
+    for stage in ("ingest", "validate"):
+        await client.start(op.id, stage)
+        await client.succeed(op.id, stage)
+    await client.start(op.id, "geo")
+    await client.start(op.id, "fraud")
+    await client.fail(op.id, "fraud", "timeout", retryable=True)
+    await client.start(op.id, "profile")
+    failed = await client.fail(op.id, "geo", "unknown country", retryable=False)
+    assert failed.operation.status is OpStatus.FAILED
+    html = (await http.get(f"/operations/{op.id}")).text
+    main = html[html.index("<main>") :]
+    assert main.count('<span class="badge st-cancelled">') >= 2  # fraud and profile, in the timeline and history
+    assert 'class="st-failed"><title>geo attempt 1: failed' in main
+    assert 'class="st-retrying"><title>fraud attempt 1: retrying' in main  # it failed before the end
+    assert 'class="st-cancelled"><title>profile attempt 1: cancelled' in main
+    assert "still running" not in main
+
+
 async def test_unknown_operation_is_a_404_page_without_internals(http: Http) -> None:
     response = await http.get("/operations/doesnotexist")
     assert response.status_code == 404
