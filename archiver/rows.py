@@ -77,9 +77,19 @@ COLUMNS: tuple[str, ...] = ArchiveRow._fields
 
 
 def failed_stage(op: Operation) -> str | None:
-    """The first stage (in pipeline order) that failed for good, for a failed operation."""
+    """The stage whose failure failed the operation (None unless it failed).
+
+    That is the stage that failed in the same event as the operation: an optional stage
+    that failed earlier did not fail it. When the bounded history no longer holds that
+    event, the first failed stage in pipeline order stands in.
+    """
     if op.status is not OpStatus.FAILED:
         return None
+    ending = next((t.event for t in reversed(op.history) if t.stage is None and t.to == OpStatus.FAILED.value), None)
+    if ending is not None:
+        for t in op.history:
+            if t.stage is not None and t.event == ending and t.to == StageStatus.FAILED.value:
+                return t.stage
     for name, state in op.stages.items():
         if state.status is StageStatus.FAILED:
             return name

@@ -1,4 +1,5 @@
-"""Sorting messages without decoding them: the status peek agrees with the codec, and anything odd is decoded."""
+"""Sorting messages without decoding them: the status peek agrees with the codec, and anything odd is
+decoded; the stage an archived failure is filed under."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from archiver_support import ROWS_PIPELINE
 
 from archiver.batch import needs_decoding, peek_status
-from kvstate import OpStatus, new_operation
+from archiver.rows import failed_stage
+from kvstate import FailStage, OpStatus, StartStage, SucceedStage, apply_event, new_operation
 from kvstate._kv import is_removal_marker
 from kvstate.codec import encode_operation
 
@@ -55,3 +57,23 @@ def test_markers_need_no_decoding() -> None:
 )
 def test_removal_markers_are_told_by_their_headers(headers: dict[str, str] | None, marker: bool) -> None:
     assert is_removal_marker(headers) is marker
+
+
+def test_the_failed_stage_is_the_one_that_failed_the_operation() -> None:
+    from tests.conftest import PIPELINE  # profile is optional and comes before merge
+
+    now = datetime.now(UTC)
+    op = new_operation("op-1", PIPELINE, now)
+    events = [
+        *(e for stage in ("ingest", "validate", "geo", "fraud") for e in (StartStage(stage), SucceedStage(stage))),
+        StartStage("profile"),
+        FailStage("profile", error="no profile", retryable=False),
+        StartStage("merge"),
+        FailStage("merge", error="conflict", retryable=False),
+    ]
+    for event in events:
+        op = apply_event(op, PIPELINE, event, now).operation
+    assert op.status is OpStatus.FAILED
+    assert failed_stage(op) == "merge"
+    # with the deciding event gone from the bounded history, the first failed stage stands in
+    assert failed_stage(msgspec.structs.replace(op, history=[])) == "profile"
