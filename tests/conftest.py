@@ -17,9 +17,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from kvstate import Client, Pipeline, Settings, StageSpec
 from kvstate.servers import NatsServer, PostgresServer
+
+# Property tests share two cores with the servers: a slow example is load, not a bug, so
+# no per-example deadline (hypothesis would otherwise report a rerun under it as flaky).
+hypothesis_settings.register_profile("kvstate", deadline=None)
+hypothesis_settings.load_profile("kvstate")
 
 PIPELINE = Pipeline(
     name="orders",
