@@ -48,7 +48,7 @@ from archiver.settings import ArchiverSettings
 from archiver.store import ArchiveStore, WriteResult
 from kvstate._kv import is_removal_marker
 from kvstate.client import Client
-from kvstate.errors import ConflictError, ConnectionLostError, KvstateError
+from kvstate.errors import BucketNotFound, ConflictError, ConnectionLostError, KvstateError
 
 __all__ = ["ArchiveCounts", "Archiver", "ArchiverHooks"]
 
@@ -166,9 +166,9 @@ class _Writer:
 class Archiver:
     """Snapshots finished operations from the bucket into PostgreSQL, exactly once per revision.
 
-    An async context manager: entering connects to NATS, applies the migrations
-    (retrying while PostgreSQL is down) and starts the metrics endpoint; leaving closes
-    them in reverse order.
+    An async context manager: entering starts the metrics endpoint, connects to NATS and
+    opens the bucket (waiting while either is missing; it never creates the bucket), applies
+    the migrations (retrying while PostgreSQL is down); leaving closes them in reverse order.
     """
 
     def __init__(self, settings: ArchiverSettings, *, hooks: ArchiverHooks | None = None) -> None:
@@ -203,9 +203,7 @@ class Archiver:
                 )
                 await self._server.start()
                 self._stack.push_async_callback(self._server.close)
-            self._client = await self._stack.enter_async_context(
-                Client(self.settings.kv, create_bucket=True, name="kvstate-archiver")
-            )
+            self._client = await self._open_client()
             self._store = await self._open_store()
         except BaseException:
             await self._stack.aclose()
@@ -216,6 +214,24 @@ class Archiver:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._stack.aclose()
+
+    async def _open_client(self) -> Client | None:
+        """Connect and open the bucket, waiting with backoff while NATS is unreachable or the
+        bucket does not exist yet (None if stopped first).
+
+        The archiver never creates the bucket: with a mistyped KVSTATE_BUCKET it would
+        otherwise archive an empty bucket of its own, silently, for ever.
+        """
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                return await self._stack.enter_async_context(Client(self.settings.kv, name="kvstate-archiver"))
+            except (ConnectionLostError, BucketNotFound) as exc:
+                self.metrics.errors.labels("nats").inc()
+                log.warning("waiting for NATS and the bucket, retrying in %.1fs: %s", delay, exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+        return None
 
     async def _open_store(self) -> ArchiveStore | None:
         """Open the archive, retrying with backoff while PostgreSQL is unreachable (None if stopped first)."""
@@ -268,10 +284,10 @@ class Archiver:
         the run ends once that sweep is done and the consumer has nothing pending or
         awaiting acknowledgement.
         """
-        client = self.client
         self._counts = ArchiveCounts()
-        if self._store is None:
-            return self._counts  # stopped before PostgreSQL came up
+        if self._client is None or self._store is None:
+            return self._counts  # stopped before NATS, the bucket or PostgreSQL came up
+        client = self._client
         consumer = ArchiveConsumer(
             client.store,
             self.settings.consumer,

@@ -7,6 +7,7 @@ from kvstate._kv import BucketConfig
 from kvstate.client import Client, Revision
 from kvstate.errors import (
     BucketError,
+    BucketNotFound,
     ClientClosedError,
     ConfigurationError,
     ConflictError,
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BucketConfig",
     "BucketError",
+    "BucketNotFound",
     "Cancel",
     "CancelInfo",
     "Change",

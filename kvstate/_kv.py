@@ -25,6 +25,7 @@ from nats.js import JetStreamContext, api
 
 from kvstate.errors import (
     BucketError,
+    BucketNotFound,
     ConflictError,
     ConnectionLostError,
     KvstateError,
@@ -156,7 +157,7 @@ class KvStore:
                 info = await js.stream_info(config.stream)
         except BucketError:
             if not create:
-                raise BucketError(
+                raise BucketNotFound(
                     f"bucket {config.name!r} does not exist; create it with `kvstate bucket init`"
                 ) from None
             kv_config = api.KeyValueConfig(

@@ -5,6 +5,7 @@
     ├── ServerVersionError            nats-server or nats-py too old
     ├── ClientClosedError             the client was used outside its context
     ├── BucketError                   the bucket is missing or misconfigured
+    │   └── BucketNotFound            the bucket does not exist (yet)
     ├── ConnectionLostError           NATS could not be reached in time
     ├── ValidationError               input rejected before anything was written
     │   ├── InvalidKey                an id or key that NATS cannot store
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "BucketError",
+    "BucketNotFound",
     "ClientClosedError",
     "ConfigurationError",
     "ConflictError",
@@ -75,6 +77,10 @@ class ClientClosedError(KvstateError):
 
 class BucketError(KvstateError):
     """The bucket does not exist, or exists with a configuration kvstate cannot use."""
+
+
+class BucketNotFound(BucketError):
+    """The bucket does not exist: ``kvstate bucket init`` (or ``create_bucket=True``) creates it."""
 
 
 class ConnectionLostError(KvstateError):

@@ -12,6 +12,7 @@ from kvstate import errors
 EXPECTED = {
     "BucketConfig",
     "BucketError",
+    "BucketNotFound",
     "Cancel",
     "CancelInfo",
     "Change",

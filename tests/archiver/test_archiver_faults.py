@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from archiver.read import ArchiveReader
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver, ArchiverHooks
-from kvstate import Client, OpStatus, Settings
+from kvstate import BucketNotFound, Client, OpStatus, Settings
 from kvstate.servers import NatsServer, PostgresServer
 
 pytestmark = pytest.mark.slow
@@ -284,7 +284,54 @@ async def test_nats_restart_reconnects_and_resumes(private_nats: NatsServer, dat
         await assert_exactly_once(private, database_url, ids)
 
 
-async def test_sigterm_stops_the_archiver_with_exit_0(archiver_settings: ArchiverSettings, tmp_path: Path) -> None:
+async def test_the_archiver_waits_for_a_missing_bucket_and_never_creates_it(
+    client: Client, archiver_settings: ArchiverSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    kv = dataclasses.replace(archiver_settings.kv, bucket=archiver_settings.kv.bucket + "later")
+    settings = dataclasses.replace(archiver_settings, kv=kv)
+    archiver = Archiver(settings)
+
+    async def archive() -> int:
+        async with archiver:
+            return (await archiver.run()).archived
+
+    task = asyncio.create_task(archive())
+    await eventually(_async(lambda: "does not exist" in caplog.text), 10, "the archiver to say it waits")
+    await asyncio.sleep(1.0)  # a few retries
+    assert not task.done()
+    assert archiver.health()["nats"] is False
+    with pytest.raises(BucketNotFound):  # waiting did not create it
+        async with Client(kv):
+            pass
+
+    async with Client(kv, create_bucket=True) as late:
+        await late.set_pipeline(await client.pipeline("orders"))
+        ids = await finished_ops(late, 20)
+        await eventually(lambda: _at_least(settings.database_url, 20), 30, "archiving once the bucket exists")
+        archiver.stop()
+        assert await asyncio.wait_for(task, 10) == 20
+        await assert_exactly_once(late, settings.database_url, ids)
+
+
+async def test_an_archiver_stopped_while_it_waits_for_the_bucket_exits_cleanly(
+    archiver_settings: ArchiverSettings,
+) -> None:
+    kv = dataclasses.replace(archiver_settings.kv, bucket=archiver_settings.kv.bucket + "never")
+    archiver = Archiver(dataclasses.replace(archiver_settings, kv=kv))
+
+    async def archive() -> int:
+        async with archiver:
+            return (await archiver.run()).archived
+
+    task = asyncio.create_task(archive())
+    await asyncio.sleep(0.5)
+    archiver.stop()
+    assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_sigterm_stops_the_archiver_with_exit_0(
+    client: Client, archiver_settings: ArchiverSettings, tmp_path: Path
+) -> None:
     from kvstate.servers import free_port
 
     port = free_port()

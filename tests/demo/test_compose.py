@@ -18,6 +18,7 @@ from kvstate.settings import env_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = {"archiver", "dashboard", "demo"}
+INIT_SERVICES = {"bucket-init"}
 NATS_NODES = {"nats", "nats-1", "nats-2", "nats-3"}
 # variables of the official images, not of our code
 IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
@@ -51,7 +52,7 @@ def read_variables() -> set[str]:
 
 def test_compose_has_every_service_from_official_images_and_one_dockerfile(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == NATS_NODES | APP_SERVICES | {"postgres"}
+    assert set(services) == NATS_NODES | APP_SERVICES | INIT_SERVICES | {"postgres"}
     for name in NATS_NODES:
         assert services[name]["image"].startswith("nats:"), name
         assert "healthcheck" in services[name], name
@@ -60,6 +61,11 @@ def test_compose_has_every_service_from_official_images_and_one_dockerfile(compo
         assert services[name]["build"] == ".", name
         assert services[name]["command"][0] == name, name  # the kvstate subcommand
         assert "healthcheck" in services[name], name
+        # nothing starts before the bucket exists: the services never create it themselves
+        assert services[name]["depends_on"]["bucket-init"] == {"condition": "service_completed_successfully"}
+    init = services["bucket-init"]
+    assert (init["build"], init["command"], init["restart"]) == (".", ["bucket", "init"], "no")
+    assert init["depends_on"] == {"nats": {"condition": "service_healthy"}}
     assert "healthcheck" in services["postgres"]
     assert (ROOT / "Dockerfile").exists()
     dockerfile = (ROOT / "Dockerfile").read_text()
@@ -80,7 +86,7 @@ def test_cluster_profile_has_three_nodes_with_their_own_volumes(compose: dict[st
     cluster_config = compose["configs"]["nats-cluster"]["content"]
     for name in nodes:
         assert f"nats-route://{name}:6222" in cluster_config
-    for name in APP_SERVICES:
+    for name in APP_SERVICES | INIT_SERVICES:
         environment = services[name]["environment"]
         assert environment["KVSTATE_REPLICAS"] == "${KVSTATE_REPLICAS:-1}"  # 3 for the cluster (docs/deploy.md)
         assert environment["NATS_URL"] == "${NATS_URL:-nats://nats:4222}"
@@ -120,7 +126,7 @@ def test_every_variable_compose_sets_is_read_by_a_settings_class(compose: dict[s
     for name, service in compose["services"].items():
         environment = service.get("environment", {})
         assert isinstance(environment, dict), name
-        if name in APP_SERVICES:
+        if name in APP_SERVICES | INIT_SERVICES:
             set_here |= set(environment)
         else:
             assert set(environment) <= IMAGE_VARIABLES, name
