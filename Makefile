@@ -1,19 +1,17 @@
-# The verbs people use. Each first runs scripts/setup.sh (idempotent, fast when done).
+# Shortcuts for the scripts the README names (make is optional: the scripts need only bash).
 .PHONY: setup run test lint bench
 
 setup:
 	@scripts/setup.sh
 
-run: setup
-	.venv/bin/kvstate up
+run:
+	scripts/run
 
-test: setup
-	.venv/bin/pytest
+test:
+	scripts/test
 
-lint: setup
-	.venv/bin/ruff check .
-	.venv/bin/mypy
-	.venv/bin/lint-imports
+lint:
+	scripts/lint
 
 bench: setup
 	.venv/bin/python -m bench.updates

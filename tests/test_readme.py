@@ -26,8 +26,10 @@ async def test_readme_client_example_runs(client: Client, settings: Settings) ->
 
 def test_readme_opens_with_the_two_commands() -> None:
     head = Path("README.md").read_text().splitlines()[:12]
-    assert any(line.startswith("make run") for line in head)
-    assert any(line.startswith("make test") for line in head)
-    ci = Path(".ci/run").read_text()
-    assert "make test" in ci
-    assert ".venv/bin/pytest" in Path("Makefile").read_text()
+    assert any(line.startswith("scripts/run ") for line in head)
+    assert any(line.startswith("scripts/test ") for line in head)
+    ci = Path(".ci/run").read_text().splitlines()
+    assert "scripts/test" in ci  # CI runs the README's test command as it is
+    assert "exec .venv/bin/pytest" in Path("scripts/test").read_text()
+    assert "exec .venv/bin/kvstate up" in Path("scripts/run").read_text()
+    assert "make" not in Path("scripts/run").read_text() + Path("scripts/test").read_text()
