@@ -7,7 +7,12 @@ a write is in flight queue up and go out together in the next write. So 32 tasks
 updating one operation cost a handful of writes instead of 32 fighting each other.
 
 On a conflict the batch is re-read and re-applied (the mutations are pure), with
-jittered exponential backoff, up to ``max_attempts`` times.
+jittered exponential backoff, up to ``max_attempts`` times. A batch that writes nothing
+because an event came out stale or was refused (InvalidTransition) is checked once more
+against a fresh read from the stream leader when its state came from the cache or from a
+direct get (which any replica may answer): another process may have moved the operation
+on (finished a dependency, reopened a stage), and a stale read must cost a retry, never a
+wrong answer.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import msgspec
 
 from kvstate._kv import KvStore
 from kvstate.codec import decode_operation, encode_operation
-from kvstate.errors import ClientClosedError, ConflictError, ConnectionLostError, KvstateError, OperationNotFound
+from kvstate.errors import (
+    ClientClosedError,
+    ConflictError,
+    ConnectionLostError,
+    InvalidTransition,
+    KvstateError,
+    OperationNotFound,
+)
 from kvstate.keys import operation_id_from_key
 from kvstate.machine import Decision
 from kvstate.model import Operation, Outcome, UpdateResult
@@ -74,7 +86,7 @@ class _Item:
     future: asyncio.Future[UpdateResult] | None = None
     result: UpdateResult | None = None
     error: BaseException | None = None
-    decision: Decision | KvstateError | None = field(default=None)
+    decision: Decision | Exception | None = field(default=None)
 
     def resolve(self, result: UpdateResult | None, error: BaseException | None) -> None:
         self.result, self.error = result, error
@@ -147,7 +159,15 @@ class GroupCommitter:
             while pending:
                 batch = pending[:]
                 pending.clear()
-                await self._run(key, batch, pending)
+                try:
+                    await self._run(key, batch, pending)
+                except BaseException as exc:
+                    # Nobody else would ever answer these callers: hand them the failure.
+                    error = exc if isinstance(exc, Exception) else ClientClosedError(f"the update of {key!r} stopped")
+                    for item in batch:
+                        if item.result is None and item.error is None:
+                            item.resolve(None, error)
+                    raise
         finally:
             for item in pending:
                 item.resolve(None, ClientClosedError(f"the update of {key!r} was not written: the client is closing"))
@@ -156,14 +176,17 @@ class GroupCommitter:
     async def _run(self, key: str, batch: list[_Item], pending: list[_Item]) -> None:
         attempt = 0
         last_revision: int | None = None
+        checked_with_leader = False
         while True:
             attempt += 1
             batch.extend(pending)
             pending.clear()
             try:
                 cached = self._cache.get(key) if attempt == 1 else None
+                from_leader = False
                 if cached is None:
-                    entry = await self._store.get(key, leader=attempt > 2)
+                    from_leader = checked_with_leader or attempt > 2
+                    entry = await self._store.get(key, leader=from_leader)
                     if entry is None or entry.value is None:
                         op_id = operation_id_from_key(key) or key
                         for item in batch:
@@ -182,13 +205,17 @@ class GroupCommitter:
             for item in batch:
                 try:
                     decision = item.mutation(state, pipeline)
-                except KvstateError as exc:
+                except Exception as exc:  # noqa: BLE001 - typed refusals, or anything a caller's update(fn) raises
                     item.decision = exc
                     continue
                 item.decision = decision
                 if decision.outcome is Outcome.APPLIED:
                     state = decision.operation
             if state is current:
+                if not from_leader and not checked_with_leader and _may_be_out_of_date(batch):
+                    checked_with_leader = True
+                    self._cache.discard(key)
+                    continue
                 self._finish(batch, current)
                 return
             try:
@@ -226,7 +253,20 @@ class GroupCommitter:
     def _finish(batch: list[_Item], state: Operation) -> None:
         for item in batch:
             decision = item.decision
-            if isinstance(decision, KvstateError):
+            if isinstance(decision, Exception):
                 item.resolve(None, decision)
             elif decision is not None:
                 item.resolve(UpdateResult(decision.outcome, state, decision.reason), None)
+
+
+def _may_be_out_of_date(batch: list[_Item]) -> bool:
+    """True when a newer state could change the answer: an event came out stale (it may
+    have been reopened meanwhile) or was refused as a transition (a dependency may have
+    finished meanwhile). Duplicates stay duplicates on any newer state."""
+    for item in batch:
+        decision = item.decision
+        if isinstance(decision, InvalidTransition):
+            return True
+        if isinstance(decision, Decision) and decision.outcome is Outcome.STALE:
+            return True
+    return False

@@ -18,6 +18,7 @@ from kvstate import (
     InvalidKey,
     InvalidMetadata,
     InvalidTransition,
+    Operation,
     OperationExists,
     OperationNotFound,
     OpStatus,
@@ -26,6 +27,7 @@ from kvstate import (
     StageStatus,
     UnknownPipeline,
     UnknownStage,
+    UpdateResult,
     ValueTooLarge,
     WaitTimeout,
 )
@@ -101,6 +103,47 @@ async def test_stale_cached_revision_costs_a_retry_not_an_update(settings: Setti
     assert result.outcome is Outcome.APPLIED
     assert result.operation.metadata == {"from": "a", "other": True, "again": 1}
     assert client.stats["conflicts"] >= 1
+
+
+async def test_a_dependency_finished_by_another_process_is_seen_not_refused(settings: Settings, client: Client) -> None:
+    op = await client.create("orders")  # client caches the operation with ingest waiting
+    async with Client(settings) as other:
+        await other.start(op.id, "ingest")
+        await other.succeed(op.id, "ingest")
+    # From its cache, validate's dependency is not finished; the leader's copy says it is.
+    result = await client.start(op.id, "validate")
+    assert result.outcome is Outcome.APPLIED
+    assert result.operation.stage("validate").status is StageStatus.RUNNING
+
+
+async def test_a_stage_reopened_by_another_process_is_not_stale(settings: Settings, client: Client) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    await client.succeed(op.id, "ingest")  # cached: ingest succeeded, a new start would be stale
+    async with Client(settings) as other:
+        await other.reopen(op.id, ["ingest"])
+    result = await client.start(op.id, "ingest")
+    assert result.outcome is Outcome.APPLIED
+    assert result.operation.stage("ingest").attempt == 1
+    # a stale answer that the leader's copy confirms stays stale
+    again = await client.start(op.id, "ingest", attempt=1)
+    assert again.outcome is Outcome.STALE
+    assert again.operation.revision == result.operation.revision
+
+
+async def test_a_raising_update_function_fails_only_its_own_caller(client: Client) -> None:
+    op = await client.create("orders")
+
+    def broken(current: Operation) -> Operation:
+        raise KeyError("missing")
+
+    callers = [client.merge_metadata(op.id, {f"k{i}": i}) for i in range(8)]
+    callers.insert(3, client.update(op.id, broken))
+    results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 10)
+    assert isinstance(results[3], KeyError)
+    others = [r for i, r in enumerate(results) if i != 3]
+    assert all(isinstance(r, UpdateResult) and r.outcome is Outcome.APPLIED for r in others), others
+    assert (await client.get(op.id)).metadata == {f"k{i}": i for i in range(8)}
 
 
 async def test_parallel_stages_end_to_end(client: Client) -> None:
