@@ -28,7 +28,7 @@ import msgspec
 
 from kvstate.client import Client, Revision
 from kvstate.errors import ConfigurationError, KvstateError, OperationNotFound, ValidationError
-from kvstate.model import Operation
+from kvstate.model import Operation, OpStatus
 from kvstate.pipeline import Pipeline
 from kvstate.settings import Settings
 from kvstate.watch import Change
@@ -385,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_get)
 
     p = sub.add_parser("ls", help="list operations in the bucket")
-    p.add_argument("--status", action="append", help="filter by status (repeatable)")
+    p.add_argument(
+        "--status", action="append", choices=[s.value for s in OpStatus], help="filter by status (repeatable)"
+    )
     p.add_argument("--stage", help="only operations with this stage running or retrying")
     p.add_argument("--pipeline", help="only operations of this pipeline")
     p.add_argument("--limit", type=int)

@@ -51,6 +51,7 @@ from kvstate.errors import (
     OperationNotFound,
     ServerVersionError,
     UnknownPipeline,
+    ValidationError,
     WaitTimeout,
 )
 from kvstate.events import (
@@ -567,9 +568,16 @@ class Client:
         return watcher
 
     async def wait(self, op_id: str, timeout: float | None = None) -> Operation:
-        """Wait until the operation reaches a terminal status and return it (WaitTimeout after ``timeout``)."""
+        """Wait until the operation reaches a terminal status and return it.
+
+        OperationNotFound when there is no such operation in the bucket (or it is removed
+        while waiting), WaitTimeout after ``timeout`` seconds.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        last: Operation | None = None
+        current = await self.get(op_id)  # OperationNotFound rather than a wait for nothing
+        if current.done:
+            return current
+        last: Operation | None = current
         async with self.watch(op_id) as changes:
             try:
                 async with asyncio.timeout_at(None if deadline is None else _loop_deadline(deadline)):
@@ -602,7 +610,11 @@ class Client:
         wanted = None
         if status is not None:
             items = status if isinstance(status, list) else [status]
-            wanted = {OpStatus(s) for s in items}
+            try:
+                wanted = {OpStatus(s) for s in items}
+            except ValueError:
+                known = ", ".join(s.value for s in OpStatus)
+                raise ValidationError(f"unknown status in {items!r}; a status is one of {known}") from None
         found: builtins.list[Operation] = []
         async for op in self.scan():
             if wanted is not None and op.status not in wanted:

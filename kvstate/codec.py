@@ -6,7 +6,7 @@ import msgspec
 
 from kvstate.errors import CorruptValue, InvalidMetadata, InvalidPipeline, ValueTooLarge
 from kvstate.keys import operation_id_from_key
-from kvstate.model import JSONObject, Operation
+from kvstate.model import SCHEMA_VERSION, JSONObject, Operation
 from kvstate.pipeline import Pipeline
 
 __all__ = [
@@ -45,6 +45,11 @@ def decode_operation(key: str, revision: int, data: bytes) -> Operation:
     expected = operation_id_from_key(key)
     if expected is not None and op.id != expected:
         raise CorruptValue(key, revision, f"value has id {op.id[:64]!r}, key says {expected!r}", data)
+    if op.schema > SCHEMA_VERSION:
+        # Read as this version, it would be written back without what the newer one added.
+        raise CorruptValue(
+            key, revision, f"written in schema {op.schema} by a newer kvstate; this one reads {SCHEMA_VERSION}", data
+        )
     return msgspec.structs.replace(op, revision=revision)
 
 

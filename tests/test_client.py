@@ -28,6 +28,7 @@ from kvstate import (
     UnknownPipeline,
     UnknownStage,
     UpdateResult,
+    ValidationError,
     ValueTooLarge,
     WaitTimeout,
 )
@@ -217,6 +218,34 @@ async def test_wait_returns_when_done_and_times_out_otherwise(client: Client) ->
     await client.fail(op.id, "ingest", "poison", retryable=False)
     done = await waiter
     assert done.status is OpStatus.FAILED
+
+
+async def test_wait_for_an_unknown_operation_says_so_at_once(client: Client) -> None:
+    with pytest.raises(OperationNotFound):
+        await asyncio.wait_for(client.wait("no-such-operation"), 5)
+    op = await client.create("orders")
+    await client.cancel(op.id)
+    assert (await asyncio.wait_for(client.wait(op.id), 5)).status is OpStatus.CANCELLED  # finished already
+
+
+async def test_list_with_an_unknown_status_is_a_validation_error(client: Client) -> None:
+    with pytest.raises(ValidationError, match="unknown status"):
+        await client.list(status="bogus")
+
+
+async def test_a_value_from_a_newer_schema_is_refused_not_overwritten(client: Client, settings: Settings) -> None:
+    op = await client.create("orders")
+    newer = msgspec.json.decode(msgspec.json.encode(await client.get(op.id)))
+    newer["schema"] = 2
+    newer["added_later"] = {"kept": True}
+    revision = await client.store.update(f"op.{op.id}", msgspec.json.encode(newer), op.revision)
+    async with Client(settings) as fresh:
+        with pytest.raises(CorruptValue, match="newer kvstate"):
+            await fresh.get(op.id)
+        with pytest.raises(CorruptValue):
+            await fresh.merge_metadata(op.id, {"a": 1})
+    entry = await client.store.get(f"op.{op.id}", leader=True)
+    assert entry is not None and entry.revision == revision  # nothing written over it
 
 
 async def test_update_with_custom_function(client: Client) -> None:

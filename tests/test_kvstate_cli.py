@@ -76,6 +76,7 @@ async def test_watch_prints_changes(client: Client, settings: Settings) -> None:
         (("get", "bad.id"), 2, "invalid key"),
         (("create", "orders", "--metadata", "[1]"), 2, "JSON object"),
         (("create", "nope"), 2, "no pipeline"),
+        (("ls", "--status", "bogus"), 2, "invalid choice: 'bogus'"),
     ],
 )
 async def test_errors_have_exit_codes_and_messages(
