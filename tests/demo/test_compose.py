@@ -61,7 +61,7 @@ def test_compose_has_every_service_from_official_images_and_one_dockerfile(compo
         assert services[name]["build"] == ".", name
         assert services[name]["command"][0] == name, name  # the kvstate subcommand
         assert "healthcheck" in services[name], name
-        # nothing starts before the bucket exists: the services never create it themselves
+        # nothing starts before the bucket exists: the archiver and the dashboard never create it
         assert services[name]["depends_on"]["bucket-init"] == {"condition": "service_completed_successfully"}
     init = services["bucket-init"]
     assert (init["build"], init["command"], init["restart"]) == (".", ["bucket", "init"], "no")
