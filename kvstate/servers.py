@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 MIN_NATS_SERVER = (2, 11, 0)
+_SOCKET_PATH_MAX = 107
+"""Longest Unix socket path Linux accepts (sun_path is 108 bytes with its terminating NUL)."""
 
 
 class ServerStartError(RuntimeError):
@@ -341,7 +343,7 @@ class PostgresServer(_ServerProcess):
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
-                f"unix_socket_directories={self.socket_dir}",
+                f"unix_socket_directories={self._socket_directory()}",
             ]
             for name, value in self.settings.items():
                 argv += ["-c", f"{name}={value}"]
@@ -368,6 +370,14 @@ class PostgresServer(_ServerProcess):
             if self.port is not None:
                 break
         raise ServerStartError(f"postgres did not start:\n{_tail(self.log_path)}")
+
+    def _socket_directory(self) -> str:
+        """The socket folder, or none (TCP only) when its path is too long for a Unix socket.
+
+        Clients connect over TCP; the socket only serves ``psql -h`` in the folder, and a
+        socket path over the kernel's 107 bytes would stop PostgreSQL from starting."""
+        longest = self.socket_dir / ".s.PGSQL.65535.lock"
+        return str(self.socket_dir) if len(os.fsencode(longest)) <= _SOCKET_PATH_MAX else ""
 
     def _wait_ready(self, port: int, offset: int, timeout: float) -> bool:
         assert self.proc is not None
