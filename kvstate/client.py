@@ -417,10 +417,14 @@ class Client:
         *,
         worker: str | None = None,
         attempt: int | None = None,
+        metadata: JSONObject | None = None,
         event_id: str | None = None,
     ) -> UpdateResult:
-        """An attempt of ``stage`` began (``attempt`` defaults to the next one)."""
-        return await self.apply(op_id, StartStage(stage=stage, worker=worker, attempt=attempt, **_eid(event_id)))
+        """An attempt of ``stage`` began (``attempt`` defaults to the next one); ``metadata``
+        is merged into the stage's own namespace."""
+        patch = normalize_json_object(metadata) if metadata is not None else None
+        event = StartStage(stage=stage, worker=worker, attempt=attempt, metadata=patch, **_eid(event_id))
+        return await self.apply(op_id, event)
 
     async def heartbeat(
         self, op_id: str, stage: str, *, worker: str | None = None, attempt: int | None = None
@@ -476,11 +480,14 @@ class Client:
         stage: str,
         *,
         reason: str | None = None,
+        metadata: JSONObject | None = None,
         worker: str | None = None,
         event_id: str | None = None,
     ) -> UpdateResult:
-        """An optional ``stage`` will not run."""
-        return await self.apply(op_id, SkipStage(stage=stage, reason=reason, worker=worker, **_eid(event_id)))
+        """An optional ``stage`` will not run; ``metadata`` is merged into its own namespace."""
+        patch = normalize_json_object(metadata) if metadata is not None else None
+        event = SkipStage(stage=stage, reason=reason, metadata=patch, worker=worker, **_eid(event_id))
+        return await self.apply(op_id, event)
 
     async def merge_metadata(
         self,

@@ -31,10 +31,12 @@ class _Base(msgspec.Struct, kw_only=True, frozen=True, tag_field="type", omit_de
 
 
 class StartStage(_Base, tag="start", frozen=True):
-    """An attempt of ``stage`` began. ``attempt`` defaults to the next one."""
+    """An attempt of ``stage`` began. ``attempt`` defaults to the next one; ``metadata`` is
+    merged into the stage's namespace."""
 
     stage: str
     attempt: int | None = None
+    metadata: JSONObject | None = None
 
 
 class Heartbeat(_Base, tag="heartbeat", frozen=True):
@@ -64,10 +66,11 @@ class FailStage(_Base, tag="fail", frozen=True):
 
 
 class SkipStage(_Base, tag="skip", frozen=True):
-    """An optional ``stage`` will not run for this operation."""
+    """An optional ``stage`` will not run for this operation; ``metadata`` is merged into its namespace."""
 
     stage: str
     reason: str | None = None
+    metadata: JSONObject | None = None
 
 
 class MergeMetadata(_Base, tag="merge", frozen=True):

@@ -192,7 +192,7 @@ def _start(
         worker=event.worker,
         started_at=now,
         heartbeat_at=now,
-        metadata=current.metadata,
+        metadata=_merged(current.metadata, event.metadata),
     )
     return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
 
@@ -237,9 +237,7 @@ def _finish(
         _check_attempt(op, spec, attempt)
         _check_dependencies(op, pipeline, spec)
         started_at = now
-    metadata = current.metadata
-    if event.metadata is not None:
-        metadata = _as_object(merge_patch(metadata, event.metadata))
+    metadata = _merged(current.metadata, event.metadata)
     if isinstance(event, SucceedStage):
         status, error = StageStatus.SUCCEEDED, None
     else:
@@ -267,7 +265,8 @@ def _skip(
     if current.status is StageStatus.RUNNING:
         raise InvalidTransition(op.id, "a running stage cannot be skipped; fail or finish it first", spec.name)
     error = StageError(message=event.reason) if event.reason else None
-    new_state = _replace(current, status=StageStatus.SKIPPED, finished_at=now, error=error)
+    metadata = _merged(current.metadata, event.metadata)
+    new_state = _replace(current, status=StageStatus.SKIPPED, finished_at=now, error=error, metadata=metadata)
     return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
 
 
@@ -424,6 +423,11 @@ def _check_dependencies(op: Operation, pipeline: Pipeline, spec: StageSpec) -> N
     unmet = _unmet_dependencies(op, pipeline, spec)
     if unmet:
         raise InvalidTransition(op.id, f"dependencies not finished: {', '.join(unmet)}", spec.name)
+
+
+def _merged(metadata: JSONObject, patch: JSONObject | None) -> JSONObject:
+    """``metadata`` with the stage event's ``patch`` merged in (RFC 7386), when it carries one."""
+    return metadata if patch is None else _as_object(merge_patch(metadata, patch))
 
 
 def _as_object(value: object) -> JSONObject:

@@ -270,6 +270,22 @@ def test_stage_metadata_lives_in_its_own_namespace() -> None:
     assert op.stage("ingest").metadata == {"bytes": 10, "extra": True}
 
 
+def test_every_stage_event_can_carry_stage_metadata() -> None:
+    op, _ = run(
+        fresh(),
+        StartStage(stage="ingest", metadata={"host": "a", "try": 1}),
+        FailStage(stage="ingest", error="timeout", metadata={"try": None, "timeouts": 1}),
+        StartStage(stage="ingest", metadata={"host": "b"}),
+        SucceedStage(stage="ingest", metadata={"bytes": 10}),
+        StartStage(stage="validate"),
+        SucceedStage(stage="validate"),
+        SkipStage(stage="profile", reason="no customer", metadata={"why": "anonymous"}),
+    )
+    assert op.stage("ingest").metadata == {"host": "b", "timeouts": 1, "bytes": 10}
+    assert op.stage("profile").metadata == {"why": "anonymous"}
+    assert op.stage("profile").status is StageStatus.SKIPPED
+
+
 def test_metadata_patch_must_be_an_object() -> None:
     with pytest.raises(InvalidMetadata):
         run(fresh(), MergeMetadata(patch=["not", "an", "object"]))  # type: ignore[arg-type]
