@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 
 from kvstate._kv import KvEntry, KvStore
 from kvstate.codec import decode_operation
-from kvstate.errors import CorruptValue, KvstateError
+from kvstate.errors import ClientClosedError, CorruptValue, KvstateError
 from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
 from kvstate.model import Operation
 
@@ -189,6 +189,8 @@ class Watcher:
     async def __anext__(self) -> Change:
         if self._closed and self._queue.empty():
             raise StopAsyncIteration
+        if self._supervisor is None:  # never started: nothing would ever arrive
+            raise ClientClosedError("a watcher delivers changes inside `async with client.watch() as changes:`")
         item = await self._queue.get()
         if isinstance(item, StopAsyncIteration):
             raise item

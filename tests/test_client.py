@@ -522,6 +522,13 @@ async def test_scan_finishes_while_keys_are_purged_under_it(client: Client) -> N
     assert {o.id for o in found} <= {o.id for o in ops}
 
 
+async def test_a_watcher_used_without_async_with_says_how_instead_of_hanging(client: Client) -> None:
+    watcher = client.watch()
+    with pytest.raises(ClientClosedError, match="async with"):
+        await asyncio.wait_for(anext(watcher), 5)
+    await watcher.stop()
+
+
 async def test_watch_started_while_keys_are_purged_still_delivers(client: Client) -> None:
     ops = [await client.create("orders") for _ in range(200)]
     kept = await client.create("orders")
