@@ -12,7 +12,9 @@ because an event came out stale or was refused (InvalidTransition) is checked on
 against a fresh read from the stream leader when its state came from the cache or from a
 direct get (which any replica may answer): another process may have moved the operation
 on (finished a dependency, reopened a stage), and a stale read must cost a retry, never a
-wrong answer.
+wrong answer. Likewise an event naming a stage the cached pipeline lacks is tried once
+more with the pipeline read again from the bucket (``kvstate pipeline set`` may have added
+it since).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from kvstate.errors import (
     InvalidTransition,
     KvstateError,
     OperationNotFound,
+    UnknownStage,
 )
 from kvstate.keys import operation_id_from_key
 from kvstate.machine import Decision
@@ -177,6 +180,7 @@ class GroupCommitter:
         attempt = 0
         last_revision: int | None = None
         checked_with_leader = False
+        pipeline_reloaded = False
         while True:
             attempt += 1
             batch.extend(pending)
@@ -211,6 +215,11 @@ class GroupCommitter:
                 item.decision = decision
                 if decision.outcome is Outcome.APPLIED:
                     state = decision.operation
+            if not pipeline_reloaded and any(isinstance(item.decision, UnknownStage) for item in batch):
+                # The pipeline may have gained the stage since this process cached it.
+                pipeline_reloaded = True
+                self._pipelines.pop(current.pipeline, None)
+                continue
             if state is current:
                 if not from_leader and not checked_with_leader and _may_be_out_of_date(batch):
                     checked_with_leader = True

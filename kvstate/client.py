@@ -500,8 +500,10 @@ class Client:
     ) -> UpdateResult:
         """Merge ``patch`` (RFC 7386: null removes) into the shared metadata or ``stage``'s namespace."""
         normalized = normalize_json_object(patch, "metadata patch")
-        if stage is not None:
-            (await self._pipeline_of(op_id)).stage(stage)  # UnknownStage before anything is written
+        if stage is not None:  # UnknownStage before anything is written
+            pipeline = await self._pipeline_of(op_id)
+            if stage not in pipeline.stage_names:
+                (await self.refresh_pipeline(pipeline.name)).stage(stage)
         event = MergeMetadata(patch=normalized, stage=stage, worker=worker, **_eid(event_id))
         return await self.apply(op_id, event)
 

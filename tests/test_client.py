@@ -24,6 +24,7 @@ from kvstate import (
     OpStatus,
     Outcome,
     Settings,
+    StageSpec,
     StageStatus,
     UnknownPipeline,
     UnknownStage,
@@ -130,6 +131,18 @@ async def test_a_stage_reopened_by_another_process_is_not_stale(settings: Settin
     again = await client.start(op.id, "ingest", attempt=1)
     assert again.outcome is Outcome.STALE
     assert again.operation.revision == result.operation.revision
+
+
+async def test_a_stage_added_to_the_pipeline_by_another_process_is_known(settings: Settings, client: Client) -> None:
+    op = await client.create("orders")  # client caches the pipeline as it is now
+    grown = msgspec.structs.replace(PIPELINE, stages=(*PIPELINE.stages, StageSpec(name="extra", optional=True)))
+    async with Client(settings) as other:
+        await other.set_pipeline(grown)
+    result = await client.start(op.id, "extra")
+    assert result.outcome is Outcome.APPLIED
+    assert (await client.merge_metadata(op.id, {"seen": True}, stage="extra")).outcome is Outcome.APPLIED
+    with pytest.raises(UnknownStage):
+        await client.start(op.id, "never-defined")
 
 
 async def test_a_raising_update_function_fails_only_its_own_caller(client: Client) -> None:
