@@ -111,7 +111,7 @@ def nats_errors(key: str = "", last: int | None = None) -> Iterator[None]:
         if exc.err_code in CONFLICT_CODES:
             raise ConflictError(key, last, 1) from exc
         if exc.err_code == _MESSAGE_TOO_LARGE:
-            raise ValueTooLarge(key, -1, -1) from exc
+            raise ValueTooLarge(key, -1, -1, "the stream (its max message size)") from exc
         if exc.err_code == _STREAM_NOT_FOUND:
             raise BucketError(f"the bucket's stream is missing ({exc.description}); run `kvstate bucket init`") from exc
         if isinstance(exc, nats.js.errors.ServiceUnavailableError):
@@ -123,8 +123,18 @@ def nats_errors(key: str = "", last: int | None = None) -> Iterator[None]:
         raise ConnectionLostError(f"NATS did not answer in time (key {key!r})") from exc
     except nats.errors.NoRespondersError as exc:
         raise BucketError(f"no responders for {key!r}: the bucket is missing or JetStream is off") from exc
-    except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as exc:
+    except (
+        nats.errors.ConnectionClosedError,
+        nats.errors.ConnectionDrainingError,
+        nats.errors.ConnectionReconnectingError,
+        nats.errors.OutboundBufferLimitError,
+        nats.errors.StaleConnectionError,
+    ) as exc:
         raise ConnectionLostError(f"NATS connection unavailable: {exc}") from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise ValueTooLarge(key, -1, -1, "the server (its max_payload)") from exc
+    except nats.errors.Error as exc:  # anything else nats-py raises still leaves as a kvstate error
+        raise KvstateError(f"NATS error on {key!r}: {exc}") from exc
 
 
 class KvStore:

@@ -130,11 +130,16 @@ class InvalidMetadata(ValidationError):
 class ValueTooLarge(ValidationError):
     """The encoded operation is bigger than the bucket's max value size."""
 
-    def __init__(self, key: str, size: int, limit: int) -> None:
+    def __init__(self, key: str, size: int, limit: int, refused_by: str | None = None) -> None:
         self.key = key
         self.size = size
+        """encoded size in bytes, -1 when only the server knew it"""
         self.limit = limit
-        super().__init__(f"value for {key!r} is {size} bytes, over the bucket limit of {limit} bytes")
+        """the limit in bytes, -1 when only the server knew it"""
+        if refused_by is not None:
+            super().__init__(f"value for {key!r} is bigger than {refused_by} accepts")
+        else:
+            super().__init__(f"value for {key!r} is {size} bytes, over the bucket limit of {limit} bytes")
 
 
 class InvalidTransition(KvstateError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import msgspec
@@ -386,6 +387,16 @@ async def test_oversize_value_is_refused_and_state_kept(client: Client) -> None:
     assert info.value.limit == client.settings.max_value_size
     ok = await client.merge_metadata(op.id, {"after": 2})  # the operation still takes updates
     assert ok.operation.metadata == {"small": 1, "after": 2}
+
+
+async def test_a_limit_above_the_servers_max_payload_still_gives_value_too_large(settings: Settings) -> None:
+    roomy = dataclasses.replace(settings, bucket=settings.bucket + "big", max_value_size=4 * 1024 * 1024)
+    async with Client(roomy, create_bucket=True) as kv:
+        await kv.set_pipeline(PIPELINE)
+        op = await kv.create("orders")
+        with pytest.raises(ValueTooLarge, match="max_payload"):  # 1.5 MB: under our limit, over the server's
+            await kv.merge_metadata(op.id, {"blob": "x" * 1_500_000})
+        assert (await kv.merge_metadata(op.id, {"after": 1})).outcome is Outcome.APPLIED
 
 
 async def test_garbage_in_the_bucket_never_crashes_readers(
