@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -27,7 +28,14 @@ from typing import Any, TextIO
 import msgspec
 
 from kvstate.client import Client, Revision
-from kvstate.errors import ConfigurationError, KvstateError, OperationNotFound, ValidationError
+from kvstate.errors import (
+    BucketError,
+    ConfigurationError,
+    KvstateError,
+    OperationNotFound,
+    ServerVersionError,
+    ValidationError,
+)
 from kvstate.model import Operation, OpStatus
 from kvstate.pipeline import Pipeline
 from kvstate.settings import Settings
@@ -155,7 +163,19 @@ def _cmd_bucket(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 sys.stdout.write(f"{name + ':':16}{value}\n")
         return 0
 
-    return asyncio.run(_with_client(environ, args, body, create=args.action == "init"))
+    deadline = time.monotonic() + args.wait
+    delay = 0.5
+    while True:
+        try:
+            return asyncio.run(_with_client(environ, args, body, create=args.action == "init"))
+        except (BucketError, ConfigurationError, ServerVersionError, ValidationError):
+            raise  # a wrong setting or a bucket kvstate cannot use: waiting changes nothing
+        except KvstateError as exc:  # NATS not up yet, JetStream not ready, a cluster still forming
+            if time.monotonic() + delay > deadline:
+                raise
+            sys.stderr.write(f"kvstate: {exc}; retrying in {delay:g}s\n")
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def _cmd_pipeline(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -363,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bucket", help="create or inspect the bucket")
     p.add_argument("action", choices=["init", "info"])
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="retry while NATS or JetStream is not ready yet, for up to SECONDS (for start-up ordering)",
+    )
     _common(p)
     p.set_defaults(handler=_cmd_bucket)
 

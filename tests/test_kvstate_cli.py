@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,41 @@ def test_unreachable_server_is_exit_1_without_traceback(settings: Settings) -> N
     assert result.returncode == 1
     assert "cannot connect" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bucket_init_waits_for_a_server_that_starts_later(tmp_path: Path) -> None:
+    from kvstate.servers import NatsServer, free_port
+
+    port = free_port()
+    env = {
+        "NATS_URL": f"nats://127.0.0.1:{port}",
+        "KVSTATE_BUCKET": "late",
+        "KVSTATE_TIMEOUT": "1",  # each attempt gives up after a second
+        "PATH": "/usr/bin:/bin",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstate.cli", "bucket", "init", "--wait", "30"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # the first attempts find nothing listening
+        with NatsServer(tmp_path / "nats", port=port):
+            out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "retrying in" in err and "Traceback" not in err
+    assert "bucket 'late' ready" in out
+    # without --wait, the same start-up order fails at once
+    result = subprocess.run(
+        [sys.executable, "-m", "kvstate.cli", "bucket", "init"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 1 and "cannot connect" in result.stderr
 
 
 def test_plugged_in_subcommands_are_listed() -> None:
