@@ -1,6 +1,7 @@
 """The JSON API, shaped like Google's long-running Operations (google.longrunning).
 
     GET  /api/operations/{id}          one operation: name, done, metadata, error | result; ETag = revision
+                                       (a corrupt stored value: error code 15 DATA_LOSS, as in the list)
     GET  /api/operations               filter (``status=running AND stage=geo``), page_size, page_token
     POST /api/operations/{id}:cancel   revision-checked cancel (write token when configured;
                                        CSRF token unless sent as Authorization: Bearer)
@@ -21,11 +22,11 @@ from litestar.params import FromPath
 from litestar.utils.scope.state import ScopeState
 
 from dashboard.errors import BadQuery
-from dashboard.index import OpSummary
+from dashboard.index import CORRUPT, OpSummary
 from dashboard.pages import Dashboard, query_params
 from dashboard.query import decode_page_token, encode_page_token, parse_filter, parse_filter_expression
 from dashboard.security import check_write_access
-from kvstate import Operation, OperationNotFound, OpStatus
+from kvstate import CorruptValue, Operation, OperationNotFound, OpStatus
 from kvstate.keys import validate_id
 
 __all__ = ["OperationsApi"]
@@ -110,6 +111,21 @@ def summary_resource(op: OpSummary) -> OperationResource:
     return resource
 
 
+def corrupt_resource(op_id: str, exc: CorruptValue) -> OperationResource:
+    """A key whose stored value is not a valid operation: DATA_LOSS, as the list reports it."""
+    metadata: dict[str, Any] = {
+        "@type": "kvstate.CorruptValue",
+        "id": op_id,
+        "status": CORRUPT,
+        "revision": exc.revision,
+        "archived": False,
+    }
+    message = f"corrupt value at revision {exc.revision}: {exc.detail}"
+    return OperationResource(
+        name=f"operations/{op_id}", done=False, metadata=metadata, error=Status(code=_CODE_DATA_LOSS, message=message)
+    )
+
+
 def _etag(revision: int) -> str:
     return f'"{revision}"'
 
@@ -125,18 +141,20 @@ class OperationsApi(Controller):
         self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
     ) -> Response[OperationResource]:
         op_id = validate_id(name.removeprefix("operations/"))
-        archived = False
         try:
             op = await dashboard.client.get(op_id)
+            resource, revision = operation_resource(op), op.revision
+        except CorruptValue as exc:  # a resource like the list's, not an error: the key exists
+            resource, revision = corrupt_resource(op_id, exc), exc.revision
         except OperationNotFound:
             found = await dashboard.archive.get(op_id) if dashboard.archive.enabled else None
             if found is None:
                 raise
-            op, archived = found.operation, True
-        etag = _etag(op.revision)
+            resource, revision = operation_resource(found.operation, archived=True), found.operation.revision
+        etag = _etag(revision)
         if request.headers.get("if-none-match") == etag:
             return Response(content=None, status_code=304, headers={"ETag": etag})  # type: ignore[arg-type]
-        return Response(operation_resource(op, archived=archived), headers={"ETag": etag, "Cache-Control": "no-cache"})
+        return Response(resource, headers={"ETag": etag, "Cache-Control": "no-cache"})
 
     @get("/operations", summary="List live operations from the dashboard's index")
     async def list_operations(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> OperationList:

@@ -31,7 +31,7 @@ from dashboard.feed import Broadcaster, IndexFeed, running
 from dashboard.index import OperationIndex
 from dashboard.metrics import DashboardMetrics
 from dashboard.pages import Pages
-from dashboard.security import csrf_middleware, security_headers_middleware
+from dashboard.security import add_security_headers, csrf_middleware
 from dashboard.settings import DashboardSettings
 from dashboard.templating import Renderer, make_environment
 from dashboard.views import DashboardState
@@ -127,8 +127,8 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
             "renderer": Provide(_renderer, sync_to_thread=False),
         },
         lifespan=[lifespan],
+        before_send=[add_security_headers],
         middleware=[
-            security_headers_middleware,
             csrf_middleware(
                 CSRFConfig(
                     secret=settings.secret or secrets.token_hex(32), cookie_samesite="strict", cookie_httponly=False

@@ -5,8 +5,10 @@
     └── ArchiveUnavailable            DATABASE_URL unset or PostgreSQL unreachable (503)
 
 kvstate errors map as: OperationNotFound 404, ValidationError 400, ConflictError and
-StaleUpdate 409, ConnectionLostError 503. Anything unexpected is logged with its traceback
-and answered with a generic 500 page: no stack trace ever reaches the browser.
+StaleUpdate 409, CorruptValue 409 (status DATA_LOSS in the JSON body: the stored value
+cannot be changed until it is repaired or removed), ConnectionLostError 503. Anything
+unexpected is logged with its traceback and answered with a generic 500 page: no stack
+trace ever reaches the browser.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kvstate import (
     ClientClosedError,
     ConflictError,
     ConnectionLostError,
+    CorruptValue,
     OperationNotFound,
     StaleUpdate,
     ValidationError,
@@ -58,6 +61,7 @@ class HttpError:
     status: int
     title: str
     message: str
+    rpc_status: str | None = None  # google.rpc.Code name when the HTTP status alone would mislead
 
 
 # google.rpc.Code names for the JSON API's error bodies.
@@ -82,6 +86,9 @@ def classify(exc: Exception) -> HttpError:
         return HttpError(400, "Bad request", str(exc))
     if isinstance(exc, ConflictError | StaleUpdate):
         return HttpError(409, "Conflict", str(exc))
+    if isinstance(exc, CorruptValue):
+        message = f"{exc}; it cannot be changed until the value is repaired or the key removed"
+        return HttpError(409, "Corrupt value", message, rpc_status="DATA_LOSS")
     if isinstance(exc, ConnectionLostError | ClientClosedError):
         return HttpError(503, "NATS unreachable", f"The dashboard cannot reach NATS right now ({exc}).")
     if isinstance(exc, ArchiveUnavailable):
@@ -109,7 +116,7 @@ def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Re
         body = {
             "error": {
                 "code": error.status,
-                "status": _RPC_STATUS.get(error.status, "UNKNOWN"),
+                "status": error.rpc_status or _RPC_STATUS.get(error.status, "UNKNOWN"),
                 "message": error.message,
             }
         }

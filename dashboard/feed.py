@@ -3,7 +3,10 @@
 ``IndexFeed`` runs ``client.watch(include_existing=True, include_corrupt=True)`` and
 applies every change to the ``OperationIndex``; kvstate's watcher already survives NATS
 restarts (it resubscribes from the last sequence it delivered: no gaps, no duplicates).
-A ticker marks stuck stages and notices connection loss and recovery.
+A ticker marks stuck stages and notices connection loss and recovery. Should the watch
+itself end or fail, the feed opens a new one and replays the bucket into an emptied
+index: ``ready`` is cleared for that replay (pages show "Loading", ``/healthz`` says 503)
+and set again, with the age order sorted, once the replay is in.
 
 ``Broadcaster`` sends *signals*, not data, to the browsers' server-sent-event streams:
 "something changed, re-fetch your fragment". It is debounced (at most one signal per
@@ -24,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from litestar.response import ServerSentEventMessage
 
 from dashboard.index import OperationIndex
-from kvstate import Change, Client, CorruptValue, KvstateError, UnknownPipeline
+from kvstate import Change, Client, CorruptValue, KvstateError, UnknownPipeline, Watcher
 
 __all__ = ["Broadcaster", "IndexFeed", "running"]
 
@@ -140,7 +143,8 @@ class IndexFeed:
         self.broadcaster = broadcaster
         self.clock = clock
         self.tick_interval = tick
-        self.ready = asyncio.Event()  # set once the initial replay is in the index
+        self.ready = asyncio.Event()  # set while the index holds a complete replay of the bucket
+        self.watcher: Watcher | None = None  # the watch feeding the index now
         self.connected = True
         self.disconnected_since: float | None = None
         self.restarts = 0
@@ -185,19 +189,37 @@ class IndexFeed:
             await asyncio.sleep(1.0)
 
     async def _watch_once(self) -> None:
-        self.index.reset()
-        self.index.begin_bulk()
         async with self.client.watch(include_existing=True, include_corrupt=True) as changes:
-            if changes.initial_done.is_set():
-                self._replayed()
-            async for change in changes:
+            # The index is emptied only once a new watch is open, so a watch that cannot be
+            # opened (NATS away) leaves the last figures on the pages.
+            self.watcher = changes
+            self.ready.clear()
+            self.index.reset()
+            self.index.begin_bulk()
+            self.broadcaster.notify()
+            replaying = True
+            while True:
+                if replaying and changes.initial_done.is_set():
+                    upcoming = asyncio.ensure_future(_next(changes))
+                    try:
+                        await asyncio.sleep(0)  # see _next: a change already queued is taken now
+                    except asyncio.CancelledError:
+                        upcoming.cancel()
+                        raise
+                    if not upcoming.done():  # nothing was queued: the whole replay is applied
+                        self._replayed()
+                        replaying = False
+                    change = await upcoming
+                else:
+                    change = await _next(changes)
+                if change is None:
+                    return
                 await self._apply(change)
-                if not self.ready.is_set() and changes.initial_done.is_set():
-                    self._replayed()
-                elif self.ready.is_set():
+                if not replaying:
                     self.broadcaster.notify()
 
     def _replayed(self) -> None:
+        """The (re)play is in: sort the age order once and mark the index ready."""
         self.index.end_bulk()
         # The replayed index is long-lived: move it out of the cyclic collector's way, so
         # collections triggered by request handling do not walk every summary
@@ -232,6 +254,21 @@ class IndexFeed:
                 changed = True
             if changed:
                 self.broadcaster.notify()
+
+
+async def _next(changes: Watcher) -> Change | None:
+    """The next change, or None once the watch has ended.
+
+    kvstate sets ``initial_done`` when the last replayed value *reaches* the watcher,
+    which can be long before the feed has applied the queued replay. So once it is set,
+    the feed runs ``_next`` as a task and yields once: on a watcher with changes queued
+    the task completes in its first step, before the feed resumes; when it has not
+    completed, the queue was empty and the whole replay is in the index.
+    """
+    try:
+        return await anext(changes)
+    except StopAsyncIteration:
+        return None
 
 
 @contextlib.asynccontextmanager

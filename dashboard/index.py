@@ -182,7 +182,9 @@ class OperationFilter:
     """A query over the index. Empty fields match everything.
 
     ``stage`` alone matches operations with that stage running or retrying; with
-    ``stage_status`` it matches that status of that stage.
+    ``stage_status`` it matches that status of that stage. ``stuck`` keeps operations
+    with a stuck stage (with ``stage``: with that stage stuck); the index checks it, as
+    the summaries do not know what is stuck.
     """
 
     statuses: frozenset[str] = frozenset()
@@ -195,6 +197,7 @@ class OperationFilter:
     created_before: float | None = None
     meta_key: str | None = None
     meta_value: str | None = None
+    stuck: bool = False
     newest_first: bool = True
 
     def matches(self, op: OpSummary) -> bool:
@@ -582,7 +585,7 @@ class OperationIndex:
 
         Returns the page and the cursor of the next page (None on the last page).
         """
-        order = self._order
+        order = self._order if not flt.stuck else self._stuck_order_by_age(flt.stage)
         if flt.newest_first:
             start = len(order) if after is None else bisect_left(order, after)
             positions: range = range(start - 1, -1, -1)
@@ -594,7 +597,7 @@ class OperationIndex:
         page: list[OpSummary] = []
         for pos in positions:
             op = self._ops[order[pos][1]]
-            if flt.matches(op):
+            if self._selects(flt, op):
                 if len(page) == limit:
                     last = page[-1]
                     return page, (last.created, last.id)
@@ -603,4 +606,23 @@ class OperationIndex:
 
     def count(self, flt: OperationFilter) -> int:
         """How many operations match ``flt`` (walks the index: for tests and small lists)."""
-        return sum(1 for op in self._ops.values() if flt.matches(op))
+        return sum(1 for op in self._ops.values() if self._selects(flt, op))
+
+    def _selects(self, flt: OperationFilter, op: OpSummary) -> bool:
+        if flt.stuck:
+            stuck = self._stuck.get(op.id)
+            if not stuck or (flt.stage is not None and flt.stage not in stuck):
+                return False
+        return flt.matches(op)
+
+    def _stuck_order_by_age(self, stage: str | None) -> list[tuple[float, str]]:
+        """(created, id) of the operations with a stuck stage (``stage`` when given), sorted.
+
+        Costs the number of stuck operations, not the index size, so a stuck-only list
+        does not walk every operation to find the few that are stuck.
+        """
+        return sorted(
+            (self._ops[op_id].created, op_id)
+            for op_id, stages in self._stuck.items()
+            if stages and (stage is None or stage in stages)
+        )

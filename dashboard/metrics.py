@@ -42,7 +42,9 @@ class _IndexCollector(Collector):
             "kvstate_dashboard_nats_connected", "1 while NATS is reachable", value=int(self.connected())
         )
         yield GaugeMetricFamily(
-            "kvstate_dashboard_index_ready", "1 once the initial replay is indexed", value=int(self.feed.ready.is_set())
+            "kvstate_dashboard_index_ready",
+            "1 while the index holds a complete replay of the bucket",
+            value=int(self.feed.ready.is_set()),
         )
         yield GaugeMetricFamily(
             "kvstate_dashboard_event_streams", "Open server-sent-event streams", value=self.broadcaster.clients

@@ -3,7 +3,8 @@
 Filters live in the query string so a view can be shared: ``status`` (repeatable or
 comma-separated), ``pipeline``, ``stage``, ``stage_status``, ``worker``, ``id`` (a
 prefix), ``created_after`` / ``created_before`` (ISO 8601, UTC when no offset),
-``meta`` (``key=value`` or ``key``), ``order`` (``newest`` or ``oldest``). The JSON API
+``meta`` (``key=value`` or ``key``), ``stuck`` (``1``: only operations with a stuck stage,
+with ``stage``: that stage stuck), ``order`` (``newest`` or ``oldest``). The JSON API
 also takes the same terms as one ``filter`` string: ``status=running AND stage=geo``.
 """
 
@@ -40,6 +41,7 @@ FILTER_KEYS = (
     "created_after",
     "created_before",
     "meta",
+    "stuck",
     "order",
 )
 _STATUSES = {s.value for s in OpStatus} | {CORRUPT}
@@ -68,14 +70,23 @@ def _name(params: Mapping[str, Sequence[str]], key: str) -> str | None:
 
 
 def parse_time(value: str, field: str) -> float:
-    """An ISO-8601 time (UTC when it has no offset) as epoch seconds; BadQuery otherwise."""
+    """An ISO-8601 time (UTC when it has no offset) as epoch seconds; BadQuery otherwise.
+
+    The time must fall within years 1-9999 in UTC too (``0001-01-01T00:00+01:00`` does
+    not), so the result always converts back to a ``datetime``.
+    """
     try:
         when = datetime.fromisoformat(value)
     except ValueError:
         raise BadQuery(field, "not an ISO-8601 time such as 2025-01-31T12:00") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when.timestamp()
+    try:
+        epoch = when.timestamp()
+        datetime.fromtimestamp(epoch, UTC)
+    except (ValueError, OverflowError, OSError):
+        raise BadQuery(field, "out of range: the time must fall within years 1 to 9999 in UTC") from None
+    return epoch
 
 
 def parse_filter(params: Mapping[str, Sequence[str]]) -> OperationFilter:
@@ -104,6 +115,9 @@ def parse_filter(params: Mapping[str, Sequence[str]]) -> OperationFilter:
         if not meta_key:
             raise BadQuery("meta", "write key=value or key")
         meta_value = rest.strip() if sep else None
+    stuck = _one(params, "stuck") or "0"
+    if stuck not in ("0", "1", "false", "true"):
+        raise BadQuery("stuck", "1 (only operations with a stuck stage) or 0")
     order = _one(params, "order") or "newest"
     if order not in ("newest", "oldest"):
         raise BadQuery("order", "newest or oldest")
@@ -120,6 +134,7 @@ def parse_filter(params: Mapping[str, Sequence[str]]) -> OperationFilter:
         created_before=parse_time(before, "created_before") if before else None,
         meta_key=meta_key,
         meta_value=meta_value,
+        stuck=stuck in ("1", "true"),
         newest_first=order == "newest",
     )
 
@@ -155,6 +170,7 @@ def filter_params(flt: OperationFilter, **overrides: str | Iterable[str] | None)
         "created_after": [_iso(flt.created_after)] if flt.created_after is not None else [],
         "created_before": [_iso(flt.created_before)] if flt.created_before is not None else [],
         "meta": [flt.meta_key + ("=" + flt.meta_value if flt.meta_value is not None else "")] if flt.meta_key else [],
+        "stuck": ["1"] if flt.stuck else [],
         "order": [] if flt.newest_first else ["oldest"],
     }
     for key, value in overrides.items():

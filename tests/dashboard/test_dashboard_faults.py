@@ -10,6 +10,8 @@ from dashboard_support import state_of
 from litestar.testing import AsyncTestClient
 
 from dashboard.app import create_app
+from dashboard.feed import Broadcaster, IndexFeed, running
+from dashboard.index import OperationFilter, OperationIndex
 from dashboard.settings import DashboardSettings
 from kvstate import Client, Pipeline, Settings, StageSpec
 from kvstate.servers import NatsServer
@@ -57,3 +59,49 @@ async def test_nats_restart_shows_a_banner_then_catches_up_without_duplicates(pr
         assert "NATS is unreachable" not in up and 'data-testid="total">2<' in up
         assert (await http.get("/healthz")).status_code == 200
         assert state.index.changes == 3  # 1 replayed + create and start after the restart: no duplicates
+
+
+class RecordedReadiness(asyncio.Event):
+    """The feed's ``ready`` event, remembering each set and clear with the index size then."""
+
+    def __init__(self, index: OperationIndex) -> None:
+        super().__init__()
+        self.index = index
+        self.log: list[tuple[str, int]] = []
+
+    def set(self) -> None:
+        self.log.append(("set", len(self.index)))
+        super().set()
+
+    def clear(self) -> None:
+        self.log.append(("clear", len(self.index)))
+        super().clear()
+
+
+async def test_a_restarted_watch_replays_into_a_sorted_index_and_is_ready_only_when_done(client: Client) -> None:
+    oldest = await client.create("orders")
+    newer = [await client.create("orders") for _ in range(3)]
+    await client.start(oldest.id, "ingest")  # the oldest operation now comes last in a replay
+    in_age_order = [oldest.id, *(op.id for op in newer)]
+    index, broadcaster = OperationIndex(), Broadcaster(debounce=0.01)
+    feed = IndexFeed(client, index, broadcaster, tick=0.05)
+    readiness = feed.ready = RecordedReadiness(index)
+
+    def listed(limit: int = 10, after: tuple[float, str] | None = None) -> list[str]:
+        return [op.id for op in index.query(OperationFilter(newest_first=False), limit, after)[0]]
+
+    async with running(feed, broadcaster):
+        await until(lambda: readiness.is_set(), 10)
+        assert listed() == in_age_order
+        first = feed.watcher
+        assert first is not None
+        await first.stop()  # the watch ends: the feed must open another one and replay
+        await until(lambda: feed.restarts == 1 and feed.watcher is not first and readiness.is_set(), 10)
+        # not ready while (re)playing; ready again only with the whole bucket in the index
+        assert readiness.log == [("clear", 0), ("set", 4), ("clear", 4), ("set", 4)], readiness.log
+        assert listed() == in_age_order  # sorted again after the replay
+        _, cursor = index.query(OperationFilter(newest_first=False), 2)
+        assert cursor is not None and listed(2) + listed(2, cursor) == in_age_order  # keyset pages too
+        late = await client.create("orders")
+        await until(lambda: late.id in index, 10)
+        assert listed() == [*in_age_order, late.id]  # changes after the replay keep the order

@@ -137,6 +137,29 @@ def test_stuck_by_deadline_and_by_heartbeat_and_cleared_by_progress(ops: Ops) ->
     assert {s.op_id for s in ops.index.stuck()[0]} == {"b"}
 
 
+def test_stuck_filter_lists_operations_with_a_stuck_stage_in_age_order(ops: Ops) -> None:
+    for i in range(6):
+        ops.create(f"op{i}", T0 + timedelta(seconds=i))
+        ops.event(f"op{i}", StartStage(stage="ingest"), T0 + timedelta(seconds=i))
+        if i % 2:
+            ops.event(f"op{i}", SucceedStage(stage="ingest"), T0 + timedelta(seconds=i))
+            ops.event(f"op{i}", StartStage(stage="geo"), T0 + timedelta(seconds=i))
+    ops.event("op5", Heartbeat(stage="geo"), T0 + timedelta(seconds=14))  # geo of op5 is alive at 15 s
+    assert ops.index.tick(T0.timestamp() + 40)  # ingest past its 10 s deadline; geo of op1, op3: no heartbeat
+    stuck = OperationFilter(stuck=True)
+    assert [op.id for op in ops.index.query(stuck, 10)[0]] == ["op4", "op3", "op2", "op1", "op0"]
+    page, cursor = ops.index.query(OperationFilter(stuck=True, newest_first=False), 2)
+    assert [op.id for op in page] == ["op0", "op1"] and cursor is not None
+    assert [op.id for op in ops.index.query(OperationFilter(stuck=True, newest_first=False), 2, cursor)[0]] == [
+        "op2",
+        "op3",
+    ]
+    assert [op.id for op in ops.index.query(OperationFilter(stuck=True, stage="geo"), 10)[0]] == ["op3", "op1"]
+    assert ops.index.count(OperationFilter(stuck=True, stage="ingest")) == 3
+    ops.event("op0", SucceedStage(stage="ingest"), T0 + timedelta(seconds=41))  # progress clears it
+    assert ops.index.count(stuck) == 4 and ops.index.count(OperationFilter()) == 6
+
+
 def test_query_filters_and_keyset_pages(ops: Ops) -> None:
     for i in range(12):
         ops.create(f"op{i:02d}", T0 + timedelta(seconds=i), {"customer": f"c{i % 3}", "nested": {"x": 1}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import time
 
 import pytest
 from dashboard_support import eventually, populate, state_of
@@ -47,9 +48,33 @@ async def test_overview_shows_live_counts_with_links_to_filtered_lists(
     assert ids[2] in html  # validate failed: listed under recent failures
 
 
+async def test_stuck_counts_link_to_the_list_of_stuck_operations(
+    client: Client, dashboard_settings: DashboardSettings
+) -> None:
+    # A clock a minute ahead: every running stage is past the pipeline's 30 s heartbeat timeout.
+    app = create_app(dashboard_settings, clock=lambda: time.time() + 60)
+    ids = await populate(client, 12)
+    stuck_ids = {ids[i] for i in range(12) if i % 6 in (0, 1, 3, 4)}  # ingest, validate, fraud or merge running
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
+        index = state_of(app).index
+        await eventually(lambda: len(index) == 12 and index.stuck(0)[1] == 8)
+        html = (await http.get("/")).text
+        heading = re.search(r'data-testid="stuck-total" href="([^"]+)">8 stages<', html)
+        fraud = re.search(r'data-testid="stuck-fraud" href="([^"]+)">⚠ 2 stuck<', html)
+        assert heading is not None and fraud is not None
+        listed = (await http.get(heading.group(1).replace("&amp;", "&"))).text
+        shown = set(re.findall(r'data-op="([^"]+)"', listed))
+        assert len(shown) == 5 and shown <= stuck_ids and "page_token" in listed  # page size 5: a next page
+        assert 'name="stuck" value="1" checked' in listed
+        by_stage = (await http.get(fraud.group(1).replace("&amp;", "&"))).text
+        assert set(re.findall(r'data-op="([^"]+)"', by_stage)) == {ids[3], ids[9]}
+        api = (await http.get("/api/operations", params={"filter": "stuck=1", "page_size": "50"})).json()
+        assert {op["metadata"]["id"] for op in api["operations"]} == stuck_ids
+
+
 async def test_empty_bucket_explains_how_to_start_the_demo(http: Http) -> None:
     html = (await http.get("/")).text
-    assert "No operations yet" in html and "make run" in html
+    assert "No operations yet" in html and "scripts/run" in html
 
 
 async def test_operations_list_filters_paginates_and_sorts(client: Client, app: Litestar, http: Http) -> None:
@@ -78,15 +103,32 @@ async def test_operations_list_filters_paginates_and_sorts(client: Client, app: 
     [
         ({"status": "nonsense"}, "status"),
         ({"created_after": "yesterday"}, "created_after"),
+        ({"created_after": "0001-01-01T00:00:00+01:00"}, "created_after"),  # year 0 in UTC
+        ({"created_before": "9999-12-31T23:59:59-10:00"}, "created_before"),  # year 10000 in UTC
         ({"page_token": "!!!"}, "page_token"),
         ({"stage_status": "running"}, "stage_status"),
         ({"bogus": "1"}, "bogus"),
+        ({"stuck": "maybe"}, "stuck"),
     ],
 )
 async def test_bad_filters_are_a_clear_400(http: Http, params: dict[str, str], field: str) -> None:
     response = await http.get("/operations", params=params)
     assert response.status_code == 400
     assert field in response.text
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-10:00"])
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [("/api/operations", "created_after"), ("/archive", "finished_after"), ("/archive", "finished_before")],
+)
+async def test_out_of_range_times_are_a_clear_400_in_the_api_and_archive(
+    http: Http, url: str, field: str, value: str
+) -> None:
+    response = await http.get(url, params={field: value})
+    assert response.status_code == 400
+    assert field in response.text and "out of range" in response.text
     assert "Traceback" not in response.text
 
 
@@ -154,6 +196,38 @@ async def test_cancel_needs_csrf_then_is_revision_checked(client: Client, http: 
     assert again.status_code == 409 and "already cancelled" in again.text
 
 
+async def test_cancel_works_after_a_restart_with_another_csrf_secret(
+    client: Client, dashboard_settings: DashboardSettings
+) -> None:
+    # The default secret is random per process: after a restart the browser still holds the
+    # old process's csrftoken cookie, which the new secret does not sign.
+    from dataclasses import replace
+
+    op = await client.create("orders")
+    before = create_app(replace(dashboard_settings, secret="a" * 32))
+    after = create_app(replace(dashboard_settings, secret="b" * 32))
+    async with AsyncTestClient(app=before, base_url="http://127.0.0.1") as old:
+        assert (await old.get(f"/operations/{op.id}")).status_code == 200
+        stale = old.cookies["csrftoken"]
+        jar = old.cookies
+    async with AsyncTestClient(app=after, base_url="http://127.0.0.1") as new:
+        new.cookies = jar  # the same browser
+        page = await new.get(f"/operations/{op.id}")
+        found = re.search(r'name="_csrf_token" value="([^"]+)"', page.text)
+        assert found is not None
+        token = found.group(1)
+        assert token != stale and new.cookies["csrftoken"] == token  # a fresh token, and the cookie replaced
+        done = await new.post(
+            f"/operations/{op.id}/cancel",
+            data={"_csrf_token": token, "reason": "after restart"},
+            headers={"HX-Request": "true"},
+        )
+        assert done.status_code == 200, done.text[:300]
+        again = await new.get("/")  # a valid cookie is kept as it is
+        assert "set-cookie" not in again.headers and new.cookies["csrftoken"] == token
+    assert (await client.get(op.id)).status is OpStatus.CANCELLED
+
+
 async def test_get_never_changes_state(client: Client, http: Http) -> None:
     op = await client.create("orders")
     response = await http.get(f"/operations/{op.id}/cancel")
@@ -161,12 +235,24 @@ async def test_get_never_changes_state(client: Client, http: Http) -> None:
     assert (await client.get(op.id)).status is OpStatus.PENDING
 
 
-async def test_security_headers_on_pages_and_errors(http: Http) -> None:
-    for url in ("/", "/operations/nothere", "/static/dashboard.css"):
-        response = await http.get(url)
+async def test_security_headers_on_pages_and_errors(client: Client, http: Http) -> None:
+    op = await client.create("orders")
+    responses = [await http.get(url) for url in ("/", "/operations/nothere", "/static/dashboard.css", "/nope")]
+    framework = {
+        404: responses[-1],  # no route: answered by the router, before any route middleware
+        405: await http.put("/"),
+        403: await http.post(f"/operations/{op.id}/cancel", data={"reason": "no token"}),  # the CSRF middleware
+        # too large while the CSRF middleware reads the form for its token
+        413: await http.post(f"/operations/{op.id}/cancel", data={"reason": "x" * 40_000}),
+    }
+    for status, response in framework.items():
+        assert response.status_code == status, (status, response.text[:200])
+    for response in [*responses, *framework.values()]:
         csp = response.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "frame-ancestors 'none'" in csp
         assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+    assert (await client.get(op.id)).status is OpStatus.PENDING
 
 
 async def test_htmx_is_served_locally_with_its_version(http: Http) -> None:
@@ -324,6 +410,24 @@ async def test_corrupt_value_is_shown_as_corrupt_not_a_crash(client: Client, app
     assert "<b>bold</b>" not in detail.text
     api = (await http.get("/api/operations", params={"status": "corrupt"})).json()
     assert api["operations"][0]["error"]["code"] == 15
+
+
+async def test_api_reports_a_corrupt_value_as_data_loss_and_refuses_to_cancel_it(client: Client, http: Http) -> None:
+    await client.store.js.publish(client.store.subject("op.broken"), b"\x00\x01not json")
+    response = await http.get("/api/operations/broken")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["name"] == "operations/broken" and body["done"] is False
+    assert body["error"]["code"] == 15 and "corrupt value at revision" in body["error"]["message"]  # as in the list
+    assert body["metadata"]["status"] == "corrupt"
+    assert response.headers["etag"] == f'"{body["metadata"]["revision"]}"'
+    token = await csrf_token(http)
+    cancel = await http.post("/api/operations/broken:cancel", headers={"X-CSRFToken": token})
+    assert cancel.status_code == 409, cancel.text
+    error = cancel.json()["error"]
+    assert error["code"] == 409 and error["status"] == "DATA_LOSS" and "corrupt value" in error["message"]
+    form = await http.post("/operations/broken/cancel", headers={"X-CSRFToken": token, "HX-Request": "true"})
+    assert form.status_code == 409 and "Corrupt value" in form.text
 
 
 async def test_archive_page_explains_when_not_configured(http: Http) -> None:

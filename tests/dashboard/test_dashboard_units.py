@@ -8,12 +8,14 @@ import asyncio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from litestar.middleware.csrf import generate_csrf_token
 
 from dashboard.cli import register, settings_from
 from dashboard.errors import BadQuery
 from dashboard.feed import Broadcaster
 from dashboard.query import decode_page_token, encode_page_token, filter_params, parse_filter, parse_filter_expression
 from dashboard.render import show
+from dashboard.security import csrf_token_is_valid
 from dashboard.settings import DashboardSettings
 from dashboard.templating import make_environment, template_directory
 from kvstate import ConfigurationError, CorruptValue
@@ -82,8 +84,16 @@ def test_cli_registers_the_subcommand_with_nats_url() -> None:
 
 
 def test_filters_round_trip_through_the_url() -> None:
-    params = {"status": ["running,failed"], "stage": ["geo"], "meta": ["k=v"], "order": ["oldest"], "id": ["01"]}
+    params = {
+        "status": ["running,failed"],
+        "stage": ["geo"],
+        "meta": ["k=v"],
+        "order": ["oldest"],
+        "id": ["01"],
+        "stuck": ["1"],
+    }
     flt = parse_filter(params)
+    assert flt.stuck and not parse_filter({"stuck": ["0"]}).stuck
     again = parse_filter({k: [v for key, v in filter_params(flt) if key == k] for k, _ in filter_params(flt)})
     assert again == flt
     assert parse_filter_expression("status=running AND meta.customer=42") == {
@@ -93,6 +103,15 @@ def test_filters_round_trip_through_the_url() -> None:
     assert decode_page_token(encode_page_token((1.5, "abc"))) == (1.5, "abc")
     with pytest.raises(BadQuery, match="page_token"):
         decode_page_token("bm90IGEgdG9rZW4")
+
+
+def test_csrf_token_check_accepts_only_tokens_signed_with_the_secret() -> None:
+    token = generate_csrf_token("a" * 32)
+    assert csrf_token_is_valid(token, "a" * 32)
+    assert not csrf_token_is_valid(token, "b" * 32)
+    assert not csrf_token_is_valid(token[:64], "a" * 32) and not csrf_token_is_valid("", "a" * 32)
+    assert not csrf_token_is_valid(token[:-1] + "é", "a" * 32)  # a cookie is any bytes: no TypeError
+    assert not csrf_token_is_valid(token[:-1] + ("0" if token[-1] != "0" else "1"), "a" * 32)
 
 
 async def test_broadcaster_debounces_and_drops_for_slow_clients() -> None:
