@@ -144,8 +144,9 @@ class WorkQueue:
         self.prefix = prefix
 
     @classmethod
-    async def open(cls, nc: NATS, stream: str, prefix: str, *, timeout: float = 5.0) -> WorkQueue:
-        """Create the stream when missing (work-queue retention, file storage, bounded)."""
+    async def open(cls, nc: NATS, stream: str, prefix: str, *, timeout: float = 5.0, replicas: int = 1) -> WorkQueue:
+        """Create the stream when missing (work-queue retention, file storage, bounded,
+        ``replicas`` copies: the bucket's, so the demo survives what the bucket survives)."""
         js = nc.jetstream(timeout=timeout)
         config = api.StreamConfig(
             name=stream,
@@ -155,6 +156,7 @@ class WorkQueue:
             max_msgs=MAX_MESSAGES,
             discard=api.DiscardPolicy.NEW,
             duplicate_window=DUPLICATE_WINDOW,
+            num_replicas=replicas,
             description="kvstate demo: work for the simulated services",
         )
         try:

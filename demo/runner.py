@@ -82,7 +82,9 @@ async def run_demo(
     try:
         async with Client(settings.kv, nc=nc, create_bucket=True, name="kvstate-demo") as client:
             await client.set_pipeline(pipeline)
-            queue = await WorkQueue.open(nc, settings.stream, settings.subject_prefix, timeout=settings.kv.timeout)
+            queue = await WorkQueue.open(
+                nc, settings.stream, settings.subject_prefix, timeout=settings.kv.timeout, replicas=settings.kv.replicas
+            )
             run = _Run(client, queue, pipeline, settings, chosen, stop or asyncio.Event(), out, progress_interval)
             return await run.execute()
     finally:
