@@ -188,3 +188,38 @@ def test_kvstate_up_killed_with_sigkill_leaves_no_process_and_starts_again(tmp_p
     assert read_stack(state) is not None  # nobody was left to remove it
     # the next run replaces the stale stack.json and finds a PostgreSQL that shut down cleanly
     run_stack_once(state, tmp_path, "after-kill", min_archived=1)
+
+
+def test_kvstate_up_uses_the_servers_it_is_given_and_leaves_them_running(
+    tmp_path: Path, nats_server: Any, settings: Any, database_url: str
+) -> None:
+    pytest.importorskip("archiver.cli")
+    pytest.importorskip("dashboard.cli")
+    state = tmp_path / "state"
+    env = stack_env(state)
+    env.update(
+        NATS_URL=nats_server.url,
+        DATABASE_URL=database_url,
+        KVSTATE_BUCKET=settings.bucket,  # this test's own bucket and work stream on the shared server
+        DEMO_STREAM=f"DEMO_{settings.bucket}",
+        DEMO_SUBJECT_PREFIX=f"demo.{settings.bucket}",
+    )
+    out = tmp_path / "given.out"
+    with open(out, "wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstate.cli", "up"], env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
+    try:
+        info = wait_until(lambda: (i := read_stack(state)) and i["pid"] == proc.pid and i, 90, "stack.json", proc, out)
+        assert info["servers"] == {}  # it started neither nats-server nor PostgreSQL
+        assert (info["nats_url"], info["database_url"]) == (nats_server.url, database_url)
+        wait_until(lambda: archived_count(database_url) >= 1, 60, "an archived operation", proc, out)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (state / "nats").exists() and not (state / "postgres").exists()
+    assert nats_server.proc.poll() is None  # the given servers keep running
+    assert archived_count(database_url) >= 1
