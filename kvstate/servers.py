@@ -320,6 +320,7 @@ class PostgresServer(_ServerProcess):
             text=True,
             timeout=120,
             env={**os.environ, "HOME": str(self.directory)},
+            start_new_session=True,  # a Ctrl-C meant for the caller must not cut initdb short
         )
         if result.returncode != 0:
             raise ServerStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
