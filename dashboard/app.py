@@ -20,6 +20,7 @@ from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.plugins.htmx import HTMXPlugin
 from litestar.response import ServerSentEvent
 from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -127,6 +128,7 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
             "renderer": Provide(_renderer, sync_to_thread=False),
         },
         lifespan=[lifespan],
+        plugins=[HTMXPlugin()],  # request.htmx: which requests htmx sent, and what it targets
         before_send=[add_security_headers],
         middleware=[
             csrf_middleware(

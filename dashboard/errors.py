@@ -20,6 +20,7 @@ from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.plugins.htmx import HTMXRequest
 
 from dashboard.templating import Renderer
 from kvstate import (
@@ -32,7 +33,15 @@ from kvstate import (
     ValidationError,
 )
 
-__all__ = ["ArchiveUnavailable", "BadQuery", "DashboardError", "HttpError", "classify", "exception_to_response"]
+__all__ = [
+    "ArchiveUnavailable",
+    "BadQuery",
+    "DashboardError",
+    "HttpError",
+    "classify",
+    "exception_to_response",
+    "is_htmx",
+]
 
 log = logging.getLogger("dashboard.errors")
 
@@ -104,6 +113,11 @@ def classify(exc: Exception) -> HttpError:
     return HttpError(500, "Internal error", "The dashboard hit an unexpected error; it has been logged.")
 
 
+def is_htmx(request: Request[Any, Any, Any]) -> bool:
+    """True for a request htmx sent (Litestar's htmx plugin makes every request an HTMXRequest)."""
+    return isinstance(request, HTMXRequest) and bool(request.htmx)
+
+
 def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The one exception handler: JSON under /api, an htmx fragment for htmx requests, else a page."""
     error = classify(exc)
@@ -121,6 +135,6 @@ def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Re
             }
         }
         return Response(body, status_code=error.status, media_type=MediaType.JSON, headers=headers)
-    template = "partials/error.html" if request.headers.get("hx-request") == "true" else "error.html"
+    template = "partials/error.html" if is_htmx(request) else "error.html"
     renderer: Renderer = request.app.state.renderer
     return renderer.response(request, template, {"error": error}, status_code=error.status, headers=headers)

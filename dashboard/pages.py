@@ -15,7 +15,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Redirect
 
-from dashboard.errors import BadQuery
+from dashboard.errors import BadQuery, is_htmx
 from dashboard.security import check_write_access
 from dashboard.templating import Renderer
 from dashboard.views import (
@@ -116,7 +116,7 @@ class Pages(Controller):
         check_write_access(request, dashboard.settings.auth_token, token if isinstance(token, str) else None)
         result = await dashboard.client.cancel(op_id, reason=reason or "cancelled in the dashboard", by="dashboard")
         result.raise_for_stale()
-        if request.headers.get("hx-request") != "true":
+        if not is_htmx(request):  # a plain form post (no JavaScript): back to the page
             return Redirect(f"/operations/{op_id}", status_code=303)
         return renderer.response(request, "partials/cancel_result.html", {"result": result, "op_id": op_id})
 
