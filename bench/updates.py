@@ -38,6 +38,8 @@ from kvstate.servers import NatsServer, PostgresServer
 PIPELINE = Pipeline.from_toml(Path(__file__).resolve().parent.parent / "demo" / "pipeline.toml")
 STAGE_ORDER = [s for layer in PIPELINE.layers() for s in layer]
 VALUE = b"x" * 1024
+HISTORY = Settings().history
+"""Revisions kept per key in the baseline buckets: kvstate's default, so every case is like for like."""
 
 
 async def timed_tasks(
@@ -54,7 +56,7 @@ async def timed_tasks(
 
 async def raw_put(url: str, seconds: float) -> dict[str, float]:
     nc = await nats.connect(url)
-    kv = await nc.jetstream().create_key_value(bucket="rawput", history=10)
+    kv = await nc.jetstream().create_key_value(bucket="rawput", history=HISTORY)
 
     async def body(i: int, keep_going: Callable[[], bool]) -> int:
         n = 0
@@ -71,7 +73,7 @@ async def raw_put(url: str, seconds: float) -> dict[str, float]:
 
 async def bare_update(url: str, seconds: float) -> dict[str, float]:
     nc = await nats.connect(url)
-    kv = await nc.jetstream().create_key_value(bucket="bareupdate", history=10)
+    kv = await nc.jetstream().create_key_value(bucket="bareupdate", history=HISTORY)
     revisions = [await kv.put(f"k{i}", VALUE) for i in range(64)]
 
     async def body(i: int, keep_going: Callable[[], bool]) -> int:
