@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -76,7 +77,15 @@ def _handler(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``kvstate dashboard`` to the kvstate command."""
+    """Add ``kvstate dashboard`` to the kvstate command.
+
+    ImportError, before adding anything, when the dashboard extra is not installed (this
+    module itself imports without it): kvstate then lists the command with the extra to
+    install instead of failing when it runs.
+    """
+    for module in ("uvicorn", "litestar", "jinja2"):
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f"{module} is not installed", name=module)
     parser = subparsers.add_parser("dashboard", help="serve the live dashboard (Litestar + htmx)")
     _add_arguments(parser)
     parser.set_defaults(handler=_handler)

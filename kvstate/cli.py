@@ -442,11 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
             register = ep.load()
-        except ImportError as exc:
+            register(sub)
+        except ImportError as exc:  # the plug-in's extra is not installed
             missing = sub.add_parser(ep.name, help=f"(needs pip install 'kvstate[{_EXTRA_FOR.get(ep.name, ep.name)}]')")
             missing.set_defaults(handler=_missing_extra(ep.name, exc))
-            continue
-        register(sub)
     return parser
 
 

@@ -133,6 +133,20 @@ def test_bucket_init_waits_for_a_server_that_starts_later(tmp_path: Path) -> Non
     assert result.returncode == 1 and "cannot connect" in result.stderr
 
 
+def test_a_plug_in_without_its_extra_is_listed_with_the_extra_to_install() -> None:
+    # uvicorn "not installed": what a client-only install (pip install kvstate) sees
+    script = (
+        "import sys; sys.modules['uvicorn'] = None; from kvstate.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    listed = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0
+    assert "(needs pip install 'kvstate[dashboard]')" in " ".join(listed.stdout.split())
+    run = subprocess.run([sys.executable, "-c", script, "dashboard"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "pip install 'kvstate[dashboard]'" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_plugged_in_subcommands_are_listed() -> None:
     result = subprocess.run([sys.executable, "-m", "kvstate.cli", "--help"], capture_output=True, text=True)
     for name in ("archiver", "archive", "dashboard", "demo", "up"):
