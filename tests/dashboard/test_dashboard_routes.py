@@ -72,6 +72,11 @@ async def test_stuck_counts_link_to_the_list_of_stuck_operations(
         assert {op["metadata"]["id"] for op in api["operations"]} == stuck_ids
 
 
+async def test_the_metadata_filter_says_what_it_can_match(http: Http) -> None:
+    html = (await http.get("/operations")).text
+    assert "first 4 top-level metadata keys" in html and "archive search matches any JSON" in html
+
+
 async def test_empty_bucket_explains_how_to_start_the_demo(http: Http) -> None:
     html = (await http.get("/")).text
     assert "No operations yet" in html and "scripts/run" in html
