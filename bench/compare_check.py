@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 from bench.workload import MessageKind, OperationPlan, RunRecord, StageView, View
 
-__all__ = ["CheckResult", "check_run"]
+__all__ = ["TERMINAL_STATUSES", "CheckResult", "check_run"]
 
 _PHASE = {"waiting": 0, "running": 1, "retrying": 2, "failed": 2, "succeeded": 2, "skipped": 2, "cancelled": 2}
-_TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+"""Operation statuses that mean finished (the archiver archives such operations)."""
 
 
 @dataclass(slots=True)
@@ -51,7 +52,7 @@ def _rank(stage: StageView) -> tuple[int, int]:
 
 
 def _went_backwards(before: View, after: View) -> str | None:
-    if before.status in _TERMINAL and after.status not in _TERMINAL:
+    if before.status in TERMINAL_STATUSES and after.status not in TERMINAL_STATUSES:
         return f"operation {before.status} -> {after.status}"
     for name, old in before.stages.items():
         new = after.stages.get(name)

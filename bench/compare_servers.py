@@ -1,8 +1,12 @@
-"""Servers and meters for the comparison: fresh server pairs, the baseline process, PostgreSQL counters.
+"""Servers and meters for the comparison: fresh server pairs, the baseline and archiver processes,
+PostgreSQL counters.
 
 PostgreSQL CPU time is read from /proc: utime + stime of the postmaster and of every
 live child, plus cutime + cstime (the time of children that already exited and were
-reaped, such as pool connections closed at the end), all in clock ticks.
+reaped, such as pool connections closed at the end), all in clock ticks. WAL is the
+distance between two ``pg_current_wal_insert_lsn()`` readings: with
+``synchronous_commit = off`` the write position (``pg_current_wal_lsn()``) lags behind
+by what the WAL writer has not written out yet, up to about 1 MB.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from kvstate.servers import NatsServer, PostgresServer, free_port
 
 __all__ = [
     "PAIRS",
+    "ArchiverProcess",
     "BaselineProcess",
     "DurabilityPair",
     "PgMeter",
@@ -134,15 +139,24 @@ class PgMeter:
         return row
 
     async def start(self) -> None:
-        """Remember the WAL position and CPU time now."""
-        self._wal_start = str((await self._fetchrow("SELECT pg_current_wal_lsn()::text AS lsn"))["lsn"])
+        """Remember the WAL insert position and CPU time now."""
+        self._wal_start = str((await self._fetchrow("SELECT pg_current_wal_insert_lsn()::text AS lsn"))["lsn"])
         self._cpu_start = process_tree_cpu(self._pid)
 
     async def stop(self) -> PgUsage:
-        """What was spent since ``start`` (call after the clients closed, so their statistics are flushed)."""
+        """What was spent since ``start`` (call after the clients closed, so their statistics are flushed).
+
+        The pending lists of GIN indexes (the archive's metadata index) are flushed first: the
+        WAL and CPU they defer belong to the rows written since ``start``.
+        """
+        await self._fetchrow(
+            "SELECT count(gin_clean_pending_list(c.oid::regclass)) AS n FROM pg_class c "
+            "JOIN pg_am a ON a.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE a.amname = 'gin' AND c.relkind = 'i' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        )
         cpu = process_tree_cpu(self._pid) - self._cpu_start
         wal = await self._fetchrow(
-            f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{self._wal_start}')::bigint AS bytes"
+            f"SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '{self._wal_start}')::bigint AS bytes"
         )
         stats = await self._fetchrow(
             """
@@ -227,6 +241,91 @@ class BaselineProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+class ArchiverProcess:
+    """``python -m archiver`` as a child process, as it runs in production (not in burst mode).
+
+    It removes each operation from the bucket as soon as it is archived
+    (``ARCHIVER_GRACE_PERIOD=0``) and serves no metrics (``ARCHIVER_METRICS_PORT=0``). Its log
+    goes to a file. The caller stops it by pid in a ``finally``, whatever happened.
+    """
+
+    READY = "archiver started"
+    """logged once connected, migrated and consuming"""
+    STOPPED = "archiver stopped: "
+    """logged on a clean stop, followed by the run's counts as key=value pairs"""
+
+    def __init__(self, nats_url: str, bucket: str, database_url: str, log_path: Path) -> None:
+        self._env = {
+            **os.environ,
+            "NATS_URL": nats_url,
+            "KVSTATE_BUCKET": bucket,
+            "DATABASE_URL": database_url,
+            "ARCHIVER_GRACE_PERIOD": "0",
+            "ARCHIVER_METRICS_PORT": "0",
+        }
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the archiver's log."""
+        return "\n".join(self._log().splitlines()[-lines:])
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start the archiver and wait (at most ``timeout`` seconds) until it consumes the bucket."""
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - once, before the measured phase
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - a long-lived child, not a call to await
+                [sys.executable, "-m", "archiver"],
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self.READY in self._log():
+                return
+            await asyncio.sleep(0.1)
+        code = self.proc.poll()
+        self.stop()
+        state = f"exited with {code}" if code is not None else f"not ready after {timeout:.0f} s"
+        raise RuntimeError(f"the archiver {state}; log:\n{self.log_tail()}")
+
+    def check(self) -> None:
+        """Raise if the archiver process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"the archiver exited with {self.proc.returncode}; log:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of the archiver process so far."""
+        return process_tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM (the archiver finishes its batch and logs its counts), SIGKILL after ``grace`` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(grace)
+
+    def counts(self) -> dict[str, int] | None:
+        """The counts the archiver logged when it stopped (None if it did not stop cleanly)."""
+        for line in reversed(self._log().splitlines()):
+            if self.STOPPED in line:
+                pairs = (item.partition("=") for item in line.split(self.STOPPED, 1)[1].split())
+                return {key: int(value) for key, _, value in pairs if value.isdigit()}
+        return None
 
 
 def json_ready(value: Any) -> Any:

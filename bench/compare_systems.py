@@ -2,8 +2,8 @@
 
 - ``NaiveBaseline``: a worker GETs the whole operation, applies its event and PUTs it back.
 - ``CarefulBaseline``: a worker POSTs the event; the service applies it under ``SELECT ... FOR UPDATE``.
-- ``KvstateSystem``: a worker calls the kvstate client (compare-and-set on the KV bucket,
-  event ids, forward-only state machine, group commit).
+- ``KvstateSystem``: a worker calls its stage service's own kvstate client (compare-and-set
+  on the KV bucket, event ids, forward-only state machine, group commit within one client).
 
 Each returns, for every acknowledged write, the state that write produced as a ``View``.
 """
@@ -11,6 +11,7 @@ Each returns, for every acknowledged write, the state that write produced as a `
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 import asyncpg
 import msgspec
@@ -18,7 +19,7 @@ import msgspec
 from bench.baseline.document import CreateOperation, OperationDocument, StageEvent, WriteResult, apply_stage_event
 from bench.compare_http import HttpPool
 from bench.workload import Message, MessageKind, StageView, View
-from kvstate import Client, Operation, Outcome, Pipeline, UpdateResult
+from kvstate import Client, Operation, OperationNotFound, Outcome, Pipeline, UpdateResult
 
 __all__ = ["CarefulBaseline", "KvstateSystem", "NaiveBaseline", "document_view", "operation_view"]
 
@@ -119,34 +120,67 @@ class CarefulBaseline(_HttpBaseline):
 
 
 class KvstateSystem:
-    """The kvstate client on an open bucket holding ``pipeline``."""
+    """kvstate on an open bucket holding ``pipeline``, one client per stage service.
+
+    ``client`` creates the operations (the producer) and reads the final states;
+    ``stage_clients`` maps each stage to the client of its service, with its own NATS
+    connection, group committer and revision cache, as separate services have (a stage
+    left out uses ``client``). Updates of parallel stages to one operation therefore race
+    as compare-and-set conflicts instead of being merged in one process.
+    """
 
     name = "kvstate"
 
-    def __init__(self, client: Client, pipeline: Pipeline) -> None:
+    def __init__(self, client: Client, pipeline: Pipeline, stage_clients: Mapping[str, Client] | None = None) -> None:
         self._client = client
         self._pipeline = pipeline
+        self._stage_clients = {spec.name: (stage_clients or {}).get(spec.name, client) for spec in pipeline.stages}
         self.counters: Counter[str] = Counter()
+
+    @property
+    def clients(self) -> list[Client]:
+        """Every distinct client: the producer's first, then the stage services'."""
+        found = {id(self._client): self._client}
+        for client in self._stage_clients.values():
+            found.setdefault(id(client), client)
+        return list(found.values())
+
+    def kv_stats(self) -> dict[str, int]:
+        """``Client.stats`` summed over every client (writes, conflicts, cached), and the number of clients."""
+        total: Counter[str] = Counter()
+        for client in self.clients:
+            total.update(client.stats)
+        return dict(total) | {"clients": len(self.clients)}
 
     async def create(self, key: str) -> None:
         await self._client.create(self._pipeline.name, op_id=key, event_id=f"{key}.create")
 
     async def deliver(self, key: str, message: Message) -> View | None:
-        client = self._client
+        client = self._stage_clients[message.stage]
         stage, attempt, worker, event_id = message.stage, message.attempt, message.worker, message.event_id
         result: UpdateResult
-        if message.kind is MessageKind.START:
-            result = await client.start(key, stage, attempt=attempt, worker=worker, event_id=event_id)
-        elif message.kind is MessageKind.FAIL:
-            result = await client.fail(key, stage, "transient error", attempt=attempt, worker=worker, event_id=event_id)
-        elif message.kind is MessageKind.SUCCEED:
-            result = await client.succeed(
-                key, stage, metadata=message.metadata, attempt=attempt, worker=worker, event_id=event_id
-            )
-        else:
-            result = await client.skip(key, stage, reason="not needed", worker=worker, event_id=event_id)
+        try:
+            if message.kind is MessageKind.START:
+                result = await client.start(key, stage, attempt=attempt, worker=worker, event_id=event_id)
+            elif message.kind is MessageKind.FAIL:
+                result = await client.fail(
+                    key, stage, "transient error", attempt=attempt, worker=worker, event_id=event_id
+                )
+            elif message.kind is MessageKind.SUCCEED:
+                result = await client.succeed(
+                    key, stage, metadata=message.metadata, attempt=attempt, worker=worker, event_id=event_id
+                )
+            else:
+                result = await client.skip(key, stage, reason="not needed", worker=worker, event_id=event_id)
+        except OperationNotFound:
+            # Only the archiver removes an operation, and only once it finished: this message
+            # came after the operation was archived (a late or redelivered one). A stage
+            # service acks and drops it; counted apart, and the checker reads the archive.
+            self.counters["not_found"] += 1
+            return None
         self.counters[result.outcome.value] += 1
         return operation_view(result.operation) if result.outcome is Outcome.APPLIED else None
 
     async def final_views(self) -> dict[str, View]:
+        """The operations still in the bucket (archived ones are read from the archive instead)."""
         return {op.id: operation_view(op) async for op in self._client.scan()}

@@ -8,8 +8,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bench.compare import CompareOptions, format_table, main, run_comparison
-from bench.compare_check import check_run
+import bench.compare
+from bench.compare import CompareOptions, SystemResult, evaluate_targets, format_table, main, run_comparison
+from bench.compare_check import CheckResult, check_run
+from bench.compare_servers import ArchiverProcess, PgUsage
 from bench.compare_systems import KvstateSystem, operation_view
 from bench.workload import (
     Delivery,
@@ -55,6 +57,7 @@ async def test_one_command_compares_all_three_systems_and_only_kvstate_is_clean(
         assert r.errors == 0, r.error_examples
         assert r.updates_per_second > 0
     assert kv.check.clean, kv.check.examples
+    assert not kv.failed, kv.note
     assert kv.outcomes["applied"] > 0
     assert kv.outcomes["duplicate"] > 0  # redelivered messages, recognised by their event id
     assert kv.outcomes["stale"] > 0  # late messages with a new event id, refused by the state machine
@@ -71,6 +74,20 @@ async def test_one_command_compares_all_three_systems_and_only_kvstate_is_clean(
     assert "archive" in kv.note
     assert kv.pg.rows_inserted >= OPTIONS.ops
     assert kv.pg.wal_bytes < naive.pg.wal_bytes
+    # The archiver ran as a process during the workload, and kvstate's clock waited for it.
+    assert kv.archived is not None
+    assert kv.archived["archived"] == OPTIONS.ops
+    assert kv.archived["removed"] == OPTIONS.ops
+    assert kv.archiver_cpu_seconds is not None
+    assert kv.archiver_cpu_seconds > 0
+    assert kv.archive_tail_seconds is not None
+    assert kv.elapsed >= kv.workload_seconds + kv.archive_tail_seconds - 1e-6
+    assert kv.updates_per_second == pytest.approx(kv.updates / kv.elapsed)
+    # One client per stage service plus the producer: nothing merges writes across services.
+    assert kv.outcomes["kv_clients"] == 11
+    assert kv.outcomes["kv_writes"] >= kv.outcomes["applied"]
+    assert kv.conflicts == kv.outcomes["kv_conflicts"]
+    assert naive.conflicts is None
     assert "kvstate" in format_table(list(results.values()))
 
 
@@ -157,3 +174,106 @@ def test_command_writes_json_and_rejects_bad_arguments(tmp_path: Path, capsys: p
     assert document["results"][0]["check"]["lost_updates"] == 0
     assert document["machine"]["cores"] >= 1
     assert "careful" in capsys.readouterr().out
+
+
+async def test_archiver_process_is_stopped_when_the_kvstate_run_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[ArchiverProcess] = []
+
+    class RecordedArchiver(ArchiverProcess):
+        async def start(self, timeout: float = 60.0) -> None:
+            started.append(self)
+            await super().start(timeout)
+
+    async def broken_workload(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the workload broke")
+
+    monkeypatch.setattr(bench.compare, "ArchiverProcess", RecordedArchiver)
+    monkeypatch.setattr(bench.compare, "run_workload", broken_workload)
+    options = CompareOptions(workload=WorkloadOptions(ops=2, concurrency=1), pairs=("fast",), systems=("kvstate",))
+
+    [result] = await run_comparison(options)
+
+    assert result.failed
+    assert "the workload broke" in result.note
+    assert len(started) == 1
+    assert started[0].proc is not None
+    assert started[0].proc.poll() is not None  # stopped, not left running
+    assert evaluate_targets([result])[0][1] == "not measured"
+    assert "run failed" in format_table([result])
+
+
+async def test_a_message_for_an_archived_operation_is_counted_not_raised(settings: Settings) -> None:
+    pipeline = load_pipeline()
+    async with Client(settings, create_bucket=True) as client:
+        await client.set_pipeline(pipeline)
+        system = KvstateSystem(client, pipeline)
+        await system.create("gone")
+        await client.remove("gone", (await client.get("gone")).revision)
+
+        view = await system.deliver("gone", Message("geo", MessageKind.START, 1, "late", "geo-0"))
+
+    assert view is None
+    assert system.counters["not_found"] == 1
+
+
+# ---------------------------------------------------------------------- targets
+
+
+def _result(
+    system: str, rate: float, *, wal: int | None = 1000, clean: bool = True, pair: str = "fast"
+) -> SystemResult:
+    check = CheckResult(operations=10, lost_updates=0 if clean else 3)
+    pg = None if wal is None else PgUsage(wal, 1.0, 10, 0, 0, 0, 0, 0, 8192)
+    return SystemResult(pair, system, 10, updates=100, updates_per_second=rate, check=check, pg=pg)
+
+
+def _statuses(results: list[SystemResult]) -> dict[str, str]:
+    return {target.split(": ", 1)[1]: status for target, status, _ in evaluate_targets(results)}
+
+
+def test_targets_are_met_by_measured_figures_only() -> None:
+    statuses = _statuses([_result("naive", 100, wal=20_000), _result("careful", 150), _result("kvstate", 200)])
+
+    assert statuses == {
+        "kvstate 0 lost updates, 0 stale writes, 0 wrong final states": "met",
+        "kvstate updates/s >= careful baseline": "met",
+        "kvstate updates/s >= 1.2x naive baseline": "met",
+        "PostgreSQL WAL/op >= 15x below naive": "met",
+    }
+
+
+def test_targets_missed_when_kvstate_loses_updates_or_is_slower() -> None:
+    statuses = _statuses(
+        [_result("naive", 190, wal=2_000), _result("careful", 250), _result("kvstate", 200, clean=False)]
+    )
+
+    assert set(statuses.values()) == {"missed"}
+
+
+def test_a_failed_kvstate_run_meets_no_target() -> None:
+    failed = SystemResult("fast", "kvstate", 10, failed=True, note="run failed: RuntimeError()")
+
+    statuses = _statuses([_result("naive", 100, wal=20_000), _result("careful", 150), failed])
+
+    assert set(statuses.values()) == {"not measured"}
+
+
+def test_a_failed_baseline_or_a_missing_wal_figure_is_not_measured() -> None:
+    failed_careful = SystemResult("strict", "careful", 10, failed=True, note="run failed: OSError()")
+    statuses = _statuses(
+        [_result("naive", 100, wal=None, pair="strict"), failed_careful, _result("kvstate", 200, pair="strict")]
+    )
+
+    assert statuses["kvstate updates/s >= careful baseline"] == "not measured"
+    assert statuses["kvstate updates/s >= 1.2x naive baseline"] == "met"
+    assert statuses["PostgreSQL WAL/op >= 15x below naive"] == "not measured"
+    assert statuses["kvstate 0 lost updates, 0 stale writes, 0 wrong final states"] == "met"
+
+
+def test_an_unchecked_kvstate_run_does_not_meet_the_correctness_target() -> None:
+    unchecked = _result("kvstate", 200)
+    unchecked.check = CheckResult()  # the checker never ran: nothing found because nothing was read
+
+    [correctness] = evaluate_targets([unchecked])
+
+    assert correctness[1] == "not measured"
