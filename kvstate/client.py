@@ -345,7 +345,9 @@ class Client:
                 revision = await store.create(key, data)
                 break
             except ConflictError:
-                existing = await self._read(op_id)
+                # The key exists: read it from the stream leader, which has it (a replica
+                # answering a direct get may not have the creation yet).
+                existing = await self._read(op_id, leader=True)
                 if existing.origin == event_id and (given_event is not None or attempt > 1):
                     return existing  # an idempotent retry, or our own earlier attempt landed
                 raise OperationExists(op_id, existing.revision) from None
@@ -361,10 +363,10 @@ class Client:
         """The current state of ``op_id``; OperationNotFound when it is not in the bucket."""
         return await self._read(op_id)
 
-    async def _read(self, op_id: str) -> Operation:
+    async def _read(self, op_id: str, *, leader: bool = False) -> Operation:
         store = self._open_store()
         key = operation_key(op_id)
-        entry = await store.get(key)
+        entry = await store.get(key, leader=leader)
         if entry is None or entry.value is None:
             raise OperationNotFound(op_id, await self._not_found_hint(key))
         op = decode_operation(key, entry.revision, entry.value)
