@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -153,6 +153,10 @@ class NatsServer(_ServerProcess):
     ``sync_interval`` is written into the configuration: a short interval by default
     (acknowledged writes survive a process crash; a power loss may lose the last
     interval), or ``"always"`` to fsync every write (docs/operations.md#durability).
+
+    ``cluster_port`` makes it a node of a JetStream cluster (named ``cluster_name``, this
+    node ``server_name``) that routes to the nodes listening on ``routes`` (their cluster
+    ports, all on 127.0.0.1).
     """
 
     def __init__(
@@ -164,10 +168,18 @@ class NatsServer(_ServerProcess):
         http_port: int | None = None,
         binary: str | None = None,
         die_with_parent: bool = False,
+        server_name: str | None = None,
+        cluster_name: str = "kvstate",
+        cluster_port: int | None = None,
+        routes: Sequence[int] = (),
     ) -> None:
         self.directory = Path(directory)
         self.port = port
         self.die_with_parent = die_with_parent
+        self.server_name = server_name
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port
+        self.routes = tuple(routes)
         self.http_port = http_port
         self.sync_interval = sync_interval
         self.binary = binary or find_nats_server()
@@ -196,6 +208,17 @@ class NatsServer(_ServerProcess):
         ]
         if self.http_port is not None:
             lines.append(f"http: 127.0.0.1:{self.http_port}")
+        if self.server_name is not None:
+            lines.append(f"server_name: {self.server_name}")
+        if self.cluster_port is not None:
+            routes = ", ".join(f"nats-route://127.0.0.1:{port}" for port in self.routes)
+            lines += [
+                "cluster {",
+                f"  name: {self.cluster_name}",
+                f"  listen: 127.0.0.1:{self.cluster_port}",
+                f"  routes: [{routes}]",
+                "}",
+            ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 20.0) -> Self:
