@@ -6,13 +6,19 @@
     POST /api/operations/{id}:cancel   revision-checked cancel (write token when configured;
                                        CSRF token unless sent as Authorization: Bearer)
     GET  /api/csrf                     a CSRF token for API writes (send it back as X-CSRFToken)
+    GET  /api/overview                 the overview's figures (``pipeline``), from the page's context builder
+    GET  /api/archive/operations       the /archive search: its filters, page_size, page_token; 503 without
+                                       an archive
 
 ``metadata`` is the full operation state; ``result`` (succeeded) holds the shared and
 per-stage metadata; ``error`` (failed, cancelled) is a google.rpc.Status-like object.
+Times outside an operation's state are epoch seconds, as in the list.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -23,17 +29,19 @@ from litestar.utils.scope.state import ScopeState
 
 from dashboard.errors import BadQuery
 from dashboard.index import CORRUPT, OpSummary
-from dashboard.pages import Dashboard, query_params
+from dashboard.pages import Dashboard, pipeline_param, query_params
 from dashboard.query import decode_page_token, encode_page_token, parse_filter, parse_filter_expression
 from dashboard.security import check_write_access
+from dashboard.views import archive_query, archive_search, banner_context, overview_context
 from kvstate import CorruptValue, Operation, OperationNotFound, OpStatus
 from kvstate.keys import validate_id
 
-__all__ = ["OperationsApi"]
+__all__ = ["OperationsApi", "overview_resource"]
 
 _CODE_CANCELLED = 1  # google.rpc.Code.CANCELLED
 _CODE_ABORTED = 10  # google.rpc.Code.ABORTED: the pipeline gave up on the operation
 _CODE_DATA_LOSS = 15  # google.rpc.Code.DATA_LOSS: the stored value is corrupt
+MAX_PAGE_SIZE = 500
 
 
 class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -66,6 +74,120 @@ class CsrfToken(msgspec.Struct, kw_only=True):
 
     csrf_token: str
     header: str = "X-CSRFToken"
+
+
+class StageFigures(msgspec.Struct, kw_only=True):
+    """One stage of the overview's DAG: live counts per status, p50/p95 over the stats window, stuck."""
+
+    name: str
+    layer: int  # 0 first; stages in the same layer run in parallel
+    counts: dict[str, int]
+    p50_seconds: float | None
+    p95_seconds: float | None
+    samples: int
+    stuck: int
+    optional: bool
+    deadline_seconds: float | None
+
+
+class MinuteCounts(msgspec.Struct, kw_only=True):
+    """Operations started and finished in one minute."""
+
+    minute: float  # epoch seconds of the minute's start
+    started: int
+    finished: int
+
+
+class Throughput(msgspec.Struct, kw_only=True):
+    """The overview's throughput chart: the last minutes, and the mean of the last five."""
+
+    started_per_minute: float
+    finished_per_minute: float
+    minutes: list[MinuteCounts]
+
+
+class StuckStage(msgspec.Struct, kw_only=True):
+    """A running stage past its deadline or without a heartbeat."""
+
+    id: str
+    pipeline: str
+    stage: str
+    reason: str
+    since: float
+
+
+class RecentFailure(msgspec.Struct, kw_only=True):
+    """An operation that failed recently."""
+
+    id: str
+    pipeline: str
+    stage: str | None
+    message: str
+    at: float
+
+
+class Overview(msgspec.Struct, kw_only=True):
+    """The figures of the overview page (``/``) for one pipeline."""
+
+    pipeline: str | None
+    pipelines: list[str]
+    operations_in_bucket: int
+    total: int  # operations of the selected pipeline
+    totals: dict[str, int]  # by operation status
+    stages: list[StageFigures]
+    throughput: Throughput
+    stuck_total: int
+    stuck: list[StuckStage]  # the longest stuck first, at most 20
+    recent_failures: list[RecentFailure]  # newest first
+    stats_window_seconds: float
+    nats_connected: bool
+    disconnected_since: float | None
+    index_ready: bool
+
+
+def overview_resource(context: dict[str, Any]) -> Overview:
+    """The overview page's context (``overview_context`` plus ``banner_context``) as JSON-ready values."""
+    pipeline = context["pipeline"]
+    return Overview(
+        pipeline=pipeline.name if pipeline is not None else None,
+        pipelines=context["pipelines"],
+        operations_in_bucket=context["operations_in_bucket"],
+        total=context["total"],
+        totals=dict(context["totals"]),
+        stages=[
+            StageFigures(
+                name=stage.name,
+                layer=layer["depth"],
+                counts={status.value: stage.counts[status] for status in context["stage_count_order"]},
+                p50_seconds=stage.p50,
+                p95_seconds=stage.p95,
+                samples=stage.samples,
+                stuck=stage.stuck,
+                optional=stage.optional,
+                deadline_seconds=stage.deadline,
+            )
+            for layer in context["layers"]
+            for stage in layer["stages"]
+        ],
+        throughput=Throughput(
+            started_per_minute=context["started_per_minute"],
+            finished_per_minute=context["finished_per_minute"],
+            minutes=[MinuteCounts(minute=m, started=s, finished=f) for m, s, f in context["throughput"]],
+        ),
+        stuck_total=context["stuck_total"],
+        stuck=[
+            StuckStage(id=s.op_id, pipeline=s.pipeline, stage=s.stage, reason=s.reason, since=s.since)
+            for s in context["stuck"]
+        ],
+        recent_failures=[
+            RecentFailure(id=f.op_id, pipeline=f.pipeline, stage=f.stage, message=f.message, at=f.at)
+            for f in context["failures"]
+        ],
+        stats_window_seconds=context["stats_window"],
+        nats_connected=context["nats_connected"],
+        disconnected_since=context["disconnected_since"],
+        index_ready=context["index_ready"],
+    )
 
 
 def operation_resource(op: Operation, *, archived: bool = False) -> OperationResource:
@@ -130,6 +252,16 @@ def _etag(revision: int) -> str:
     return f'"{revision}"'
 
 
+def _page_size(values: Sequence[str], default: int) -> int:
+    try:
+        size = int(values[0]) if values else default
+    except ValueError:
+        raise BadQuery("page_size", "not a number") from None
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise BadQuery("page_size", f"between 1 and {MAX_PAGE_SIZE}")
+    return size
+
+
 class OperationsApi(Controller):
     """JSON API under /api."""
 
@@ -163,13 +295,7 @@ class OperationsApi(Controller):
         for expression in expressions:
             for key, values in parse_filter_expression(expression).items():
                 params.setdefault(key, []).extend(values)
-        sizes = params.pop("page_size", [])
-        try:
-            size = int(sizes[0]) if sizes else dashboard.settings.page_size
-        except ValueError:
-            raise BadQuery("page_size", "not a number") from None
-        if not 1 <= size <= 500:
-            raise BadQuery("page_size", "between 1 and 500")
+        size = _page_size(params.pop("page_size", []), dashboard.settings.page_size)
         tokens = params.pop("page_token", [])
         cursor = decode_page_token(tokens[0]) if tokens and tokens[0] else None
         page, next_cursor = dashboard.index.query(parse_filter(params), size, cursor)
@@ -177,6 +303,42 @@ class OperationsApi(Controller):
             operations=[summary_resource(op) for op in page],
             next_page_token=encode_page_token(next_cursor) if next_cursor else "",
         )
+
+    @get(
+        "/archive/operations",
+        summary="Search archived operations (the /archive page as JSON)",
+        description=(
+            "Finished operations from the PostgreSQL archive, newest finished first, with the /archive page's "
+            "filters: status (succeeded, failed, cancelled; repeatable or comma-separated), failed_stage, "
+            "pipeline, id (a prefix), finished_after / finished_before (ISO 8601, UTC without offset), "
+            "meta (key=value, JSON containment: tier=2). Keyset pagination: page_size (1-500), page_token. "
+            "503 UNAVAILABLE when no archive is configured (DATABASE_URL unset) or PostgreSQL is unreachable."
+        ),
+        tags=["archive"],
+    )
+    async def search_archive(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> OperationList:
+        params = query_params(request)
+        size = _page_size(params.pop("page_size", []), dashboard.settings.page_size)
+        page = await archive_search(dashboard, archive_query(params), size)
+        return OperationList(
+            operations=[operation_resource(item.operation, archived=True) for item in page.items],
+            next_page_token=page.next_token or "",
+        )
+
+    @get(
+        "/overview",
+        summary="The overview's figures (the / page as JSON)",
+        description=(
+            "Per stage live counts by status, p50/p95 over the stats window and stuck counts; totals by "
+            "operation status; throughput per minute; the stuck stages and recent failures. pipeline=NAME "
+            "selects a pipeline (default: the one with the most operations)."
+        ),
+        tags=["overview"],
+    )
+    async def overview(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> Overview:
+        now = time.time()
+        context = overview_context(dashboard, pipeline_param(request), now) | banner_context(dashboard, now)
+        return overview_resource(context)
 
     @post(
         "/operations/{name:str}", summary="POST /api/operations/{id}:cancel cancels (revision-checked)", status_code=200

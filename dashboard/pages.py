@@ -28,7 +28,7 @@ from dashboard.views import (
 )
 from kvstate.keys import validate_id
 
-__all__ = ["Dashboard", "Pages", "query_params"]
+__all__ = ["Dashboard", "Pages", "pipeline_param", "query_params"]
 
 MAX_REASON = 500
 
@@ -42,7 +42,8 @@ def query_params(request: Request[Any, Any, Any]) -> dict[str, list[str]]:
     return {key: request.query_params.getall(key) for key in request.query_params}
 
 
-def _pipeline(request: Request[Any, Any, Any]) -> str | None:
+def pipeline_param(request: Request[Any, Any, Any]) -> str | None:
+    """The overview's ``pipeline`` (None: the busiest one)."""
     values = query_params(request).get("pipeline", [])
     if len(values) > 1:
         raise BadQuery("pipeline", "give it at most once")
@@ -59,7 +60,7 @@ class Pages(Controller):
         self, request: Request[Any, Any, Any], dashboard: Dashboard, renderer: Templates
     ) -> HtmlResponse:
         started, now = time.perf_counter(), time.time()
-        context = overview_context(dashboard, _pipeline(request), now) | banner_context(dashboard, now)
+        context = overview_context(dashboard, pipeline_param(request), now) | banner_context(dashboard, now)
         return renderer.response(request, "overview.html", context, started=started)
 
     @get("/partials/overview")
@@ -67,7 +68,7 @@ class Pages(Controller):
         self, request: Request[Any, Any, Any], dashboard: Dashboard, renderer: Templates
     ) -> HtmlResponse:
         started, now = time.perf_counter(), time.time()
-        context = overview_context(dashboard, _pipeline(request), now)
+        context = overview_context(dashboard, pipeline_param(request), now)
         return renderer.response(request, "partials/overview.html", context, started=started)
 
     @get("/operations", name="operations")
@@ -92,8 +93,9 @@ class Pages(Controller):
     ) -> HtmlResponse:
         started, now = time.perf_counter(), time.time()
         context = await operation_context(dashboard, op_id, now) | banner_context(dashboard, now)
-        context["auth_required"] = dashboard.settings.auth_token is not None
-        return renderer.response(request, "operation.html", context, started=started)
+        # NATS unreachable: the page says so (banner) and fills in by itself once it is back
+        status = 503 if context["unreachable"] else 200
+        return renderer.response(request, "operation.html", context, status_code=status, started=started)
 
     @get("/partials/operations/{op_id:str}")
     async def operation_fragment(
@@ -101,6 +103,8 @@ class Pages(Controller):
     ) -> HtmlResponse:
         started, now = time.perf_counter(), time.time()
         context = await operation_context(dashboard, op_id, now)
+        if context["unreachable"]:  # nothing newer to show: 204 makes htmx keep what the page shows
+            return Response("", status_code=204)
         return renderer.response(request, "partials/operation.html", context, started=started)
 
     @post("/operations/{op_id:str}/cancel", status_code=200)

@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dashboard.archive import ArchiveAccess
 from dashboard.errors import ArchiveUnavailable, BadQuery
@@ -28,6 +28,7 @@ from dashboard.render import show
 from dashboard.settings import DashboardSettings
 from kvstate import (
     Client,
+    ConnectionLostError,
     CorruptValue,
     KvstateError,
     Operation,
@@ -39,15 +40,23 @@ from kvstate import (
 )
 from kvstate.keys import validate_id
 
+if TYPE_CHECKING:
+    from archiver.read import ArchivePage
+
 __all__ = [
+    "ARCHIVE_FILTERS",
+    "ArchiveQuery",
     "DashboardState",
     "archive_context",
+    "archive_query",
+    "archive_search",
     "banner_context",
     "operation_context",
     "operations_context",
     "overview_context",
 ]
 
+ARCHIVE_FILTERS = ("status", "failed_stage", "pipeline", "id", "finished_after", "finished_before", "meta")
 OP_STATUS_ORDER = ("pending", "running", "succeeded", "failed", "cancelled", "corrupt")
 STAGE_COUNT_ORDER = (StageStatus.WAITING, StageStatus.RUNNING, StageStatus.RETRYING, StageStatus.SUCCEEDED,
                      StageStatus.FAILED, StageStatus.SKIPPED, StageStatus.CANCELLED)  # fmt: skip
@@ -134,6 +143,7 @@ def overview_context(state: DashboardState, pipeline_name: str | None, now: floa
         "operations_in_bucket": len(index),
         "stage_count_order": STAGE_COUNT_ORDER,
         "chart": _chart(points),
+        "throughput": points,
         "started_per_minute": sum(s for _, s, _ in last_minutes) / max(1, len(last_minutes)),
         "finished_per_minute": sum(f for _, _, f in last_minutes) / max(1, len(last_minutes)),
         "stuck": stuck,
@@ -262,14 +272,30 @@ def _revision_rows(revisions: list[Revision]) -> list[dict[str, Any]]:
 
 
 async def operation_context(state: DashboardState, op_id: str, now: float) -> dict[str, Any]:
-    """The detail page: the live operation from the bucket, or its archived snapshot."""
+    """The detail page: the live operation from the bucket, or its archived snapshot.
+
+    While NATS is unreachable the operation cannot be read: the context then has
+    ``unreachable`` set and only what the index last knew of the operation (``summary``),
+    so the page can say so and fill in by itself, and its fragment keep what it shows.
+    """
     validate_id(op_id)
     client = state.client
     now_dt = datetime.fromtimestamp(now, UTC)
-    context: dict[str, Any] = {"op_id": op_id, "now": now, "source": "live", "corrupt": None, "archived": None}
+    context: dict[str, Any] = {
+        "op_id": op_id,
+        "now": now,
+        "source": "live",
+        "corrupt": None,
+        "archived": None,
+        "unreachable": False,
+    }
+    if not client.connected:  # say so now rather than after the client's timeout
+        return _unreachable(state, context)
     op: Operation | None = None
     try:
         op = await client.get(op_id)
+    except ConnectionLostError:
+        return _unreachable(state, context)
     except CorruptValue as exc:
         context["corrupt"] = show(exc)
     except OperationNotFound as missing:
@@ -290,6 +316,8 @@ async def operation_context(state: DashboardState, op_id: str, now: float) -> di
             revisions = await client.history(op_id)
         except OperationNotFound:
             revisions = []
+        except ConnectionLostError:
+            return _unreachable(state, context)
     context["revisions"] = _revision_rows(revisions)
     context["op"] = op
     if op is None:
@@ -315,6 +343,12 @@ async def operation_context(state: DashboardState, op_id: str, now: float) -> di
     return context
 
 
+def _unreachable(state: DashboardState, context: dict[str, Any]) -> dict[str, Any]:
+    """The detail context while the bucket cannot be read: what the index last knew, if anything."""
+    context.update({"unreachable": True, "op": None, "summary": state.index.get(context["op_id"])})
+    return context
+
+
 # ---------------------------------------------------------------------- archive
 
 
@@ -331,8 +365,18 @@ def _metadata_filter(raw: str | None) -> dict[str, Any] | None:
     return {key.strip(): parsed}
 
 
-async def archive_context(state: DashboardState, params: Mapping[str, Sequence[str]], now: float) -> dict[str, Any]:
-    """Search results from the PostgreSQL archive (or why the archive cannot be searched)."""
+@dataclass(frozen=True, slots=True)
+class ArchiveQuery:
+    """An archive search read from the query string: the same for the /archive page and the API."""
+
+    criteria: dict[str, Any]  # keyword arguments of ArchiveAccess.search
+    statuses: list[str]
+    form: dict[str, str]  # the text fields as given, to fill the page's search form again
+    page_token: str | None
+
+
+def archive_query(params: Mapping[str, Sequence[str]]) -> ArchiveQuery:
+    """The archive filters in ``params`` (``page_token`` included); BadQuery names the first unusable one."""
 
     def one(key: str) -> str | None:
         values = [v.strip() for v in params.get(key, ()) if v.strip()]
@@ -342,8 +386,7 @@ async def archive_context(state: DashboardState, params: Mapping[str, Sequence[s
             raise BadQuery(key, "too long")
         return values[0] if values else None
 
-    allowed = {"status", "failed_stage", "pipeline", "id", "finished_after", "finished_before", "meta", "page_token"}
-    unknown = sorted(set(params) - allowed)
+    unknown = sorted(set(params) - {*ARCHIVE_FILTERS, "page_token"})
     if unknown:
         raise BadQuery(unknown[0], "unknown archive filter")
     statuses = sorted({s.strip() for v in params.get("status", ()) for s in v.split(",") if s.strip()})
@@ -364,23 +407,34 @@ async def archive_context(state: DashboardState, params: Mapping[str, Sequence[s
         value = criteria[key]
         if value is not None:
             validate_id(str(value), key.replace("_", " "))
+    form = {k: one(k) or "" for k in ARCHIVE_FILTERS if k != "status"}
+    return ArchiveQuery(criteria, statuses, form, one("page_token"))
+
+
+async def archive_search(state: DashboardState, query: ArchiveQuery, limit: int) -> ArchivePage:
+    """One page of ``query``'s results; ArchiveUnavailable when the archive is not configured or unreachable."""
+    if not state.archive.enabled:
+        raise ArchiveUnavailable(state.archive.problem or "the archive is not configured")
+    return await state.archive.search(**query.criteria, limit=limit, page_token=query.page_token)
+
+
+async def archive_context(state: DashboardState, params: Mapping[str, Sequence[str]], now: float) -> dict[str, Any]:
+    """Search results from the PostgreSQL archive (or why the archive cannot be searched)."""
+    query = archive_query(params)
     context: dict[str, Any] = {
         "enabled": state.archive.enabled,
         "problem": state.archive.problem,
-        "params": {
-            k: one(k) or "" for k in ("failed_stage", "pipeline", "id", "finished_after", "finished_before", "meta")
-        },
-        "statuses": statuses,
-        "terminal_statuses": sorted(terminal),
+        "params": query.form,
+        "statuses": query.statuses,
+        "terminal_statuses": sorted(s.value for s in OpStatus if s.terminal),
         "items": [],
         "next_url": None,
         "now": now,
     }
     if not state.archive.enabled:
         return context
-    token = one("page_token")
     try:
-        page = await state.archive.search(**criteria, limit=state.settings.page_size, page_token=token)
+        page = await archive_search(state, query, state.settings.page_size)
     except ArchiveUnavailable as exc:
         context["problem"] = str(exc)
         return context

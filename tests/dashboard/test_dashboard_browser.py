@@ -14,7 +14,8 @@ import pytest
 from dashboard_support import populate
 from playwright.async_api import expect
 
-from kvstate import Client
+from kvstate import Client, Settings
+from kvstate.servers import NatsServer
 
 pytestmark = pytest.mark.browser
 
@@ -78,6 +79,88 @@ async def test_cancel_from_the_detail_page(client: Client, live_server: str, bro
     assert (
         stored.status.value == "cancelled" and stored.cancel is not None and stored.cancel.reason == "browser says stop"
     )
+    # the live refresh shows the operation cancelled: the form goes, the cancel's answer stays
+    await expect(page.locator("#cancel-form")).to_have_count(0, timeout=3000)
+    await expect(page.locator(".op-head .badge.st-cancelled")).to_be_visible()
+    await expect(page.locator("#cancel-result .badge.st-cancelled")).to_be_visible()
+
+
+async def test_cancel_form_stays_while_running_and_goes_when_the_operation_finishes(
+    client: Client, live_server: str, browser: Any
+) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    page = await browser.new_page()
+    await page.goto(f"{live_server}/operations/{op.id}")
+    await page.click("text=Cancel this operation")
+    await page.fill('input[name="reason"]', "half typed")
+    await client.succeed(op.id, "ingest")
+    await client.start(op.id, "validate")  # still running: the refresh must leave the open form alone
+    await expect(page.locator(".op-head .facts")).to_contain_text("validate", timeout=3000)
+    assert await page.input_value('input[name="reason"]') == "half typed"
+    assert await page.locator("#cancel-form").get_attribute("open") is not None
+    await client.fail(op.id, "validate", "bad", retryable=False)  # finished: nothing left to cancel
+    await expect(page.locator(".op-head .badge.st-failed")).to_be_visible(timeout=3000)
+    await expect(page.locator("#cancel-form")).to_have_count(0)
+    await expect(page.get_by_text("Cancel this operation")).to_have_count(0)
+
+
+class TestNatsOutage:
+    """The detail page on a NATS server of the test's own, killed and started again."""
+
+    @pytest.fixture
+    def settings(self, private_nats: NatsServer, bucket_name: str) -> Settings:
+        return Settings(nats_url=private_nats.url, bucket=bucket_name)
+
+    @pytest.mark.slow
+    async def test_detail_page_keeps_its_content_shows_the_banner_and_fills_in_after_an_outage(
+        self, client: Client, live_server: str, browser: Any, private_nats: NatsServer
+    ) -> None:
+        op = await client.create("orders")
+        await client.start(op.id, "ingest")
+        opened = await browser.new_page()
+        errors: list[str] = []  # htmx logs a swap it could not do, or an error response, to the console
+        opened.on("pageerror", lambda exc: errors.append(str(exc)))
+        opened.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        await opened.goto(f"{live_server}/operations/{op.id}")
+        await expect(opened.locator(".op-head h1")).to_have_text(op.id)
+
+        def refresh(status: int) -> Any:
+            return lambda r: r.url.endswith(f"/partials/operations/{op.id}") and r.status == status
+
+        # the open page: the refresh that NATS's loss triggers keeps the content, and the banner comes
+        async with opened.expect_response(refresh(204), timeout=10_000):
+            private_nats.kill()
+        try:
+            await expect(opened.locator("#banner")).to_contain_text("NATS is unreachable", timeout=10_000)
+            await expect(opened.locator(".op-head h1")).to_have_text(op.id)
+            await expect(opened.locator(".error-card")).to_have_count(0)
+            await expect(opened.locator("#cancel-form")).to_have_count(1)
+
+            # a page opened during the outage: the banner and a card that waits for NATS
+            late = await browser.new_page()
+            response = await late.goto(f"{live_server}/operations/{op.id}")
+            assert response is not None and response.status == 503
+            await expect(late.locator("#banner")).to_contain_text("NATS is unreachable")
+            await expect(late.locator('[data-testid="waiting-for-nats"]')).to_contain_text("running")  # last known
+            async with late.expect_response(refresh(204), timeout=5_000):  # it keeps polling
+                pass
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            await late.screenshot(path=str(ARTIFACTS / "detail-during-outage.png"), full_page=True)
+
+            private_nats.start()
+            await client.succeed(op.id, "ingest")  # the client reconnects by itself
+            for page in (opened, late):  # both fill in by themselves, with the cancel form
+                await expect(page.locator('[data-testid="waiting-for-nats"]')).to_have_count(0, timeout=15_000)
+                await expect(page.locator(".op-head h1")).to_have_text(op.id)
+                await expect(page.locator(".gantt-row .badge.st-succeeded")).to_have_count(1, timeout=5_000)
+                await expect(page.locator("#banner")).not_to_contain_text("NATS is unreachable", timeout=10_000)
+                await expect(page.locator("#cancel-form")).to_have_count(1)
+            assert errors == [], errors
+            await late.screenshot(path=str(ARTIFACTS / "detail-after-outage.png"), full_page=True)
+        finally:  # a failure during the outage must not leave the server down for the teardown
+            if private_nats.proc is not None and private_nats.proc.poll() is not None:
+                private_nats.start()
 
 
 XSS = "<script>window.__xss=1;alert(1)</script>"

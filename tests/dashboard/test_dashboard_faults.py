@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -47,7 +48,14 @@ async def test_nats_restart_shows_a_banner_then_catches_up_without_duplicates(pr
         assert down.status_code == 200
         assert "NATS is unreachable" in down.text and 'data-testid="total">1<' in down.text
         assert (await http.get("/healthz")).status_code == 503
-        assert (await http.get(f"/operations/{first.id}")).status_code == 503
+        detail = await http.get(f"/operations/{first.id}")  # opened during the outage
+        assert detail.status_code == 503 and "NATS is unreachable" in detail.text  # the banner, not an error page
+        waiting = re.search(r'<section [^>]*data-testid="waiting-for-nats"[^>]*>', detail.text)
+        assert waiting is not None and 'hx-trigger="every 2s"' in waiting.group(0)  # it polls to fill in by itself
+        assert f'hx-get="/partials/operations/{first.id}"' in waiting.group(0) and "error-card" not in detail.text
+        assert "pending" in detail.text  # what the index last knew
+        fragment = await http.get(f"/partials/operations/{first.id}", headers={"HX-Request": "true"})
+        assert fragment.status_code == 204 and fragment.content == b""  # htmx keeps what an open page shows
 
         private_nats.start()
         async with Client(kv) as writer:
@@ -58,6 +66,9 @@ async def test_nats_restart_shows_a_banner_then_catches_up_without_duplicates(pr
         up = (await http.get("/")).text
         assert "NATS is unreachable" not in up and 'data-testid="total">2<' in up
         assert (await http.get("/healthz")).status_code == 200
+        back = await http.get(f"/partials/operations/{first.id}", headers={"HX-Request": "true"})
+        assert back.status_code == 200 and first.id in back.text and "waiting-for-nats" not in back.text
+        assert (await http.get(f"/operations/{first.id}")).status_code == 200
         assert state.index.changes == 3  # 1 replayed + create and start after the restart: no duplicates
 
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import re
 import time
+from typing import Any
 
 import pytest
 from dashboard_support import eventually, populate, state_of
@@ -48,6 +49,46 @@ async def test_overview_shows_live_counts_with_links_to_filtered_lists(
     assert ids[2] in html  # validate failed: listed under recent failures
 
 
+async def test_api_overview_has_the_overview_pages_figures(client: Client, app: Litestar, http: Http) -> None:
+    ids = await populate(client, 12)
+    index = state_of(app).index
+    await eventually(lambda: len(index) == 12 and index.status_counts().get("failed") == 2)
+    await eventually(lambda: index.status_counts().get("succeeded") == 2)
+    response = await http.get("/api/overview")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["pipeline"] == "orders" and body["pipelines"] == ["orders"]
+    assert body["total"] == body["operations_in_bucket"] == 12
+    assert body["totals"] == {"pending": 0, "running": 8, "succeeded": 2, "failed": 2, "cancelled": 0}
+    html = (await http.get("/")).text  # the page shows the same figures
+    for status, n in body["totals"].items():
+        assert re.search(rf'data-testid="total-{status}" href="[^"]*">\s*<span class="n">{n}<', html), status
+    stages = {stage["name"]: stage for stage in body["stages"]}
+    assert list(stages) == ["ingest", "validate", "geo", "fraud", "profile", "merge", "notify"]  # the DAG's order
+    assert [stages[name]["layer"] for name in ("ingest", "validate", "geo", "fraud", "merge")] == [0, 1, 2, 2, 3]
+    validate = stages["validate"]
+    assert validate["counts"]["failed"] == 2 and validate["counts"]["running"] == 2 and validate["samples"] == 6
+    assert validate["p50_seconds"] is not None and validate["p95_seconds"] >= validate["p50_seconds"]
+    assert stages["ingest"]["counts"] == {
+        "waiting": 0, "running": 2, "retrying": 0, "succeeded": 10, "failed": 0, "skipped": 0, "cancelled": 0
+    }  # fmt: skip
+    assert stages["profile"]["optional"] is True and stages["notify"]["deadline_seconds"] == 5.0
+    assert sum(stage["counts"]["retrying"] for stage in stages.values()) == 2  # geo of ops 3 and 9
+    minutes = body["throughput"]["minutes"]
+    assert len(minutes) == 30 and sum(m["started"] for m in minutes) == 12
+    assert minutes[-1]["minute"] <= time.time() < minutes[-1]["minute"] + 60
+    assert body["throughput"]["started_per_minute"] == sum(m["started"] for m in minutes[-5:]) / 5
+    failures = {f["id"]: f for f in body["recent_failures"]}
+    assert set(failures) == {ids[2], ids[8]}
+    assert failures[ids[2]]["stage"] == "validate" and "schema check failed" in failures[ids[2]]["message"]
+    assert body["stuck"] == [] and body["stuck_total"] == 0  # nothing past the 30 s heartbeat timeout yet
+    assert body["nats_connected"] is True and body["index_ready"] is True and body["disconnected_since"] is None
+    assert body["stats_window_seconds"] == 900
+    unknown = await http.get("/api/overview", params={"pipeline": "nope"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert "pipeline" in unknown.json()["error"]["message"]
+
+
 async def test_stuck_counts_link_to_the_list_of_stuck_operations(
     client: Client, dashboard_settings: DashboardSettings
 ) -> None:
@@ -70,6 +111,10 @@ async def test_stuck_counts_link_to_the_list_of_stuck_operations(
         assert set(re.findall(r'data-op="([^"]+)"', by_stage)) == {ids[3], ids[9]}
         api = (await http.get("/api/operations", params={"filter": "stuck=1", "page_size": "50"})).json()
         assert {op["metadata"]["id"] for op in api["operations"]} == stuck_ids
+        overview = (await http.get("/api/overview")).json()  # the same figures as JSON
+        assert overview["stuck_total"] == 8 and {s["id"] for s in overview["stuck"]} == stuck_ids
+        assert {s["name"]: s["stuck"] for s in overview["stages"]}["fraud"] == 2
+        assert all("heartbeat" in s["reason"] or "deadline" in s["reason"] for s in overview["stuck"])
 
 
 async def test_the_metadata_filter_says_what_it_can_match(http: Http) -> None:
@@ -126,7 +171,12 @@ async def test_bad_filters_are_a_clear_400(http: Http, params: dict[str, str], f
 @pytest.mark.parametrize("value", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-10:00"])
 @pytest.mark.parametrize(
     ("url", "field"),
-    [("/api/operations", "created_after"), ("/archive", "finished_after"), ("/archive", "finished_before")],
+    [
+        ("/api/operations", "created_after"),
+        ("/archive", "finished_after"),
+        ("/archive", "finished_before"),
+        ("/api/archive/operations", "finished_after"),
+    ],
 )
 async def test_out_of_range_times_are_a_clear_400_in_the_api_and_archive(
     http: Http, url: str, field: str, value: str
@@ -153,6 +203,23 @@ async def test_detail_page_shows_timeline_metadata_history_and_revisions(
     assert f"<td>{result.revision}</td>" in html  # the KV revision history
     assert "ingest-8" in html
     assert "Cancel this operation" in html
+
+
+async def test_the_cancel_form_is_part_of_the_live_fragment_until_the_operation_finishes(
+    client: Client, http: Http
+) -> None:
+    op = await client.create("orders")
+    await client.start(op.id, "ingest")
+    running = (await http.get(f"/partials/operations/{op.id}", headers={"HX-Request": "true"})).text
+    assert "<html" not in running and "Cancel this operation" in running
+    assert '<details id="cancel-form" hx-preserve="true">' in running  # a refresh keeps the open form as it is
+    assert 'name="_csrf_token" value="' in running and f'hx-post="/operations/{op.id}/cancel"' in running
+    await client.fail(op.id, "ingest", "broken", retryable=False)
+    finished = (await http.get(f"/partials/operations/{op.id}", headers={"HX-Request": "true"})).text
+    assert "Cancel this operation" not in finished and "cancel-form" not in finished and "hx-post" not in finished
+    assert '<div id="cancel-result" hx-preserve="true"' in finished  # a cancel's answer stays on the page
+    page = (await http.get(f"/operations/{op.id}")).text
+    assert "Cancel this operation" not in page
 
 
 async def test_detail_page_shows_stages_cut_off_by_the_failure_as_cancelled(client: Client, http: Http) -> None:
@@ -395,6 +462,9 @@ async def test_openapi_healthz_and_metrics(client: Client, app: Litestar, http: 
     await eventually(lambda: len(state_of(app).index) == 1)
     schema = (await http.get("/schema/openapi.json")).json()
     assert "/api/operations/{name}" in schema["paths"] and "/" not in schema["paths"]
+    assert {"/api/overview", "/api/archive/operations"} <= set(schema["paths"])
+    overview = schema["paths"]["/api/overview"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert overview["$ref"].endswith("/Overview")
     health = await http.get("/healthz")
     assert health.status_code == 200 and health.json()["operations"] == 1 and health.json()["archive"] == "disabled"
     await http.get("/")
@@ -438,6 +508,71 @@ async def test_api_reports_a_corrupt_value_as_data_loss_and_refuses_to_cancel_it
 async def test_archive_page_explains_when_not_configured(http: Http) -> None:
     html = (await http.get("/archive")).text
     assert "not configured" in html and "DATABASE_URL" in html
+
+
+async def test_api_archive_search_without_an_archive_is_a_503_problem(http: Http) -> None:
+    response = await http.get("/api/archive/operations", params={"status": "failed"})
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == 503 and error["status"] == "UNAVAILABLE"
+    assert "not configured" in error["message"] and "DATABASE_URL" in error["message"]
+    bad = await http.get("/api/archive/operations", params={"status": "running"})  # the filters are checked first
+    assert bad.status_code == 400 and bad.json()["error"]["status"] == "INVALID_ARGUMENT"
+    unknown = await http.get("/api/archive/operations", params={"stage": "geo"})
+    assert unknown.status_code == 400 and "unknown archive filter" in unknown.json()["error"]["message"]
+
+
+async def test_api_archive_search_has_the_archive_pages_filters_and_keyset_pages(
+    client: Client, dashboard_settings: DashboardSettings, database_url: str
+) -> None:
+    from dataclasses import replace
+
+    from test_dashboard_archive import archived_operations
+
+    ids = await archived_operations(client, database_url)
+    app = create_app(replace(dashboard_settings, database_url=database_url))
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
+
+        async def search(**params: str) -> list[dict[str, Any]]:
+            response = await http.get("/api/archive/operations", params=params)
+            assert response.status_code == 200, response.text
+            operations: list[dict[str, Any]] = response.json()["operations"]
+            return operations
+
+        everything = await search()
+        assert {op["name"] for op in everything} == {f"operations/{op_id}" for op_id in ids.values()}
+        by_id = {op["metadata"]["id"]: op for op in everything}
+        api_get = (await http.get(f"/api/operations/{ids['failed']}")).json()
+        assert by_id[ids["failed"]] == api_get  # the same resource as GET /api/operations/{id}
+        assert all(op["done"] and op["metadata"]["archived"] is True for op in everything)
+        assert by_id[ids["failed"]]["error"]["code"] == 10 and "bad bytes" in by_id[ids["failed"]]["error"]["message"]
+        assert by_id[ids["cancelled"]]["error"]["code"] == 1 and "result" in by_id[ids["succeeded"]]
+        failed = await search(status="failed", failed_stage="ingest")
+        assert [op["metadata"]["id"] for op in failed] == [ids["failed"]]
+        assert [op["metadata"]["id"] for op in await search(status="succeeded,cancelled", pipeline="orders")] == [
+            ids["cancelled"],
+            ids["succeeded"],
+        ]  # newest finished first
+        assert [op["metadata"]["id"] for op in await search(meta="customer=succeeded-c")] == [ids["succeeded"]]
+        by_json = await search(meta="tier=2", id=ids["cancelled"][:20])
+        assert [op["metadata"]["id"] for op in by_json] == [ids["cancelled"]]
+        assert await search(finished_before="2000-01-01T00:00:00") == []
+        assert len(await search(finished_after="2000-01-01T00:00:00")) == 3
+
+        pages, token = [], ""
+        for _ in range(4):
+            params = {"page_size": "1", **({"page_token": token} if token else {})}
+            body = (await http.get("/api/archive/operations", params=params)).json()
+            pages.append([op["metadata"]["id"] for op in body["operations"]])
+            token = body["next_page_token"]
+            if not token:
+                break
+        assert [op_id for page in pages for op_id in page] == [op["metadata"]["id"] for op in everything]
+        assert all(len(page) == 1 for page in pages)
+        garbage = await http.get("/api/archive/operations", params={"page_token": "garbage"})
+        assert garbage.status_code == 400 and garbage.json()["error"]["status"] == "INVALID_ARGUMENT"
+        too_big = await http.get("/api/archive/operations", params={"page_size": "501"})
+        assert too_big.status_code == 400 and "page_size" in too_big.json()["error"]["message"]
 
 
 async def test_sse_stream_signals_a_change(client: Client, live_server: str) -> None:
