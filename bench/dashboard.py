@@ -7,6 +7,8 @@ bucket with operations in a realistic spread of states (published as stored JSON
 kvstate's own state machine), lets the dashboard's real watcher replay them into the index,
 then times the overview and the operations list (context building plus template rendering,
 exactly what the handlers do) and measures the index's memory with tracemalloc.
+Besides the first page and a broad filter, two selective filters are timed: a worker that
+one operation in 1,000 names (``RARE_WORKER``) and a status no operation has (cancelled).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ import msgspec
 from dashboard.archive import ArchiveAccess
 from dashboard.feed import Broadcaster, IndexFeed
 from dashboard.index import OperationIndex
+from dashboard.query import parse_filter
 from dashboard.settings import DashboardSettings
 from dashboard.templating import Renderer, make_environment
 from dashboard.views import DashboardState, banner_context, operations_context, overview_context
@@ -38,6 +42,9 @@ from kvstate.machine import apply_event, new_operation
 from kvstate.servers import NatsServer
 
 PIPELINE = Pipeline.from_toml(Path(__file__).resolve().parents[1] / "demo" / "pipeline.toml")
+RARE_WORKER = "gpu-7"
+RARE_EVERY = 1000
+"""Every RARE_EVERY-th operation has its stages run by RARE_WORKER (a selective filter)."""
 
 
 def templates(now: datetime) -> list[Operation]:
@@ -75,13 +82,23 @@ def templates(now: datetime) -> list[Operation]:
     return found
 
 
+def with_worker(op: Operation, worker: str) -> Operation:
+    """``op`` with every stage that names a worker run by ``worker`` instead."""
+    stages = {
+        name: msgspec.structs.replace(state, worker=worker) if state.worker else state
+        for name, state in op.stages.items()
+    }
+    return msgspec.structs.replace(op, stages=stages)
+
+
 async def fill(client: Client, count: int) -> None:
     now = datetime.now(UTC)
     shapes = templates(now)
+    rare = [with_worker(shape, RARE_WORKER) for shape in shapes]
     js, store = client.store.js, client.store
     batch: list[asyncio.Future[Any]] = []
     for i in range(count):
-        shape = shapes[i % len(shapes)]
+        shape = (rare if i % RARE_EVERY == 0 else shapes)[i % len(shapes)]
         shift = timedelta(seconds=i % 3600)
         op = msgspec.structs.replace(
             shape, id=f"bench{i:07d}", created_at=shape.created_at - shift, metadata={**shape.metadata, "n": i}
@@ -163,10 +180,17 @@ async def run_size(server: NatsServer, count: int, rounds: int) -> dict[str, Any
                 operations_context(state, {}, now) | banner_context(state, now) | {"path": "/operations"},
             )
 
-        def filtered() -> None:
-            now = time.time()
-            params = {"status": ["failed"], "stage": ["score"], "stage_status": ["failed"]}
-            renderer.html("partials/operations.html", operations_context(state, params, now) | {"path": "/operations"})
+        def filtered(params: dict[str, list[str]]) -> Callable[[], None]:
+            def render() -> None:
+                now = time.time()
+                context = operations_context(state, params, now) | {"path": "/operations"}
+                renderer.html("partials/operations.html", context)
+
+            return render
+
+        failed_at_score = {"status": ["failed"], "stage": ["score"], "stage_status": ["failed"]}
+        rare_worker = {"worker": [RARE_WORKER]}
+        no_match = {"status": ["cancelled"]}
 
         result = {
             "operations": count,
@@ -174,7 +198,14 @@ async def run_size(server: NatsServer, count: int, rounds: int) -> dict[str, Any
             "replay_seconds": round(replayed, 2),
             "overview": timings(overview, rounds),
             "list_first_page": timings(listing, rounds),
-            "list_filtered_failed_at_score": timings(filtered, max(10, rounds // 10)),
+            "list_filtered_failed_at_score": timings(filtered(failed_at_score), max(10, rounds // 10)),
+            "list_filtered_rare_worker": timings(filtered(rare_worker), max(10, rounds // 4)),
+            "list_filtered_no_match": timings(filtered(no_match), max(10, rounds // 4)),
+            "matches": {
+                "failed_at_score": index.count(parse_filter(failed_at_score)),
+                "rare_worker": index.count(parse_filter(rare_worker)),
+                "no_match": index.count(parse_filter(no_match)),
+            },
         }
         await feed.stop()
         await broadcaster.stop()
@@ -203,6 +234,14 @@ def main() -> None:
         print(f"overview p50 ratio {large['operations']} / {small['operations']} ops: {ratio:.2f} (target <= 1.5)")
         print(
             f"index memory at {large['operations']} ops: {large['bytes_per_op']} bytes per operation (target <= 1024)"
+        )
+    for result in results:
+        print(
+            f"selective filters at {result['operations']} ops, p50:"
+            f" worker {RARE_WORKER} ({result['matches']['rare_worker']} matches)"
+            f" {result['list_filtered_rare_worker']['p50_ms']} ms,"
+            f" status cancelled ({result['matches']['no_match']} matches)"
+            f" {result['list_filtered_no_match']['p50_ms']} ms"
         )
 
 

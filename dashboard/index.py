@@ -3,8 +3,11 @@
 One watcher per process feeds it (``dashboard.feed``); requests never scan the bucket.
 It keeps a compact summary per operation (a few hundred bytes, no Operation objects)
 and maintains every count incrementally, so the overview costs the same with 1,000 or
-100,000 operations in the bucket. Everything here is plain data and pure-ish methods
-with an explicit ``now`` (epoch seconds): no I/O, no clock.
+100,000 operations in the bucket. Lists walk age orders, sorted (created, id) keys:
+one over every operation and one per status, pipeline, worker and (stage, stage
+status), so a filtered page walks only the operations its narrowest term admits.
+Everything here is plain data and pure-ish methods with an explicit ``now`` (epoch
+seconds): no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -12,18 +15,20 @@ from __future__ import annotations
 import heapq
 import math
 import sys
-from bisect import bisect_left, insort
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
+from dashboard.sorted_keys import Key, SortedKeys
 from kvstate import Change, Operation, OpStatus, Pipeline, StageStatus
 
 __all__ = [
     "CORRUPT",
     "STAGE_STATUSES",
     "Failure",
+    "Key",
     "OpSummary",
     "OperationFilter",
     "OperationIndex",
@@ -52,18 +57,23 @@ FAILURES_KEPT = 20
 _DEADLINE = "deadline"
 _HEARTBEAT = "heartbeat"
 
+_Label = TypeVar("_Label")
+
 
 def _ts(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
 
 
 class OpSummary:
-    """What the index remembers of one operation (slots only: this is the memory budget)."""
+    """What the index remembers of one operation (slots only: this is the memory budget).
+
+    ``key`` is (created, id): the one tuple every ordered list of the index holds for
+    this operation, so each extra list costs a pointer per operation, not a tuple.
+    """
 
     __slots__ = (
-        "created",
         "finished",
-        "id",
+        "key",
         "meta",
         "pipeline",
         "revision",
@@ -88,10 +98,9 @@ class OpSummary:
         workers: tuple[str, ...],
         meta: tuple[str, ...],
     ) -> None:
-        self.id = id
+        self.key: Key = (created, id)
         self.pipeline = pipeline
         self.status = status
-        self.created = created
         self.updated = updated
         self.finished = finished
         self.revision = revision
@@ -99,6 +108,16 @@ class OpSummary:
         self.stage_codes = stage_codes
         self.workers = workers
         self.meta = meta
+
+    @property
+    def id(self) -> str:
+        """The operation's id."""
+        return self.key[1]
+
+    @property
+    def created(self) -> float:
+        """When the operation was created (epoch seconds)."""
+        return self.key[0]
 
     @property
     def done(self) -> bool:
@@ -235,6 +254,45 @@ def _counted(op: OpSummary, code: int) -> bool:
     return not (code == _WAITING and op.done)
 
 
+def _stage_labels(op: OpSummary) -> set[tuple[str, int]]:
+    """The (stage, status code) lists ``op`` belongs to: its counted stages."""
+    return {(name, code) for name, code in zip(op.stage_names, op.stage_codes, strict=True) if _counted(op, code)}
+
+
+_NO_KEYS = SortedKeys()  # the keys of a value no operation has (never changed)
+
+
+def _insert(lists: dict[_Label, SortedKeys], label: _Label, key: Key) -> None:
+    keys = lists.get(label)
+    if keys is None:
+        keys = lists[label] = SortedKeys()
+    keys.add(key)
+
+
+def _delete(lists: dict[_Label, SortedKeys], label: _Label, key: Key) -> None:
+    keys = lists[label]
+    keys.discard(key)
+    if not keys:
+        del lists[label]  # worker names come and go: keep no empty lists
+
+
+def _range(flt: OperationFilter, after: Key | None) -> tuple[Key | None, Key | None]:
+    """Bounds low <= key < high of the keys past the cursor ``after`` and within the created range.
+
+    ``(t, "")`` sorts before every key created at ``t``; ``id + "\\0"`` is the least string
+    after ``id``, so ``key >= (created, id + "\\0")`` means ``key > (created, id)``.
+    """
+    low = None if flt.created_after is None else (flt.created_after, "")
+    high = None if flt.created_before is None else (flt.created_before, "")
+    if after is not None:
+        if flt.newest_first:
+            high = after if high is None else min(high, after)
+        else:
+            past = (after[0], after[1] + "\0")
+            low = past if low is None else max(low, past)
+    return low, high
+
+
 def _metadata_pairs(metadata: dict[str, object]) -> tuple[str, ...]:
     pairs: list[str] = []
     for key, value in metadata.items():
@@ -273,7 +331,15 @@ class OperationIndex:
 
     def _clear(self) -> None:
         self._ops: dict[str, OpSummary] = {}
-        self._order: list[tuple[float, str]] = []  # (created, id), sorted
+        self._order = SortedKeys()  # every operation's key: the age order
+        # The age order of the operations with one value of a selective filter term, so a
+        # filtered page walks only operations that can match. Kept per change like the
+        # counts; during a bulk load only _loading is kept, and end_bulk() builds them all.
+        self._by_status: dict[str, SortedKeys] = {}
+        self._by_pipeline: dict[str, SortedKeys] = {}
+        self._by_worker: dict[str, SortedKeys] = {}
+        self._by_stage: dict[tuple[str, int], SortedKeys] = {}  # (stage, status code): counted stages only
+        self._loading: list[Key] = []  # the keys in arrival order, during a bulk load
         self._bulk = False
         self._status_counts: dict[str, dict[str, int]] = {}  # pipeline -> status -> n
         self._stage_counts: dict[tuple[str, str], list[int]] = {}  # (pipeline, stage) -> per StageStatus code
@@ -312,15 +378,44 @@ class OperationIndex:
         self.version += 1
 
     def begin_bulk(self) -> None:
-        """Defer keeping the age order sorted (while a watcher replays the bucket)."""
-        self._bulk = True
+        """Defer keeping the age orders sorted (while a watcher replays the bucket)."""
+        if not self._bulk:
+            self._bulk = True
+            self._loading = list(self._order)
+            self._order = SortedKeys()
+            self._by_status, self._by_pipeline, self._by_worker, self._by_stage = {}, {}, {}, {}
 
     def end_bulk(self) -> None:
-        """Sort the age order once after a bulk load."""
+        """Sort the age order once after a bulk load and build the per-term orders from it."""
         if self._bulk:
             self._bulk = False
-            self._order.sort()
+            self._loading.sort()
+            self._build_orders(self._loading)
+            self._loading = []
             self.version += 1
+
+    def _build_orders(self, ordered: list[Key]) -> None:
+        """Every age order from the sorted keys of all operations: appended in order, no sort."""
+        by_status: defaultdict[str, list[Key]] = defaultdict(list)
+        by_pipeline: defaultdict[str, list[Key]] = defaultdict(list)
+        by_worker: defaultdict[str, list[Key]] = defaultdict(list)
+        by_stage: defaultdict[tuple[str, int], list[Key]] = defaultdict(list)
+        ops = self._ops
+        for key in ordered:
+            op = ops[key[1]]
+            by_status[op.status].append(key)
+            by_pipeline[op.pipeline].append(key)
+            for worker in op.workers:
+                by_worker[worker].append(key)
+            uncounted = _WAITING if op.done else -1
+            for label in zip(op.stage_names, op.stage_codes, strict=True):
+                if label[1] != uncounted:
+                    by_stage[label].append(key)
+        self._order = SortedKeys(ordered)
+        self._by_status = {label: SortedKeys(keys) for label, keys in by_status.items()}
+        self._by_pipeline = {label: SortedKeys(keys) for label, keys in by_pipeline.items()}
+        self._by_worker = {label: SortedKeys(keys) for label, keys in by_worker.items()}
+        self._by_stage = {label: SortedKeys(keys) for label, keys in by_stage.items()}
 
     def apply(self, change: Change, now: float) -> None:
         """Apply one watched change: a new value, a removal or a corrupt value."""
@@ -363,26 +458,87 @@ class OperationIndex:
         old = self._ops.get(op.id)
         if old is not None and old.revision >= new.revision:
             return  # a replay of something already seen
-        self._unindex(old)
-        self._index(new)
+        self._replace(old, new)
         self._note_transitions(old, new, op, now)
         self._schedule_stuck(op, now)
 
     def _put_corrupt(self, op_id: str, revision: int, now: float) -> None:
         old = self._ops.get(op_id)
-        self._unindex(old)
         created = old.created if old is not None else now
-        self._index(OpSummary(op_id, "", CORRUPT, created, now, None, revision, (), b"", (), ()))
+        self._replace(old, OpSummary(op_id, "", CORRUPT, created, now, None, revision, (), b"", (), ()))
 
     def _remove(self, op_id: str) -> None:
-        self._unindex(self._ops.get(op_id))
+        old = self._ops.get(op_id)
+        if old is not None:
+            self._replace(old, None)
 
-    def _index(self, op: OpSummary) -> None:
+    def _replace(self, old: OpSummary | None, new: OpSummary | None) -> None:
+        """Swap one operation's summary (None: not there) in the counts and the orders."""
+        if old is not None:
+            self._uncount(old)
+        if new is not None:
+            self._count(new)
+        if old is not None and new is not None and old.key == new.key:
+            new.key = old.key  # keep one key tuple per operation in every list
+            if not self._bulk:
+                self._relink(old, new)
+            return
+        if old is not None:
+            if self._bulk:
+                self._loading.remove(old.key)  # rare during a replay: each key comes once
+            else:
+                self._order.discard(old.key)
+                self._unlink(old)
+        if new is not None:
+            if self._bulk:
+                self._loading.append(new.key)
+            else:
+                self._order.add(new.key)
+                self._link(new)
+
+    def _link(self, op: OpSummary) -> None:
+        key = op.key
+        _insert(self._by_status, op.status, key)
+        _insert(self._by_pipeline, op.pipeline, key)
+        for worker in op.workers:
+            _insert(self._by_worker, worker, key)
+        for label in _stage_labels(op):
+            _insert(self._by_stage, label, key)
+
+    def _unlink(self, op: OpSummary) -> None:
+        key = op.key
+        _delete(self._by_status, op.status, key)
+        _delete(self._by_pipeline, op.pipeline, key)
+        for worker in op.workers:
+            _delete(self._by_worker, worker, key)
+        for label in _stage_labels(op):
+            _delete(self._by_stage, label, key)
+
+    def _relink(self, old: OpSummary, new: OpSummary) -> None:
+        """Move a changed operation between per-term lists: only the lists it joins or leaves."""
+        key = new.key
+        if old.status != new.status:
+            _delete(self._by_status, old.status, key)
+            _insert(self._by_status, new.status, key)
+        if old.pipeline != new.pipeline:
+            _delete(self._by_pipeline, old.pipeline, key)
+            _insert(self._by_pipeline, new.pipeline, key)
+        if old.workers != new.workers:
+            for worker in old.workers:
+                if worker not in new.workers:
+                    _delete(self._by_worker, worker, key)
+            for worker in new.workers:
+                if worker not in old.workers:
+                    _insert(self._by_worker, worker, key)
+        if old.stage_codes != new.stage_codes or old.stage_names != new.stage_names or old.done != new.done:
+            before, after = _stage_labels(old), _stage_labels(new)
+            for label in before - after:
+                _delete(self._by_stage, label, key)
+            for label in after - before:
+                _insert(self._by_stage, label, key)
+
+    def _count(self, op: OpSummary) -> None:
         self._ops[op.id] = op
-        if self._bulk:
-            self._order.append((op.created, op.id))
-        else:
-            insort(self._order, (op.created, op.id))
         per_status = self._status_counts.setdefault(op.pipeline, {})
         per_status[op.status] = per_status.get(op.status, 0) + 1
         for name, code in zip(op.stage_names, op.stage_codes, strict=True):
@@ -390,20 +546,11 @@ class OperationIndex:
                 counts = self._stage_counts.setdefault((op.pipeline, name), [0] * len(STAGE_STATUSES))
                 counts[code] += 1
 
-    def _unindex(self, op: OpSummary | None) -> None:
-        if op is None:
-            return
+    def _uncount(self, op: OpSummary) -> None:
         del self._ops[op.id]
         for stuck in self._stuck.pop(op.id, {}).values():
             del self._stuck_order[(stuck.op_id, stuck.stage)]
             self._stuck_counts[(stuck.pipeline, stuck.stage)] -= 1
-        key = (op.created, op.id)
-        if self._bulk:
-            self._order.remove(key)
-        else:
-            pos = bisect_left(self._order, key)
-            if pos < len(self._order) and self._order[pos] == key:
-                del self._order[pos]
         self._status_counts[op.pipeline][op.status] -= 1
         for name, code in zip(op.stage_names, op.stage_codes, strict=True):
             if _counted(op, code):
@@ -578,35 +725,24 @@ class OperationIndex:
         failures = [f for f in self._failures if pipeline is None or f.pipeline == pipeline]
         return heapq.nlargest(limit, failures, key=lambda f: f.at)
 
-    def query(
-        self, flt: OperationFilter, limit: int, after: tuple[float, str] | None = None
-    ) -> tuple[list[OpSummary], tuple[float, str] | None]:
+    def query(self, flt: OperationFilter, limit: int, after: Key | None = None) -> tuple[list[OpSummary], Key | None]:
         """One page of operations matching ``flt`` in age order, starting after the cursor ``after``.
 
-        Returns the page and the cursor of the next page (None on the last page).
+        Returns the page and the cursor of the next page (None on the last page). Walks
+        only the candidates of the filter's narrowest indexed term (see ``_candidates``).
         """
-        order = self._order if not flt.stuck else self._stuck_order_by_age(flt.stage)
-        if flt.newest_first:
-            start = len(order) if after is None else bisect_left(order, after)
-            positions: range = range(start - 1, -1, -1)
-        else:
-            start = 0 if after is None else bisect_left(order, after)
-            if after is not None and start < len(order) and order[start] == after:
-                start += 1
-            positions = range(start, len(order))
         page: list[OpSummary] = []
-        for pos in positions:
-            op = self._ops[order[pos][1]]
+        for key in self._candidates(flt, after):
+            op = self._ops[key[1]]
             if self._selects(flt, op):
                 if len(page) == limit:
-                    last = page[-1]
-                    return page, (last.created, last.id)
+                    return page, page[-1].key
                 page.append(op)
         return page, None
 
     def count(self, flt: OperationFilter) -> int:
-        """How many operations match ``flt`` (walks the index: for tests and small lists)."""
-        return sum(1 for op in self._ops.values() if self._selects(flt, op))
+        """How many operations match ``flt`` (walks the candidates of its narrowest term: for tests and small lists)."""
+        return sum(1 for key in self._candidates(flt, None) if self._selects(flt, self._ops[key[1]]))
 
     def _selects(self, flt: OperationFilter, op: OpSummary) -> bool:
         if flt.stuck:
@@ -615,14 +751,54 @@ class OperationIndex:
                 return False
         return flt.matches(op)
 
-    def _stuck_order_by_age(self, stage: str | None) -> list[tuple[float, str]]:
-        """(created, id) of the operations with a stuck stage (``stage`` when given), sorted.
+    def _candidates(self, flt: OperationFilter, after: Key | None) -> Iterator[Key]:
+        """Keys that may match ``flt``, in the page's order, after the cursor, within the created range.
+
+        Every indexed term of the filter (statuses, pipeline, worker, stage, stuck) names
+        age orders whose union holds every operation matching it; the full age order
+        holds them all. This walks the union with the fewest keys in range; the caller
+        checks the whole filter on each, so the result is the same whichever is walked.
+        """
+        low, high = _range(flt, after)
+        if self._bulk:  # a query while the bucket replays: sort what has arrived so far
+            self._loading.sort()
+            best: list[SortedKeys] = [SortedKeys(self._loading)]
+        else:
+            best = [self._order]
+        best_size = best[0].count(low, high)
+        for orders in self._term_orders(flt):
+            size = sum(keys.count(low, high) for keys in orders)
+            if size < best_size:
+                best, best_size = orders, size
+        if flt.stuck and len(self._stuck) < best_size:
+            best = [SortedKeys(self._stuck_order_by_age(flt.stage))]  # sorted per request: few are stuck
+        runs = [keys.walk(low, high, flt.newest_first) for keys in best if keys]
+        if len(runs) == 1:
+            return runs[0]
+        return heapq.merge(*runs, reverse=flt.newest_first)
+
+    def _term_orders(self, flt: OperationFilter) -> Iterator[list[SortedKeys]]:
+        """For each indexed term of ``flt``, the age orders whose union holds every operation it matches."""
+        if self._bulk:
+            return  # built by end_bulk()
+        if flt.statuses:
+            yield [self._by_status.get(status, _NO_KEYS) for status in flt.statuses]
+        if flt.pipeline is not None:
+            yield [self._by_pipeline.get(flt.pipeline, _NO_KEYS)]
+        if flt.worker is not None:
+            yield [self._by_worker.get(flt.worker, _NO_KEYS)]
+        if flt.stage is not None:
+            codes = (_RUNNING, _RETRYING) if flt.stage_status is None else (_CODE[flt.stage_status],)
+            yield [self._by_stage.get((flt.stage, code), _NO_KEYS) for code in codes]
+
+    def _stuck_order_by_age(self, stage: str | None) -> list[Key]:
+        """The keys of the operations with a stuck stage (``stage`` when given), sorted.
 
         Costs the number of stuck operations, not the index size, so a stuck-only list
         does not walk every operation to find the few that are stuck.
         """
         return sorted(
-            (self._ops[op_id].created, op_id)
+            self._ops[op_id].key
             for op_id, stages in self._stuck.items()
             if stages and (stage is None or stage in stages)
         )
