@@ -337,7 +337,13 @@ def _apply_stage(
 ) -> Decision:
     stages = dict(op.stages)
     stages[name] = new
-    entry = Transition(
+    entry = _stage_transition(name, old, new, event, now)
+    return Decision(Outcome.APPLIED, _finalize(_replace(op, stages=stages), pipeline, [entry], event, now))
+
+
+def _stage_transition(name: str, old: StageState, new: StageState, event: Event, now: datetime) -> Transition:
+    """The history entry of stage ``name`` going from ``old`` to ``new`` because of ``event``."""
+    return Transition(
         at=now,
         stage=name,
         from_=old.status.value,
@@ -346,7 +352,6 @@ def _apply_stage(
         worker=new.worker,
         event=event.event_id,
     )
-    return Decision(Outcome.APPLIED, _finalize(_replace(op, stages=stages), pipeline, [entry], event, now))
 
 
 def _finalize(op: Operation, pipeline: Pipeline, entries: list[Transition], event: Event, now: datetime) -> Operation:
@@ -381,17 +386,7 @@ def _cancel_active_stages(op: Operation, entries: list[Transition], event: Event
     for name, state in active:
         finished_at = now if state.status is StageStatus.RUNNING else state.finished_at
         stages[name] = _replace(state, status=StageStatus.CANCELLED, finished_at=finished_at)
-        entries.append(
-            Transition(
-                at=now,
-                stage=name,
-                from_=state.status.value,
-                to=StageStatus.CANCELLED.value,
-                attempt=state.attempt or None,
-                worker=state.worker,
-                event=event.event_id,
-            )
-        )
+        entries.append(_stage_transition(name, state, stages[name], event, now))
     return _replace(op, stages=stages)
 
 
