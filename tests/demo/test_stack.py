@@ -4,6 +4,7 @@ stops every process it started, and a second run keeps the data."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +110,34 @@ def processes_mentioning(state: Path) -> list[int]:
     return found
 
 
+@contextlib.contextmanager
+def kvstate_up(env: dict[str, str], out: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`kvstate up` as a child process, output to ``out``; killed by pid on the way out if still running."""
+    with open(out, "wb") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvstate.cli", "up", *args], env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def own_stack(state: Path, proc: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
+    """The stack.json ``proc`` wrote (not one a killed earlier run left behind)."""
+    info: dict[str, Any] = wait_until(
+        lambda: (i := read_stack(state)) and i["pid"] == proc.pid and i, 90, "stack.json", proc, out
+    )
+    return info
+
+
 def run_stack_once(state: Path, tmp_path: Path, name: str, min_archived: int) -> int:
     """Start `kvstate up`, wait for the dashboard and the archive, SIGINT it, check nothing is left."""
     out = tmp_path / f"{name}.out"
-    with open(out, "wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstate.cli", "up"], env=stack_env(state), stdout=handle, stderr=subprocess.STDOUT
-        )
-    try:
-        info = wait_until(lambda: (i := read_stack(state)) and i["pid"] == proc.pid and i, 90, "stack.json", proc, out)
+    with kvstate_up(stack_env(state), out) as proc:
+        info = own_stack(state, proc, out)
         assert set(info["children"]) == {"archiver", "dashboard", "demo"}
         assert set(info["servers"]) == {"nats", "postgres"}
         wait_until(lambda: dashboard_healthy(info["dashboard"]), 30, "the dashboard", proc, out)
@@ -132,10 +153,6 @@ def run_stack_once(state: Path, tmp_path: Path, name: str, min_archived: int) ->
         assert all(alive(pid) for pid in pids)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, out.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     leftovers = [pid for pid in pids if alive(pid)]
     assert leftovers == [], f"still running after kvstate up stopped: {leftovers}"
     assert processes_mentioning(state) == []
@@ -163,23 +180,12 @@ def test_kvstate_up_killed_with_sigkill_leaves_no_process_and_starts_again(tmp_p
     pytest.importorskip("dashboard.cli")
     state = tmp_path / "state"
     out = tmp_path / "killed.out"
-    with open(out, "wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstate.cli", "up", "--no-demo"],
-            env=stack_env(state),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        info = wait_until(lambda: read_stack(state), 90, "stack.json", proc, out)
+    with kvstate_up(stack_env(state), out, "--no-demo") as proc:
+        info = own_stack(state, proc, out)
         pids = [*info["children"].values(), *info["servers"].values()]
         assert len(pids) == 4  # archiver, dashboard, nats-server, postgres
         proc.kill()  # no handler runs: only the kernel can stop the children now
         proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     deadline = time.monotonic() + 30
     while (leftovers := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -205,21 +211,13 @@ def test_kvstate_up_uses_the_servers_it_is_given_and_leaves_them_running(
         DEMO_SUBJECT_PREFIX=f"demo.{settings.bucket}",
     )
     out = tmp_path / "given.out"
-    with open(out, "wb") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kvstate.cli", "up"], env=env, stdout=handle, stderr=subprocess.STDOUT
-        )
-    try:
-        info = wait_until(lambda: (i := read_stack(state)) and i["pid"] == proc.pid and i, 90, "stack.json", proc, out)
+    with kvstate_up(env, out) as proc:
+        info = own_stack(state, proc, out)
         assert info["servers"] == {}  # it started neither nats-server nor PostgreSQL
         assert (info["nats_url"], info["database_url"]) == (nats_server.url, database_url)
         wait_until(lambda: archived_count(database_url) >= 1, 60, "an archived operation", proc, out)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, out.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert not (state / "nats").exists() and not (state / "postgres").exists()
     assert nats_server.proc.poll() is None  # the given servers keep running
     assert archived_count(database_url) >= 1
