@@ -4,8 +4,8 @@ The archiver's fetch loop sorts every message as it arrives (``classify``):
 
 - removal markers and operations not finished yet need nothing written: they are
   acknowledged at once, without decoding the operation (``peek_status`` reads the
-  top-level ``"status"`` member, which the codec writes right after ``schema``, ``id``
-  and ``pipeline``);
+  top-level ``"status"`` member when the value starts exactly as the codec writes it:
+  ``schema``, ``id`` and ``pipeline`` first; any other value is decoded);
 - finished operations become rows, and values that do not decode become dead letters,
   in a ``WriteBatch``; its messages are acknowledged only after its transaction commits.
 
@@ -17,6 +17,7 @@ One batch is written while the next one fills.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeGuard
@@ -30,10 +31,15 @@ from kvstate.errors import CorruptValue
 
 __all__ = ["Kind", "WriteBatch", "needs_decoding", "peek_status"]
 
-_HEAD = b'{"schema":'
-_STATUS = b'"status":"'
 _PEEK_LIMIT = 1024
 _NOT_FINISHED = frozenset({b"pending", b"running"})
+_PREFIX = re.compile(
+    rb'\{"schema":(?:0|[1-9][0-9]{0,9}),'
+    rb'"id":"(?:[^"\\\x00-\x1f]|\\.)*",'
+    rb'"pipeline":"(?:[^"\\\x00-\x1f]|\\.)*",'
+    rb'"status":"([a-z]{1,16})"[,}]'
+)
+"""the codec's own prefix: schema (an int), id and pipeline (JSON strings), then the status"""
 
 
 class Kind(enum.Enum):
@@ -46,20 +52,15 @@ class Kind(enum.Enum):
 
 
 def peek_status(value: bytes) -> bytes | None:
-    """The status of an encoded operation read without decoding it, or None when not found.
+    """The status of an encoded operation read without decoding it, or None when not sure.
 
-    Only trusted for a value that starts like the codec's output: ``schema`` (an int),
-    ``id`` and ``pipeline`` (JSON strings, whose escaping cannot produce ``"status":"``)
-    come first, so the first ``"status":"`` is the top-level member.
+    Trusted only for a value that starts exactly in the codec's order: ``schema`` (an
+    int), ``id`` and ``pipeline`` (JSON strings, parsed strictly, escapes included),
+    then ``status``. Any other layout (another client's key order, a nested object
+    holding a ``"status"`` key first) gives None, and the caller decodes the value.
     """
-    if not value.startswith(_HEAD):
-        return None
-    start = value.find(_STATUS, len(_HEAD), _PEEK_LIMIT)
-    if start < 0:
-        return None
-    start += len(_STATUS)
-    end = value.find(b'"', start, start + 16)
-    return value[start:end] if end > 0 else None
+    match = _PREFIX.match(value, 0, _PEEK_LIMIT)
+    return match.group(1) if match is not None else None
 
 
 @dataclass

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 from archiver_support import ROWS_PIPELINE
+from hypothesis import given
+from hypothesis import strategies as st
 
 from archiver.batch import needs_decoding, peek_status
 from archiver.rows import failed_stage
@@ -77,3 +79,56 @@ def test_the_failed_stage_is_the_one_that_failed_the_operation() -> None:
     assert failed_stage(op) == "merge"
     # with the deciding event gone from the bounded history, the first failed stage stands in
     assert failed_stage(msgspec.structs.replace(op, history=[])) == "profile"
+
+
+_FINISHED = [s for s in OpStatus if s.terminal]
+
+
+def _finished_members(status: OpStatus) -> dict[str, object]:
+    op = new_operation("op-1", ROWS_PIPELINE, datetime.now(UTC), {"status": "running"})
+    value = encode_operation(msgspec.structs.replace(op, status=status, finished_at=op.created_at))
+    members: dict[str, object] = msgspec.json.decode(value)
+    return members
+
+
+@given(
+    status=st.sampled_from(_FINISHED),
+    order=st.permutations(list(_finished_members(OpStatus.SUCCEEDED))),
+    nested=st.sampled_from(["pending", "running"]),
+    nest_in=st.sampled_from([None, "metadata", "stages", "extra"]),
+)
+def test_a_finished_operation_in_any_key_order_is_never_peeked_as_unfinished(
+    status: OpStatus, order: list[str], nested: str, nest_in: str | None
+) -> None:
+    members = _finished_members(status)
+    if nest_in == "extra":  # an unknown member another client added, ignored by the decoder
+        members["extra"] = {"status": nested}
+        order = ["extra", *order]
+    elif nest_in is not None:
+        inner = members[nest_in]
+        assert isinstance(inner, dict)
+        members[nest_in] = {"status": {"status": nested}} | inner if nest_in == "stages" else {"status": nested} | inner
+    value = msgspec.json.encode({key: members[key] for key in order})
+    assert peek_status(value) not in (b"pending", b"running")
+    assert needs_decoding(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"schema":1,"metadata":{"status":"running"},"status":"succeeded"}',
+        b'{"schema":1,"stages":{"a":{"status":"running"}},"id":"a","pipeline":"p","status":"failed"}',
+        b'{"schema":1,"id":"a","pipeline":{"status":"running"},"status":"cancelled"}',
+        b'{"schema":1, "id":"a","pipeline":"p","status":"running"}',  # not the codec's spacing
+    ],
+)
+def test_a_value_not_in_the_codecs_order_is_not_trusted_by_the_peek(value: bytes) -> None:
+    assert peek_status(value) is None
+    assert needs_decoding(value)
+
+
+def test_the_peek_reads_ids_with_escapes_in_the_codecs_order() -> None:
+    op = new_operation('a"b\\c', ROWS_PIPELINE, datetime.now(UTC))
+    assert peek_status(encode_operation(op)) == b"pending"
+    tricky = b'{"schema":1,"id":"a\\",\\"status\\":\\"running","pipeline":"p","status":"succeeded"}'
+    assert peek_status(tricky) == b"succeeded"  # the escaped quotes belong to the id
