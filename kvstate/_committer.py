@@ -7,7 +7,10 @@ a write is in flight queue up and go out together in the next write. So 32 tasks
 updating one operation cost a handful of writes instead of 32 fighting each other.
 
 On a conflict the batch is re-read and re-applied (the mutations are pure), with
-jittered exponential backoff, up to ``max_attempts`` times. A batch that writes nothing
+jittered exponential backoff, up to ``max_attempts`` times. A transient failure (NATS
+unreachable, a timeout whose write may or may not have landed, a stream electing its
+leader) is retried the same way, re-read first, until ``deadline`` seconds after the batch
+began; only then does its callers get the ConnectionLostError. A batch that writes nothing
 because an event came out stale or was refused (InvalidTransition) is checked once more
 against a fresh read from the stream leader when its state came from the cache or from a
 direct get (which any replica may answer): another process may have moved the operation
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +56,8 @@ PipelineCache = dict[str, Pipeline]
 
 _BACKOFF_BASE = 0.001
 _BACKOFF_CAP = 0.1
+_TRANSIENT_BACKOFF_BASE = 0.02
+_TRANSIENT_BACKOFF_CAP = 1.0
 
 
 class RevisionCache:
@@ -112,8 +118,10 @@ class GroupCommitter:
         *,
         max_attempts: int,
         max_value_size: int,
+        deadline: float = 30.0,
     ) -> None:
         self._store = store
+        self._deadline = deadline
         self._cache = cache
         self._resolve_pipeline = resolve_pipeline
         self._pipelines = pipelines
@@ -123,6 +131,7 @@ class GroupCommitter:
         self._tasks: set[asyncio.Task[None]] = set()
         self.writes = 0
         self.conflicts = 0
+        self.transient_retries = 0
 
     async def submit(self, key: str, mutation: Mutation) -> UpdateResult:
         """Apply ``mutation`` to ``key`` with compare-and-set; batched with concurrent callers."""
@@ -178,6 +187,8 @@ class GroupCommitter:
 
     async def _run(self, key: str, batch: list[_Item], pending: list[_Item]) -> None:
         attempt = 0
+        transient = 0
+        give_up = time.monotonic() + self._deadline
         last_revision: int | None = None
         checked_with_leader = False
         pipeline_reloaded = False
@@ -201,6 +212,15 @@ class GroupCommitter:
                 current = cached
                 last_revision = current.revision
                 pipeline = self._pipelines.get(current.pipeline) or await self._resolve_pipeline(current.pipeline)
+            except ConnectionLostError as exc:
+                if time.monotonic() >= give_up:
+                    for item in batch:
+                        item.resolve(None, exc)
+                    return
+                transient += 1
+                attempt -= 1  # a read nobody answered is no compare-and-set attempt
+                await self._transient_pause(transient, give_up)
+                continue
             except KvstateError as exc:
                 for item in batch:
                     item.resolve(None, exc)
@@ -230,15 +250,24 @@ class GroupCommitter:
             try:
                 data = encode_operation(state, self._max_value_size)
                 revision = await self._store.update(key, data, last_revision)
-            except (ConflictError, ConnectionLostError) as exc:
-                # ConnectionLostError: the write may or may not have landed. Re-reading and
-                # re-applying is safe: an applied event is then recognised as a duplicate.
+            except ConnectionLostError as exc:
+                # The write may or may not have landed. Re-reading and re-applying is safe:
+                # an applied event is then recognised as a duplicate.
                 self._cache.discard(key)
-                self.conflicts += isinstance(exc, ConflictError)
+                if time.monotonic() >= give_up:
+                    for item in batch:
+                        item.resolve(None, exc)
+                    return
+                transient += 1
+                attempt -= 1
+                await self._transient_pause(transient, give_up)
+                continue
+            except ConflictError as exc:
+                self._cache.discard(key)
+                self.conflicts += 1
                 if attempt >= self._max_attempts:
-                    error: KvstateError = (
-                        ConflictError(key, last_revision, attempt) if isinstance(exc, ConflictError) else exc
-                    )
+                    error = ConflictError(key, last_revision, attempt)
+                    error.__cause__ = exc.__cause__
                     for item in batch:
                         item.resolve(None, error)
                     return
@@ -257,6 +286,12 @@ class GroupCommitter:
             self._cache.remember(key, written)
             self._finish(batch, written)
             return
+
+    async def _transient_pause(self, transient: int, give_up: float) -> None:
+        """Jittered exponential backoff before retrying a transient failure, never past ``give_up``."""
+        self.transient_retries += 1
+        wait = random.uniform(0.5, 1.0) * min(_TRANSIENT_BACKOFF_CAP, _TRANSIENT_BACKOFF_BASE * 2**transient)
+        await asyncio.sleep(max(0.0, min(wait, give_up - time.monotonic())))
 
     @staticmethod
     def _finish(batch: list[_Item], state: Operation) -> None:

@@ -3,6 +3,12 @@
 Every write here is revision-checked except ``create`` (which expects "no value yet").
 Reads are direct gets (any replica may answer); ``leader=True`` routes a read through
 the stream leader, which the update loop uses after repeated conflicts.
+
+Once the bucket is open, "no responders" means no stream leader is subscribed right now:
+on a replicated bucket that is a leader election (4-9 s after the leader died), not a
+missing bucket. Nothing received such a message, so a publish is sent again, and a read
+asked again, with backoff until the store's ``deadline``; only past it does the call
+raise ConnectionLostError. BucketError stays for a bucket missing when it is opened.
 """
 
 from __future__ import annotations
@@ -10,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeGuard
+from typing import TypeGuard, TypeVar
 
 import msgspec
 import nats.errors
@@ -43,6 +50,12 @@ _SCAN_RESTARTS = 5
 _PIPELINE_WINDOW = 1024
 """``remove_many``: removals sent before waiting for their acks (the next window waits for these)."""
 _STATUS = "Status"
+_RETRY_FIRST = 0.05
+"""seconds before the first retry of a request nobody answered (then doubling)"""
+_RETRY_CAP = 1.0
+"""longest wait between two retries of a request nobody answered"""
+
+T = TypeVar("T")
 
 log = logging.getLogger("kvstate.kv")
 _MESSAGE_TOO_LARGE = 10054
@@ -101,8 +114,12 @@ class BucketConfig:
 
 
 @contextmanager
-def nats_errors(key: str = "", last: int | None = None) -> Iterator[None]:
-    """Re-raise nats errors raised inside the block as kvstate errors, the original as cause."""
+def nats_errors(key: str = "", last: int | None = None, *, bucket_known: bool = False) -> Iterator[None]:
+    """Re-raise nats errors raised inside the block as kvstate errors, the original as cause.
+
+    With ``bucket_known`` (the bucket was open), "no responders" is a ConnectionLostError:
+    a stream without a leader for a while, not a missing bucket.
+    """
     try:
         yield
     except nats.js.errors.KeyWrongLastSequenceError as exc:
@@ -118,10 +135,16 @@ def nats_errors(key: str = "", last: int | None = None) -> Iterator[None]:
             raise ConnectionLostError(f"JetStream unavailable: {exc.description}") from exc
         raise KvstateError(f"JetStream error {exc.err_code}: {exc.description}") from exc
     except nats.js.errors.NoStreamResponseError as exc:
+        if bucket_known:
+            raise ConnectionLostError(f"no stream leader answered for {key!r} (a leader election?)") from exc
         raise BucketError("no stream answered for the bucket; run `kvstate bucket init`") from exc
     except (TimeoutError, nats.errors.TimeoutError) as exc:
         raise ConnectionLostError(f"NATS did not answer in time (key {key!r})") from exc
     except nats.errors.NoRespondersError as exc:
+        if bucket_known:
+            raise ConnectionLostError(
+                f"no responders for {key!r}: no stream leader right now (a leader election?)"
+            ) from exc
         raise BucketError(f"no responders for {key!r}: the bucket is missing or JetStream is off") from exc
     except (
         nats.errors.ConnectionClosedError,
@@ -148,18 +171,23 @@ class KvStore:
         direct: bool,
         timeout: float = 5.0,
         kept_revisions: int | None = None,
+        deadline: float = 30.0,
     ) -> None:
         self.nc = nc
         self.js = js
         self.config = config
         self.direct = direct
         self.timeout = timeout
+        self.deadline = deadline
+        """seconds one call keeps retrying a request no stream leader answered (a leader election)"""
         self.kept_revisions = config.history if kept_revisions is None else kept_revisions
         """revisions the bucket keeps per key (its stream's max_msgs_per_subject)"""
         self._prefix = f"$KV.{config.name}."
 
     @classmethod
-    async def open(cls, nc: NATS, config: BucketConfig, *, create: bool, timeout: float) -> KvStore:
+    async def open(
+        cls, nc: NATS, config: BucketConfig, *, create: bool, timeout: float, deadline: float = 30.0
+    ) -> KvStore:
         """Open the bucket; with ``create``, create it when missing. Verifies its configuration."""
         js = nc.jetstream(timeout=timeout)
         try:
@@ -198,6 +226,7 @@ class KvStore:
             direct=bool(info.config.allow_direct),
             timeout=timeout,
             kept_revisions=info.config.max_msgs_per_subject or config.history,
+            deadline=deadline,
         )
 
     def subject(self, key: str) -> str:
@@ -211,11 +240,17 @@ class KvStore:
 
     async def get_revision(self, key: str, revision: int) -> KvEntry | None:
         """Revision ``revision`` of ``key``; None when it is gone or belongs to another key."""
-        with nats_errors(key):
-            try:
-                msg = await self.js.get_msg(self.config.stream, seq=revision, direct=self.direct)
-            except nats.js.errors.NotFoundError:
-                return None
+
+        async def read() -> api.RawStreamMsg | None:
+            with nats_errors(key, bucket_known=True):
+                try:
+                    return await self.js.get_msg(self.config.stream, seq=revision, direct=self.direct)
+                except nats.js.errors.NotFoundError:
+                    return None
+
+        msg = await self._until_deadline(read)
+        if msg is None:
+            return None
         if msg.subject != self._prefix + key:
             return None
         return _entry(key, revision, msg.data, msg.headers)
@@ -281,7 +316,7 @@ class KvStore:
                 if not waiting:
                     all_answered.set()
 
-        with nats_errors("remove"):
+        with nats_errors("remove", bucket_known=True):
             sub = await self.nc.subscribe(inbox + ".*", cb=on_ack)
         unanswered: KvstateError = ConnectionLostError(f"NATS did not acknowledge a removal within {self.timeout:g}s")
         try:
@@ -371,7 +406,7 @@ class KvStore:
         else:
             policy = api.DeliverPolicy.ALL if history else api.DeliverPolicy.LAST_PER_SUBJECT
             config = api.ConsumerConfig(deliver_policy=policy)
-        with nats_errors(pattern):
+        with nats_errors(pattern, bucket_known=True):
             sub = await self.js.subscribe(
                 self._prefix + pattern,
                 stream=self.config.stream,
@@ -383,7 +418,7 @@ class KvStore:
             )
         consumer: str | None = None
         try:
-            with nats_errors(pattern):
+            with nats_errors(pattern, bucket_known=True):
                 info = await sub.consumer_info()
             consumer = info.name
             if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
@@ -395,7 +430,7 @@ class KvStore:
                 except TimeoutError:
                     # The message that would have said "nothing pending" may have been purged
                     # while we scanned: ask the consumer instead of waiting for it forever.
-                    with nats_errors(pattern):
+                    with nats_errors(pattern, bucket_known=True):
                         info = await sub.consumer_info()
                     delivered = info.delivered.consumer_seq if info.delivered is not None else 0
                     if info.num_pending == 0 and processed >= delivered and queue.empty():
@@ -424,7 +459,7 @@ class KvStore:
             config = api.ConsumerConfig(
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_sequence
             )
-        with nats_errors(pattern):
+        with nats_errors(pattern, bucket_known=True):
             return await self.js.subscribe(
                 self._prefix + pattern,
                 stream=self.config.stream,
@@ -442,7 +477,7 @@ class KvStore:
 
     async def info(self) -> api.StreamInfo:
         """The stream info of the bucket (configuration and message counts)."""
-        with nats_errors(self.config.name):
+        with nats_errors(self.config.name, bucket_known=True):
             return await self.js.stream_info(self.config.stream)
 
     async def _publish(self, key: str, value: bytes, headers: dict[str, str], last: int) -> int:
@@ -450,31 +485,64 @@ class KvStore:
         # nc.request and the ack decoded by msgspec, it costs a fraction of the client CPU
         # of js.publish (which parses the ack with json and a dataclass): this is the path
         # every update takes.
-        try:
-            reply = await self.nc.request(self._prefix + key, value, timeout=self.timeout, headers=headers)
-        except nats.errors.NoRespondersError as exc:
-            raise BucketError(f"no stream answered for {key!r}; run `kvstate bucket init`") from exc
-        except Exception:
-            with nats_errors(key, last):  # a try block costs nothing until something is raised
-                raise
+        subject = self._prefix + key
+        give_up: float | None = None
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                reply = await self.nc.request(subject, value, timeout=self.timeout, headers=headers)
+                break
+            except nats.errors.NoRespondersError as exc:
+                # No stream leader subscribed: nothing stored this message, so sending it
+                # again is safe, revision check included.
+                now = time.monotonic()
+                give_up = now + self.deadline if give_up is None else give_up
+                if now >= give_up:
+                    raise ConnectionLostError(
+                        f"no stream leader answered a write of {key!r} within {self.deadline:g}s "
+                        "(KVSTATE_DEADLINE): a leader election that has not ended, or the bucket was deleted"
+                    ) from exc
+                await asyncio.sleep(min(delay, give_up - now))
+                delay = min(delay * 2, _RETRY_CAP)
+            except Exception:
+                with nats_errors(key, last, bucket_known=True):  # a try block costs nothing until something is raised
+                    raise
         result = _ack_result(key, last, reply)
         if isinstance(result, KvstateError):
             raise result
         return result
 
     async def _last_message(self, key: str, *, direct: bool) -> KvEntry | None:
-        with nats_errors(key):
+        async def read() -> api.RawStreamMsg | None:
+            with nats_errors(key, bucket_known=True):
+                try:
+                    return await self.js.get_msg(self.config.stream, subject=self._prefix + key, direct=direct)
+                except nats.js.errors.NotFoundError:
+                    return None
+
+        msg = await self._until_deadline(read)
+        return None if msg is None else _entry(key, msg.seq or 0, msg.data, msg.headers)
+
+    async def _until_deadline(self, read: Callable[[], Awaitable[T]]) -> T:
+        """``read()``, asked again with backoff while NATS cannot answer it (ConnectionLostError),
+        until ``deadline`` seconds have passed: a read changes nothing, so retrying is safe."""
+        give_up = time.monotonic() + self.deadline
+        delay = _RETRY_FIRST
+        while True:
             try:
-                msg = await self.js.get_msg(self.config.stream, subject=self._prefix + key, direct=direct)
-            except nats.js.errors.NotFoundError:
-                return None
-        return _entry(key, msg.seq or 0, msg.data, msg.headers)
+                return await read()
+            except ConnectionLostError:
+                now = time.monotonic()
+                if now >= give_up or self.nc.is_closed:
+                    raise
+                await asyncio.sleep(min(delay, give_up - now))
+                delay = min(delay * 2, _RETRY_CAP)
 
 
 def _translated(exc: Exception, key: str, last: int | None = None) -> KvstateError:
     """The kvstate error ``nats_errors`` turns ``exc`` into; ``exc`` itself is re-raised when it is not a nats error."""
     try:
-        with nats_errors(key, last):
+        with nats_errors(key, last, bucket_known=True):
             raise exc
     except KvstateError as translated:
         return translated
@@ -484,7 +552,7 @@ def _ack_result(key: str, last: int, reply: Msg) -> int | KvstateError:
     """The stream sequence a publish ack carries, or the kvstate error it (or a status reply) stands for."""
     status = reply.headers.get(_STATUS) if reply.headers else None
     if status == "503":
-        return BucketError(f"no responders for {key!r}: the bucket is missing or JetStream is off")
+        return ConnectionLostError(f"no stream leader answered for {key!r} (a leader election, or the bucket is gone)")
     if status is not None:
         return KvstateError(f"unexpected status {status} publishing to {key!r}")
     try:
@@ -526,4 +594,6 @@ def bucket_problems(config: api.StreamConfig) -> list[str]:
         problems.append("rollup headers must be allowed (revision-checked purge)")
     if not config.allow_msg_ttl:
         problems.append("per-message TTL must be allowed (expiring delete markers)")
+    if getattr(config, "persist_mode", None) == "async":
+        problems.append("persist_mode must not be async (it acknowledges writes before they are on disk)")
     return problems

@@ -150,7 +150,11 @@ class Client:
                 max_value_size=self.settings.max_value_size,
             )
             self._store = await KvStore.open(
-                self._nc, config, create=self._create_bucket, timeout=self.settings.timeout
+                self._nc,
+                config,
+                create=self._create_bucket,
+                timeout=self.settings.timeout,
+                deadline=self.settings.deadline,
             )
         except BaseException:
             if self._owns_nc:
@@ -164,6 +168,7 @@ class Client:
             self._pipelines,
             max_attempts=self.settings.max_retries,
             max_value_size=self.settings.max_value_size,
+            deadline=self.settings.deadline,
         )
         self._state = _State.OPEN
         return self
@@ -253,11 +258,12 @@ class Client:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: compare-and-set writes and conflicts, cached revisions."""
+        """Counters: compare-and-set writes and conflicts, transient failures retried, cached revisions."""
         committer = self._committer
         return {
             "writes": committer.writes if committer else 0,
             "conflicts": committer.conflicts if committer else 0,
+            "transient_retries": committer.transient_retries if committer else 0,
             "cached": len(self._cache),
         }
 
@@ -340,7 +346,10 @@ class Client:
         initial = normalize_json_object(metadata) if metadata is not None else {}
         op = new_operation(op_id, definition, utcnow(), initial, event_id)
         data = encode_operation(op, self.settings.max_value_size)
-        for attempt in range(1, 4):
+        give_up = time.monotonic() + self.settings.deadline
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 revision = await store.create(key, data)
                 break
@@ -352,9 +361,10 @@ class Client:
                     return existing  # an idempotent retry, or our own earlier attempt landed
                 raise OperationExists(op_id, existing.revision) from None
             except ConnectionLostError:
-                if attempt == 3:
+                # It may have landed: the next attempt then conflicts and finds our event id.
+                if time.monotonic() >= give_up:
                     raise
-                await asyncio.sleep(0.1 * attempt)
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
         created = _with_revision(op, revision)
         self._cache.remember(key, created)
         return created

@@ -101,6 +101,8 @@ class Settings:
     KVSTATE_MAX_VALUE_SIZE   262144                         largest operation value, in bytes
     KVSTATE_MAX_RETRIES      25                             compare-and-set attempts per update
     KVSTATE_TIMEOUT          5.0                            seconds to wait for one NATS request
+    KVSTATE_DEADLINE         30.0                           seconds one call keeps retrying transient
+                                                            failures (leader elections, timeouts)
     ======================== ============================== ==========================================
     """
 
@@ -111,6 +113,7 @@ class Settings:
     max_value_size: int = 262144
     max_retries: int = 25
     timeout: float = 5.0
+    deadline: float = 30.0
 
     ENV: ClassVar[dict[str, str]] = {
         "nats_url": "NATS_URL",
@@ -120,6 +123,7 @@ class Settings:
         "max_value_size": "KVSTATE_MAX_VALUE_SIZE",
         "max_retries": "KVSTATE_MAX_RETRIES",
         "timeout": "KVSTATE_TIMEOUT",
+        "deadline": "KVSTATE_DEADLINE",
     }
 
     def __post_init__(self) -> None:
@@ -139,6 +143,7 @@ class Settings:
             max_value_size=env_value(environ, "KVSTATE_MAX_VALUE_SIZE", cls.max_value_size, positive_int),
             max_retries=env_value(environ, "KVSTATE_MAX_RETRIES", cls.max_retries, positive_int),
             timeout=env_value(environ, "KVSTATE_TIMEOUT", cls.timeout, positive_float),
+            deadline=env_value(environ, "KVSTATE_DEADLINE", cls.deadline, positive_float),
         )
 
     @property

@@ -9,9 +9,11 @@ import textwrap
 import time
 
 import pytest
+from nats.js.api import PersistMode
 
-from kvstate import Client, Settings, StageStatus
+from kvstate import BucketError, BucketNotFound, Client, ConnectionLostError, Settings, StageStatus
 from kvstate.servers import NatsServer
+from kvstate.watch import Watcher
 from tests.conftest import PIPELINE
 
 WRITER = textwrap.dedent(
@@ -101,11 +103,84 @@ async def _retry(call, attempts: int = 50):  # type: ignore[no-untyped-def]
     return await call()
 
 
-async def test_remove_many_reports_a_missing_bucket_for_each_pair(nats_server: NatsServer, bucket_name: str) -> None:
+async def test_remove_many_reports_no_stream_leader_for_each_pair(nats_server: NatsServer, bucket_name: str) -> None:
+    """A pipelined removal nobody answered is reported per pair, as a transient (the archiver's sweep retries it)."""
     settings = Settings(nats_url=nats_server.url, bucket=bucket_name, timeout=2.0)
     async with Client(settings, create_bucket=True) as kv:
         await kv.set_pipeline(PIPELINE)
         ops = [await kv.create("orders") for _ in range(3)]
         await kv.store.js.delete_stream(kv.store.config.stream)
         results = await kv.remove_many([(op.id, op.revision) for op in ops])
-    assert [type(r).__name__ for r in results] == ["BucketError"] * 3
+    assert [type(r).__name__ for r in results] == ["ConnectionLostError"] * 3
+
+
+async def test_a_write_with_no_stream_leader_retries_until_the_deadline_then_connection_lost(
+    settings: Settings,
+) -> None:
+    """Once the bucket is open, "no responders" is a stream without a leader (an election):
+    retried until KVSTATE_DEADLINE, then ConnectionLostError, not BucketError."""
+    async with Client(
+        Settings(nats_url=settings.nats_url, bucket=settings.bucket, deadline=1.0), create_bucket=True
+    ) as kv:
+        await kv.set_pipeline(PIPELINE)
+        op = await kv.create("orders")
+        await kv.store.js.delete_stream(kv.store.config.stream)  # now nobody answers the bucket's subjects
+        started = time.monotonic()
+        with pytest.raises(ConnectionLostError, match="KVSTATE_DEADLINE"):
+            await kv.start(op.id, "ingest")
+        assert time.monotonic() - started >= 0.9
+
+
+async def test_a_bucket_missing_when_the_client_opens_is_still_a_bucket_error(settings: Settings) -> None:
+    with pytest.raises(BucketNotFound):
+        async with Client(settings):
+            pass
+
+
+async def test_a_stream_that_acknowledges_before_disk_is_refused(settings: Settings) -> None:
+    async with Client(settings, create_bucket=True) as kv:
+        config = (await kv.store.info()).config
+    name = settings.bucket + "async"
+    async with Client(Settings(nats_url=settings.nats_url, bucket=name), create_bucket=True) as other:
+        stream = other.store.config.stream
+        await other.store.js.delete_stream(stream)
+        await other.store.js.add_stream(
+            config.evolve(name=stream, subjects=[f"$KV.{name}.>"], persist_mode=PersistMode.ASYNC)
+        )
+    with pytest.raises(BucketError, match="persist_mode"):
+        async with Client(Settings(nats_url=settings.nats_url, bucket=name)):
+            pass
+
+
+async def test_a_watcher_blocked_on_a_full_queue_loses_no_change_when_it_resubscribes(settings: Settings) -> None:
+    """A resubscribe cancels the put that waits for room in the queue: that change must be
+    delivered by the new consumer, not skipped (history 64, so every revision is still there)."""
+    async with Client(
+        Settings(nats_url=settings.nats_url, bucket=settings.bucket, history=64), create_bucket=True
+    ) as kv:
+        await kv.set_pipeline(PIPELINE)
+        await _watch_through_a_resubscribe(kv)
+
+
+async def _watch_through_a_resubscribe(client: Client) -> None:
+    op = await client.create("orders")
+    watcher = Watcher(client.store, op_id=op.id, include_existing=False, queue_size=1, check_interval=0.2)
+    async with watcher:
+        revisions = [(await client.merge_metadata(op.id, {f"k{i}": i})).revision for i in range(4)]
+        await asyncio.sleep(0.5)  # one change queued, the next one's put waits for room
+        sub = watcher._sub
+        assert sub is not None
+        info = await sub.consumer_info()
+        await client.store.js.delete_consumer(client.store.config.stream, info.name)  # as a server restart would
+        for _ in range(100):  # the supervisor notices within a few checks and subscribes again
+            if watcher.resubscribes:
+                break
+            await asyncio.sleep(0.05)
+        assert watcher.resubscribes == 1
+        seen: list[int] = []
+        async with asyncio.timeout(20):
+            async for change in watcher:
+                seen.append(change.revision)
+                if change.revision == revisions[-1]:
+                    break
+    assert seen == revisions

@@ -101,3 +101,48 @@ async def test_a_removal_against_an_old_revision_is_refused_on_a_replicated_buck
         with pytest.raises(ConflictError):
             await a.remove(op.id, op.revision)  # the operation changed after that revision
         assert (await a.get(op.id)).status.value == "cancelled"
+
+
+def leader_node(cluster: list[NatsServer], leader_name: str) -> NatsServer:
+    return next(node for node in cluster if node.server_name == leader_name)
+
+
+async def test_updates_ride_out_the_stream_leader_being_killed(cluster: list[NatsServer]) -> None:
+    """While the bucket's stream elects a new leader a publish gets "no responders"; that is
+    a transient the client retries within its deadline, never a BucketError for the caller."""
+    settings = await replicated_bucket(cluster, "clusterelection")
+    async with Client(Settings(nats_url=settings.nats_url, bucket=settings.bucket, deadline=30.0)) as kv:
+        info = await kv.store.info()
+        assert info.cluster is not None and info.cluster.leader
+        victim = leader_node(cluster, info.cluster.leader)
+        survivors = [node for node in cluster if node is not victim]
+        async with Client(on_node(settings, survivors[0])) as writer:
+            ops = [await writer.create("orders") for _ in range(8)]
+            errors: list[BaseException] = []
+            applied = 0
+
+            async def keep_writing(op_id: str, until: float) -> None:
+                nonlocal applied
+                i = 0
+                while time.monotonic() < until:
+                    try:
+                        result = await writer.merge_metadata(op_id, {f"k{i}": i})
+                    except KvstateError as exc:
+                        errors.append(exc)
+                        return
+                    applied += result.outcome is Outcome.APPLIED
+                    i += 1
+                    await asyncio.sleep(0.01)
+
+            until = time.monotonic() + 12.0
+            writers = [asyncio.create_task(keep_writing(op.id, until)) for op in ops]
+            await asyncio.sleep(1.0)
+            victim.kill()
+            try:
+                await asyncio.gather(*writers)
+            finally:
+                victim.start()
+            assert errors == []
+            assert applied > 0
+            after = await writer.store.info()
+            assert after.cluster is not None and after.cluster.leader != victim.server_name
