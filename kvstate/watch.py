@@ -105,13 +105,15 @@ class Watcher:
         entry = self._store.decode_message(msg)
         if entry.revision <= self._last_seq:
             return  # already delivered before a resubscribe
-        self._last_seq = entry.revision
         initial = not self._initial_done.is_set()
-        if initial and msg.metadata.num_pending == 0:
-            self._initial_done.set()
         change = self._change(entry, initial)
         if change is not None:
+            # A resubscribe cancels a put blocked on a full queue: the sequence counts as
+            # delivered only once the change is queued, so the new consumer sends it again.
             await self._queue.put(change)
+        self._last_seq = entry.revision
+        if initial and msg.metadata.num_pending == 0:
+            self._initial_done.set()
 
     def _change(self, entry: KvEntry, initial: bool) -> Change | None:
         op_id = operation_id_from_key(entry.key) or entry.key
