@@ -33,7 +33,7 @@ from dashboard.pages import Dashboard, pipeline_param, query_params
 from dashboard.query import decode_page_token, encode_page_token, parse_filter, parse_filter_expression
 from dashboard.security import check_write_access
 from dashboard.views import archive_query, archive_search, banner_context, overview_context
-from kvstate import CorruptValue, Operation, OperationNotFound, OpStatus
+from kvstate import CorruptValue, Operation, OperationNotFound, OpStatus, failure_message
 from kvstate.keys import validate_id
 
 __all__ = ["OperationsApi", "overview_resource"]
@@ -204,12 +204,9 @@ def operation_resource(op: Operation, *, archived: bool = False) -> OperationRes
         details = [
             {"stage": name, **msgspec.to_builtins(st.error)} for name, st in op.stages.items() if st.error is not None
         ]
-        failed = [d["stage"] for d in details if op.stages[d["stage"]].status.value == "failed"]
-        message = f"stage {failed[0]} failed: {op.stages[failed[0]].error.message}" if failed else "failed"  # type: ignore[union-attr]
-        resource.error = Status(code=_CODE_ABORTED, message=message, details=details)
+        resource.error = Status(code=_CODE_ABORTED, message=failure_message(op) or "failed", details=details)
     elif op.status is OpStatus.CANCELLED:
-        reason = op.cancel.reason if op.cancel is not None else None
-        resource.error = Status(code=_CODE_CANCELLED, message=f"cancelled: {reason}" if reason else "cancelled")
+        resource.error = Status(code=_CODE_CANCELLED, message=failure_message(op) or "cancelled")
     return resource
 
 

@@ -22,7 +22,17 @@ from datetime import datetime
 from typing import TypeVar
 
 from dashboard.sorted_keys import Key, SortedKeys
-from kvstate import Change, Operation, OpStatus, Pipeline, StageStatus
+from kvstate import (
+    Change,
+    Operation,
+    OpStatus,
+    Pipeline,
+    StageStatus,
+    StuckKind,
+    failed_stage,
+    stuck_checks,
+    stuck_reason,
+)
 
 __all__ = [
     "CORRUPT",
@@ -54,8 +64,6 @@ META_TEXT = 48
 DURATIONS_KEPT = 2048
 """Finished stage attempts remembered per stage for the percentiles."""
 FAILURES_KEPT = 20
-_DEADLINE = "deadline"
-_HEARTBEAT = "heartbeat"
 
 _Label = TypeVar("_Label")
 
@@ -348,7 +356,7 @@ class OperationIndex:
         self._started: dict[int, int] = {}  # minute -> operations created
         self._finished: dict[int, int] = {}  # minute -> operations finished
         self._failures: list[Failure] = []
-        self._due: list[tuple[float, str, str, int, str]] = []  # heap of (due, op id, stage, revision, kind)
+        self._due: list[tuple[float, str, str, int, StuckKind]] = []  # heap of (due, op id, stage, revision, kind)
         self._stuck: dict[str, dict[str, Stuck]] = {}  # op id -> stage -> Stuck
         # Insertion order is (nearly) the order stages became stuck: tick() pops due times in order.
         self._stuck_order: dict[tuple[str, str], Stuck] = {}
@@ -582,8 +590,8 @@ class OperationIndex:
                 samples.append((finished, duration))
 
     def _note_failure(self, op: Operation, at: float) -> None:
-        stage = next((n for n, st in op.stages.items() if st.status is StageStatus.FAILED), None)
-        error = op.stages[stage].error if stage is not None else None
+        stage = failed_stage(op)
+        error = op.stage(stage).error if stage is not None else None
         message = error.message[:200] if error is not None else "failed"
         self._failures.append(Failure(op.id, op.pipeline, stage, message, at))
         if len(self._failures) > 2 * FAILURES_KEPT:
@@ -593,18 +601,10 @@ class OperationIndex:
 
     def _schedule_stuck(self, op: Operation, now: float) -> None:
         pipeline = self.pipelines.get(op.pipeline)
-        if pipeline is None or op.status.terminal:
+        if pipeline is None:
             return
-        for spec in pipeline.stages:
-            st = op.stages.get(spec.name)
-            if st is None or st.status is not StageStatus.RUNNING or st.started_at is None:
-                continue
-            started = st.started_at.timestamp()
-            beat = (st.heartbeat_at or st.started_at).timestamp()
-            due, kind = beat + pipeline.heartbeat_timeout, _HEARTBEAT
-            if spec.deadline is not None and started + spec.deadline < due:
-                due, kind = started + spec.deadline, _DEADLINE
-            heapq.heappush(self._due, (due, op.id, spec.name, op.revision, kind))
+        for check in stuck_checks(op, pipeline):  # the one rule (kvstate.derive)
+            heapq.heappush(self._due, (check.due.timestamp(), op.id, check.stage, op.revision, check.kind))
         if len(self._due) > 4 * len(self._ops) + 1024:
             self._compact_due()
 
@@ -633,13 +633,9 @@ class OperationIndex:
             self.version += 1
         return found
 
-    def _stuck_reason(self, pipeline_name: str, stage: str, kind: str) -> str:
+    def _stuck_reason(self, pipeline_name: str, stage: str, kind: StuckKind) -> str:
         pipeline = self.pipelines.get(pipeline_name)
-        if pipeline is None:
-            return kind
-        if kind == _DEADLINE:
-            return f"running past its {pipeline.stage(stage).deadline or 0:g}s deadline"
-        return f"no heartbeat for over {pipeline.heartbeat_timeout:g}s"
+        return kind.value if pipeline is None else stuck_reason(pipeline, stage, kind)
 
     def stuck(self, limit: int = 20, pipeline: str | None = None) -> tuple[list[Stuck], int]:
         """The ``limit`` longest-stuck stages and how many are stuck in all (cost: ``limit``, not the index size)."""

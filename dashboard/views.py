@@ -37,6 +37,7 @@ from kvstate import (
     Pipeline,
     Revision,
     StageStatus,
+    attempts,
 )
 from kvstate.keys import validate_id
 
@@ -202,32 +203,6 @@ class Bar:
     end: datetime | None
 
 
-def _attempts(op: Operation, stage: str, now: datetime) -> list[tuple[int, datetime, datetime | None, str]]:
-    """(attempt, start, end, status) of each attempt of ``stage``, from the transition history."""
-    found: dict[int, list[Any]] = {}
-    current: int | None = None
-    for tr in op.history:
-        if tr.stage != stage:
-            continue
-        if tr.to == StageStatus.RUNNING.value:
-            current = tr.attempt or (max(found) + 1 if found else 1)
-            found[current] = [current, tr.at, None, "running"]
-        elif current is not None and current in found and found[current][2] is None:
-            found[current][2] = tr.at
-            found[current][3] = tr.to
-    state = op.stage(stage)
-    if state.started_at is not None and state.attempt and state.attempt not in found:
-        found[state.attempt] = [state.attempt, state.started_at, state.finished_at, state.status.value]
-    if state.attempt in found:  # the stage state is the truth about the latest attempt,
-        latest = found[state.attempt]
-        # except that an attempt which failed before the operation ended stays a failed attempt
-        cut_off_retry = state.status is StageStatus.CANCELLED and latest[3] == StageStatus.RETRYING.value
-        if state.status is not StageStatus.WAITING and not cut_off_retry:
-            latest[3] = state.status.value
-        latest[2] = state.finished_at or latest[2]
-    return [(a, s, e, st) for a, s, e, st in sorted(found.values(), key=lambda item: item[0])]
-
-
 def timeline(op: Operation, pipeline: Pipeline | None, now: datetime) -> dict[str, Any]:
     """The Gantt rows of ``op``: one row per stage grouped by layer, one bar per attempt."""
     start = op.created_at
@@ -239,11 +214,13 @@ def timeline(op: Operation, pipeline: Pipeline | None, now: datetime) -> dict[st
         rows = []
         for name in layer:
             bars = []
-            for attempt, began, ended, status in _attempts(op, name, now):
-                stop = ended or end
+            for attempt in attempts(op, name):  # the one rule (kvstate.derive)
+                began, ended = attempt.started_at, attempt.finished_at
                 x = max(0.0, (began - start).total_seconds() / span * 100)
-                width = max(0.6, (stop - began).total_seconds() / span * 100)
-                bars.append(Bar(attempt, status, round(x, 3), round(min(width, 100 - x), 3), began, ended))
+                width = max(0.6, ((ended or end) - began).total_seconds() / span * 100)
+                bars.append(
+                    Bar(attempt.number, attempt.status.value, round(x, 3), round(min(width, 100 - x), 3), began, ended)
+                )
             rows.append({"stage": name, "state": op.stage(name), "bars": bars})
         groups.append({"depth": depth, "parallel": len(layer) > 1, "rows": rows})
     return {"groups": groups, "span": span, "start": start, "end": end}

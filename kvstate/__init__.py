@@ -5,6 +5,19 @@ The public API is re-exported here; ``tests/test_public_api.py`` pins it.
 
 from kvstate._kv import BucketConfig
 from kvstate.client import Client, Revision
+from kvstate.derive import (
+    TERMINAL_STATUSES,
+    Attempt,
+    StuckCheck,
+    StuckKind,
+    StuckStage,
+    attempts,
+    failed_stage,
+    failure_message,
+    stuck_checks,
+    stuck_reason,
+    stuck_stages,
+)
 from kvstate.errors import (
     BucketError,
     BucketNotFound,
@@ -39,7 +52,7 @@ from kvstate.events import (
     StartStage,
     SucceedStage,
 )
-from kvstate.machine import Decision, apply_event, derive_status, new_operation, ready_stages, stuck_stages
+from kvstate.machine import Decision, apply_event, derive_status, new_operation, ready_stages
 from kvstate.merge import merge_patch
 from kvstate.model import (
     CancelInfo,
@@ -59,6 +72,8 @@ from kvstate.watch import Change, Watcher
 __version__ = "0.1.0"
 
 __all__ = [
+    "TERMINAL_STATUSES",
+    "Attempt",
     "BucketConfig",
     "BucketError",
     "BucketNotFound",
@@ -98,6 +113,9 @@ __all__ = [
     "StageStatus",
     "StaleUpdate",
     "StartStage",
+    "StuckCheck",
+    "StuckKind",
+    "StuckStage",
     "SucceedStage",
     "Transition",
     "UnknownPipeline",
@@ -109,9 +127,14 @@ __all__ = [
     "Watcher",
     "__version__",
     "apply_event",
+    "attempts",
     "derive_status",
+    "failed_stage",
+    "failure_message",
     "merge_patch",
     "new_operation",
     "ready_stages",
+    "stuck_checks",
+    "stuck_reason",
     "stuck_stages",
 ]

@@ -41,7 +41,7 @@ from kvstate.model import (
 )
 from kvstate.pipeline import Pipeline, StageSpec
 
-__all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_stages", "stuck_stages"]
+__all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_stages"]
 
 _replace = msgspec.structs.replace
 _WAITING = StageState(status=StageStatus.WAITING)
@@ -115,26 +115,6 @@ def ready_stages(op: Operation, pipeline: Pipeline) -> list[str]:
         for spec in pipeline.stages
         if op.stage(spec.name).status is StageStatus.WAITING and not _unmet_dependencies(op, pipeline, spec)
     ]
-
-
-def stuck_stages(op: Operation, pipeline: Pipeline, now: datetime) -> dict[str, str]:
-    """Running stages past their deadline or without a recent heartbeat, with the reason."""
-    stuck: dict[str, str] = {}
-    if op.status.terminal:
-        return stuck
-    for spec in pipeline.stages:
-        st = op.stage(spec.name)
-        if st.status is not StageStatus.RUNNING or st.started_at is None:
-            continue
-        running_for = (now - st.started_at).total_seconds()
-        if spec.deadline is not None and running_for > spec.deadline:
-            stuck[spec.name] = f"running {running_for:.0f}s, deadline {spec.deadline:g}s"
-            continue
-        beat = st.heartbeat_at or st.started_at
-        silent_for = (now - beat).total_seconds()
-        if silent_for > pipeline.heartbeat_timeout:
-            stuck[spec.name] = f"no heartbeat for {silent_for:.0f}s"
-    return stuck
 
 
 def apply_event(op: Operation, pipeline: Pipeline, event: Event, now: datetime) -> Decision:

@@ -22,6 +22,7 @@ from kvstate import (
     SkipStage,
     StageStatus,
     StartStage,
+    StuckKind,
     SucceedStage,
     UnknownStage,
     apply_event,
@@ -297,12 +298,16 @@ def test_stuck_stages_past_deadline_or_heartbeat() -> None:
     )
     started = op.stage("notify").started_at
     assert started is not None
-    assert stuck_stages(op, PIPELINE, started + timedelta(seconds=1)) == {}
-    assert "deadline" in stuck_stages(op, PIPELINE, started + timedelta(seconds=6))["notify"]
+    assert stuck_stages(op, PIPELINE, started + timedelta(seconds=1)) == []
+    (late,) = stuck_stages(op, PIPELINE, started + timedelta(seconds=6))
+    assert (late.stage, late.kind, late.since) == ("notify", StuckKind.DEADLINE, started + timedelta(seconds=5))
+    assert late.reason == "running past its 5s deadline"
     op2, _ = run(fresh(), StartStage(stage="ingest"))
     beat = op2.stage("ingest").heartbeat_at
     assert beat is not None
-    assert "heartbeat" in stuck_stages(op2, PIPELINE, beat + timedelta(seconds=31))["ingest"]
+    (silent,) = stuck_stages(op2, PIPELINE, beat + timedelta(seconds=31))
+    assert (silent.stage, silent.kind) == ("ingest", StuckKind.HEARTBEAT)
+    assert silent.reason == "no heartbeat for over 30s"
 
 
 def test_raise_for_stale_raises_the_typed_error() -> None:

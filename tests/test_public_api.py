@@ -10,6 +10,7 @@ import kvstate
 from kvstate import errors
 
 EXPECTED = {
+    "Attempt",
     "BucketConfig",
     "BucketError",
     "BucketNotFound",
@@ -49,7 +50,11 @@ EXPECTED = {
     "StageStatus",
     "StaleUpdate",
     "StartStage",
+    "StuckCheck",
+    "StuckKind",
+    "StuckStage",
     "SucceedStage",
+    "TERMINAL_STATUSES",
     "Transition",
     "UnknownPipeline",
     "UnknownStage",
@@ -58,13 +63,18 @@ EXPECTED = {
     "ValueTooLarge",
     "WaitTimeout",
     "Watcher",
-    "__version__",
     "apply_event",
+    "attempts",
     "derive_status",
+    "failed_stage",
+    "failure_message",
     "merge_patch",
     "new_operation",
     "ready_stages",
+    "stuck_checks",
+    "stuck_reason",
     "stuck_stages",
+    "__version__",
 }
 
 
