@@ -111,8 +111,8 @@ class Supervisor:
         now = datetime.now(UTC)
         for op in list(self.active.values()):
             try:
-                for stage, reason in stuck_stages(op, self._pipeline, now).items():
-                    await self._unstick(op, stage, reason)
+                for stuck in stuck_stages(op, self._pipeline, now):
+                    await self._unstick(op, stuck.stage, stuck.reason)
                 if now - op.updated_at > self._requeue_after:
                     await self._router.follow(op)
             except (KvstateError, QueueError) as exc:
