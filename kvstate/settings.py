@@ -7,19 +7,25 @@ the variables below; every one has a documented default (README, docs/operations
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import ClassVar, TypeVar
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
 
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
 
 __all__ = [
+    "SettingSpec",
     "Settings",
     "env_value",
     "env_variables",
+    "from_environ",
     "non_negative_float",
+    "overridden",
     "positive_float",
     "positive_int",
+    "setting",
+    "setting_specs",
+    "settings_table",
     "tcp_port",
 ]
 
@@ -87,44 +93,116 @@ def _bucket(raw: str) -> str:
         raise ValueError(str(exc)) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """How one settings field is read: its variable, its parser and what it means (the docs' words)."""
+
+    env: str
+    parse: Callable[[str], object]
+    doc: str
+    shown_default: str | None = None
+    """the default as the docs table shows it, when ``repr`` of the value is not what a reader wants"""
+
+
+_SPEC = "kvstate.setting"
+
+
+def setting(env: str, default: T, parse: Callable[[str], T], doc: str, *, shown_default: str | None = None) -> T:
+    """Declare a settings field once: its variable, default, parser and meaning.
+
+    ``from_environ`` reads it, ``env_variables`` lists it and ``settings_table`` renders
+    the docs' row for it, all from this one declaration.
+    """
+    spec = SettingSpec(env, parse, doc, shown_default)
+    return field(default=default, metadata={_SPEC: spec})
+
+
+def setting_specs(settings_type: type) -> dict[str, SettingSpec]:
+    """The declared settings of a settings dataclass, by field name, in declaration order."""
+    return {f.name: f.metadata[_SPEC] for f in fields(settings_type) if _SPEC in f.metadata}
+
+
+S = TypeVar("S")
+
+
+def from_environ(settings_type: type[S], environ: Mapping[str, str], **given: object) -> S:
+    """An instance of ``settings_type`` from ``environ``: each declared field from its variable
+    (the default when unset or blank), ``given`` fields as passed (nested settings, overrides)."""
+    values: dict[str, object] = {}
+    for f in fields(settings_type):  # type: ignore[arg-type]
+        spec = f.metadata.get(_SPEC)
+        if spec is not None and f.name not in given:
+            values[f.name] = env_value(environ, spec.env, f.default, spec.parse)
+    values.update(given)
+    return settings_type(**values)
+
+
+def overridden(settings: S, **overrides: object) -> S:
+    """``settings`` with the fields named in ``overrides`` replaced, skipping those given as None.
+
+    The one way a command applies its options over the environment: an option left unset
+    (None) keeps what the environment said.
+    """
+    chosen = {name: value for name, value in overrides.items() if value is not None}
+    return replace(settings, **chosen) if chosen else settings  # type: ignore[type-var]
+
+
+def settings_table(settings_type: type) -> str:
+    """The markdown rows of docs/operations.md#configuration for ``settings_type``."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in fields(settings_type):
+        spec = f.metadata.get(_SPEC)
+        if spec is None:
+            continue
+        shown = spec.shown_default if spec.shown_default is not None else _shown(f.default)
+        rows.append(f"| `{spec.env}` | {shown} | {spec.doc} |")
+    return "\n".join(rows)
+
+
+def _shown(default: object) -> str:
+    if default is None or default == "":
+        return "(unset)"
+    return f"`{default}`"
+
+
 @dataclass(frozen=True)
 class Settings:
     """Connection and bucket settings of the kvstate client.
 
-    ======================== ============================== ==========================================
-    variable                 default                        meaning
-    ======================== ============================== ==========================================
-    NATS_URL                 nats://127.0.0.1:4222          NATS server(s), comma-separated
-    KVSTATE_BUCKET           operations                     the KV bucket holding operations
-    KVSTATE_REPLICAS         1                              bucket replicas when it is created (1/3/5)
-    KVSTATE_HISTORY          1                              revisions kept per key (1-64)
-    KVSTATE_MAX_VALUE_SIZE   262144                         largest operation value, in bytes
-    KVSTATE_MAX_RETRIES      25                             compare-and-set attempts per update
-    KVSTATE_TIMEOUT          5.0                            seconds to wait for one NATS request
-    KVSTATE_DEADLINE         30.0                           seconds one call keeps retrying transient
-                                                            failures (leader elections, timeouts)
-    ======================== ============================== ==========================================
+    Each field is declared once with ``setting``: its variable, default, parser and
+    meaning; docs/operations.md#configuration holds the table ``settings_table`` renders
+    from these declarations (a test keeps the two equal).
     """
 
-    nats_url: str = "nats://127.0.0.1:4222"
-    bucket: str = "operations"
-    replicas: int = 1
-    history: int = 1
-    max_value_size: int = 262144
-    max_retries: int = 25
-    timeout: float = 5.0
-    deadline: float = 30.0
-
-    ENV: ClassVar[dict[str, str]] = {
-        "nats_url": "NATS_URL",
-        "bucket": "KVSTATE_BUCKET",
-        "replicas": "KVSTATE_REPLICAS",
-        "history": "KVSTATE_HISTORY",
-        "max_value_size": "KVSTATE_MAX_VALUE_SIZE",
-        "max_retries": "KVSTATE_MAX_RETRIES",
-        "timeout": "KVSTATE_TIMEOUT",
-        "deadline": "KVSTATE_DEADLINE",
-    }
+    nats_url: str = setting(
+        "NATS_URL",
+        "nats://127.0.0.1:4222",
+        str,
+        "NATS server(s), comma-separated; for `kvstate up`: use this server instead of starting one",
+    )
+    bucket: str = setting("KVSTATE_BUCKET", "operations", _bucket, "the KV bucket holding operations")
+    replicas: int = setting("KVSTATE_REPLICAS", 1, _replicas, "bucket replicas when the bucket is created (1, 3 or 5)")
+    history: int = setting(
+        "KVSTATE_HISTORY", 1, positive_int, "revisions kept per key (1-64; [why 1](state-format.md#history))"
+    )
+    max_value_size: int = setting("KVSTATE_MAX_VALUE_SIZE", 262144, positive_int, "largest operation value, bytes")
+    max_retries: int = setting(
+        "KVSTATE_MAX_RETRIES", 25, positive_int, "compare-and-set attempts per update before ConflictError"
+    )
+    timeout: float = setting(
+        "KVSTATE_TIMEOUT",
+        5.0,
+        positive_float,
+        "seconds to wait for one NATS request (and for the first connection)",
+    )
+    deadline: float = setting(
+        "KVSTATE_DEADLINE",
+        30.0,
+        positive_float,
+        "seconds one call keeps retrying transient failures before it raises `ConnectionLostError`: a stream "
+        'electing its leader ("no responders", 4-9 s after a leader dies), a timed-out write (re-read first, so '
+        "an applied event counts as a duplicate), NATS reconnecting",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.history <= 64:
@@ -135,16 +213,7 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
-        return cls(
-            nats_url=env_value(environ, "NATS_URL", cls.nats_url, str),
-            bucket=env_value(environ, "KVSTATE_BUCKET", cls.bucket, _bucket),
-            replicas=env_value(environ, "KVSTATE_REPLICAS", cls.replicas, _replicas),
-            history=env_value(environ, "KVSTATE_HISTORY", cls.history, positive_int),
-            max_value_size=env_value(environ, "KVSTATE_MAX_VALUE_SIZE", cls.max_value_size, positive_int),
-            max_retries=env_value(environ, "KVSTATE_MAX_RETRIES", cls.max_retries, positive_int),
-            timeout=env_value(environ, "KVSTATE_TIMEOUT", cls.timeout, positive_float),
-            deadline=env_value(environ, "KVSTATE_DEADLINE", cls.deadline, positive_float),
-        )
+        return from_environ(cls, environ)
 
     @property
     def servers(self) -> list[str]:
@@ -153,10 +222,14 @@ class Settings:
 
 
 def env_variables(settings_type: type) -> set[str]:
-    """The environment variable names a settings class reads (for docs and their tests)."""
+    """The environment variable names a settings class reads (for docs and their tests).
+
+    Declared fields (``setting``) and, for classes not converted yet, an ``ENV`` mapping.
+    """
+    declared = {spec.env for spec in setting_specs(settings_type).values()}
     env: dict[str, str] = getattr(settings_type, "ENV", {})
     names = {f.name for f in fields(settings_type)}
     missing = set(env) - names
     if missing:
         raise ConfigurationError(f"{settings_type.__name__}.ENV names unknown fields: {sorted(missing)}")
-    return set(env.values())
+    return declared | set(env.values())

@@ -14,7 +14,7 @@ from dashboard.settings import DashboardSettings
 from demo.settings import DemoSettings
 from demo.stack import StackSettings
 from kvstate import ConfigurationError, Settings
-from kvstate.settings import env_variables
+from kvstate.settings import env_variables, setting_specs, settings_table
 
 SETTINGS = (Settings, ArchiverSettings, DashboardSettings, DemoSettings, StackSettings)
 HARNESS = {"NATS_SERVER_BIN", "PG_BIN"}  # paths read by kvstate.servers, documented beside the settings
@@ -64,6 +64,15 @@ def test_every_variable_the_code_reads_is_documented() -> None:
     documented = set(VARIABLE.findall(Path("docs/operations.md").read_text()))
     missing = read_by_code() - documented
     assert not missing, f"docs/operations.md#configuration lacks {sorted(missing)}"
+
+
+@pytest.mark.parametrize("cls", [cls for cls in SETTINGS if setting_specs(cls)], ids=lambda cls: cls.__name__)
+def test_the_docs_table_is_the_one_the_declarations_render(cls: type) -> None:
+    """Each setting is declared once (kvstate.settings.setting); the docs hold the rows it renders."""
+    docs = Path("docs/operations.md").read_text()
+    table = settings_table(cls)
+    missing = [row for row in table.splitlines()[2:] if row not in docs]
+    assert not missing, f"docs/operations.md#configuration differs from the declarations of {cls.__name__}:\n{table}"
 
 
 @pytest.mark.parametrize(
