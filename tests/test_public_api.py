@@ -105,3 +105,14 @@ def test_conflict_codes_from_both_server_paths_become_conflict_error() -> None:
         assert info.value.key == "op.x"
         assert info.value.expected_revision == 7
         assert isinstance(info.value.__cause__, nats.js.errors.APIError)
+
+
+def test_the_version_has_one_source() -> None:
+    """pyproject.toml reads the version from kvstate.__version__; the installed metadata agrees."""
+    import tomllib
+    from importlib.metadata import version
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["hatch"]["version"]["path"] == "kvstate/__init__.py"
+    assert version("kvstate") == kvstate.__version__
