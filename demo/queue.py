@@ -84,6 +84,11 @@ class WorkMessage:
         with _quiet("nak"):
             await self.msg.nak(delay=delay)
 
+    async def term(self) -> None:
+        """Refuse it for good: never redelivered (JetStream counts it as terminated, not acknowledged)."""
+        with _quiet("term"):
+            await self.msg.term()
+
     async def in_progress(self) -> None:
         """Still working: reset the ack timer."""
         with _quiet("in_progress"):

@@ -246,6 +246,7 @@ class _Run:
         self._write(
             f"demo done: created {s.created}, succeeded {s.succeeded}, failed {s.failed}, cancelled {s.cancelled}, "
             f"still live {s.in_flight}; updates applied {s.applied}, duplicate {s.duplicate}, stale {s.stale}; "
-            f"retries {s.retries}, stuck attempts failed {s.stuck}, replayed messages {s.replays}, errors {s.errors}",
+            f"retries {s.retries}, stuck attempts failed {s.stuck}, replayed messages {s.replays}; "
+            f"transient kvstate errors retried {s.transient}, messages rejected {s.rejected}, errors {s.errors}",
             final=True,
         )

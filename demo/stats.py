@@ -26,7 +26,13 @@ class DemoStats:
     stuck: int = 0
     replays: int = 0
     skipped: int = 0
+    transient: int = 0
+    """kvstate errors a later try can get past (``demo.retry``), each retried in place or
+    handed back to the queue with a delay: never acknowledged"""
+    rejected: int = 0
+    """messages refused for good (a permanent kvstate error): terminated and logged once"""
     errors: int = 0
+    """unexpected exceptions (a bug): the message is handed back to the queue"""
     started_at: float = field(default_factory=time.monotonic)
     _window: list[tuple[float, int]] = field(default_factory=list, repr=False)
 
@@ -59,12 +65,14 @@ class DemoStats:
         return (self.created - first_count) / (now - first_at)
 
     def line(self, now: float | None = None) -> str:
-        """The progress line: elapsed, rate, in flight, done, failed, and the protection counters."""
+        """The progress line: elapsed, rate, in flight, done, failed, the protection counters,
+        and the kvstate errors retried (``transient``) or refused for good (``rejected``)."""
         now = time.monotonic() if now is None else now
         return (
             f"demo {now - self.started_at:6.0f}s  rate {self.rate(now):5.1f}/s  in flight {self.in_flight:4d}  "
             f"done {self.succeeded:6d}  failed {self.failed + self.cancelled:5d}  |  retries {self.retries}  "
-            f"stuck {self.stuck}  duplicate {self.duplicate}  stale {self.stale}"
+            f"stuck {self.stuck}  duplicate {self.duplicate}  stale {self.stale}  "
+            f"transient {self.transient}  rejected {self.rejected}"
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -82,6 +90,8 @@ class DemoStats:
             "stuck",
             "replays",
             "skipped",
+            "transient",
+            "rejected",
             "errors",
         )
         return {name: getattr(self, name) for name in names}

@@ -7,30 +7,54 @@ message for work that already happened comes back ``stale``: nothing is applied 
 After each update it queues the work the new state calls for (``Router``); the queue's
 message-id deduplication keeps two workers from queueing the same next step twice.
 
-Misbehaviour on purpose (``DemoSettings``): transient failures (retried with back-off),
-poison inputs, workers that hang without heartbeats (the supervisor fails the attempt),
-and chaos after a success: the message is handed back for redelivery instead of
-acknowledged, or a late copy of it (and of the previous attempt) is queued.
+When kvstate raises, the message is never simply acknowledged (``demo.retry`` has the
+table):
+
+- a transient error (ConnectionLostError, ConflictError, BucketError) is retried in place,
+  up to ``IN_PLACE_TRIES`` tries with jittered exponential back-off and the same event id,
+  so the result of work already done is not thrown away; a try that comes back
+  ``duplicate`` after a failed one is that earlier try having landed. When the tries run
+  out, or the error came before any update (reading the operation, queueing the next
+  step), the message is handed back (``nak``) with a back-off that grows with its delivery
+  count: the queue redelivers it and its updates repeat their event ids. A redelivery
+  whose ``start`` comes back ``duplicate`` does not run the attempt again (the delivery
+  before it may have): the supervisor fails that attempt once it is overdue and the
+  retry is queued, so the operation still moves on;
+- a permanent error (ValidationError, InvalidTransition, OperationNotFound, CorruptValue)
+  would come back on every delivery: the message is terminated and the reason logged once;
+- a ``stale`` outcome is no error: the state machine moved past the message; it is
+  acknowledged like any finished work.
+
+Each case is counted (``DemoStats.transient``, ``rejected``, ``stale``); anything else is a
+bug, counted in ``errors``, logged with its traceback and handed back.
+
+Misbehaviour on purpose (``DemoSettings``): transient stage failures (the stage is retried
+with back-off), poison inputs, workers that hang without heartbeats (the supervisor fails
+the attempt), and chaos after a success: the message is handed back for redelivery instead
+of acknowledged, or a late copy of it (and of the previous attempt) is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 from demo.errors import QueueError
 from demo.queue import WorkConsumer, WorkItem, WorkMessage, WorkQueue, now
+from demo.retry import TRANSIENT, Verdict, backoff, verdict
 from demo.services import Service, StageFailure, StageResult
 from demo.settings import DemoSettings
 from demo.stats import DemoStats
 from kvstate import (
     Client,
-    ConnectionLostError,
     KvstateError,
     Operation,
-    OperationNotFound,
+    Outcome,
     Pipeline,
     StageStatus,
     UpdateResult,
@@ -43,6 +67,9 @@ log = logging.getLogger("demo.worker")
 
 STOP_GRACE = 3.0
 """Seconds running attempts get to finish on shutdown before they are cancelled (and redelivered later)."""
+IN_PLACE_TRIES = 4
+"""Tries of one kvstate update before a transient error hands the message back (each try
+is itself bounded by the client's ``KVSTATE_DEADLINE``)."""
 
 
 class Router:
@@ -150,47 +177,86 @@ class StageWorker:
             return
         try:
             await self._process(message)
-        except OperationNotFound:
-            await message.ack()  # archived or removed: nothing left to do
-        except (ConnectionLostError, QueueError) as exc:
-            log.warning("%s: %s: %s; will be redelivered", self.name, item.key, exc)
-            await message.nak(delay=1.0)
-        except KvstateError as exc:
-            # A rejected event would be rejected again on every delivery: count it and drop it.
-            self._stats.errors += 1
-            log.warning("%s: %s rejected: %s", self.name, item.key, exc)
-            await message.ack()
-        except Exception:  # one bad message must not stop the service
-            self._stats.errors += 1
-            log.exception("%s: %s failed unexpectedly; will be redelivered", self.name, item.key)
-            await message.nak(delay=1.0)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the service; logged there
+            await self._settle_error(message, exc)
 
-    def _count(self, result: UpdateResult) -> UpdateResult:
-        self._stats.record(result.outcome)
-        return result
+    async def _settle_error(self, message: WorkMessage, exc: Exception) -> None:
+        """Hand the message back, refuse it for good, or acknowledge it, as ``exc`` calls for."""
+        key = message.item.key
+        # The queue is ours, not kvstate's: a failed publish of the next step is transient too.
+        decision = Verdict.RETRY if isinstance(exc, QueueError) else verdict(exc)
+        if decision is Verdict.STALE:
+            self._stats.stale += 1
+            await message.ack()
+        elif decision is Verdict.REJECT:
+            # Every delivery would meet the same error: say why once and drop the message.
+            self._stats.rejected += 1
+            log.warning("%s: %s rejected for good (%s): %s", self.name, key, type(exc).__name__, exc)
+            await message.term()
+        else:
+            # Never acknowledge what may not have landed: the redelivery repeats the event ids,
+            # so an update that did land comes back duplicate and is not applied twice.
+            delay = backoff(message.delivered, self._rng)
+            if decision is Verdict.RETRY:
+                self._stats.transient += 1
+                log.warning("%s: %s: %s; redelivered in %.1fs", self.name, key, exc, delay)
+            else:
+                self._stats.errors += 1
+                log.error("%s: %s failed unexpectedly; redelivered in %.1fs", self.name, key, delay, exc_info=exc)
+            await message.nak(delay=delay)
+
+    async def _update(self, message: WorkMessage, call: Callable[[], Awaitable[UpdateResult]]) -> UpdateResult:
+        """Make one kvstate update, retried in place while it fails transiently, and count its outcome.
+
+        Every try sends the same event id. A try that failed may still have landed (its answer
+        was lost): when a later try comes back ``duplicate``, it is that earlier try of this
+        very update, so for this delivery the update was applied. After ``IN_PLACE_TRIES``
+        the error goes up and the message is handed back (``_settle_error``).
+        """
+        retried = False
+        for tries in range(1, IN_PLACE_TRIES + 1):
+            try:
+                result = await call()
+            except TRANSIENT as exc:
+                if tries == IN_PLACE_TRIES:
+                    raise
+                self._stats.transient += 1
+                delay = backoff(tries, self._rng)
+                log.warning("%s: %s: %s; trying again in %.1fs", self.name, message.item.key, exc, delay)
+                await message.in_progress()
+                await asyncio.sleep(delay)
+                retried = True
+                continue
+            if retried and result.outcome is Outcome.DUPLICATE:
+                result = dataclasses.replace(result, outcome=Outcome.APPLIED, reason="an earlier try landed")
+            self._stats.record(result.outcome)
+            return result
+        raise AssertionError("unreachable: the last try returns or raises")
 
     async def _process(self, message: WorkMessage) -> None:
         item = message.item
-        client, stage = self._client, self.stage
-        op = await client.get(item.op)
+        client, stage, name = self._client, self.stage, self.name
+        op = await client.get(item.op)  # nothing done yet: a transient error here hands the message back
         if op.done:
             await message.ack()
             return
         skip_reason = self._service.skip(op) if op.stage(stage).status is StageStatus.WAITING else None
         if skip_reason is not None:
-            skipped = self._count(
-                await client.skip(
-                    item.op, stage, reason=skip_reason, worker=self.name, event_id=message.event_id("skip")
-                )
+            skipped = await self._update(
+                message,
+                partial(
+                    client.skip, item.op, stage, reason=skip_reason, worker=name, event_id=message.event_id("skip")
+                ),
             )
             self._stats.skipped += skipped.applied
             await self._router.follow(skipped.operation)
             await message.ack()
             return
-        started = self._count(
-            await client.start(
-                item.op, stage, worker=self.name, attempt=item.attempt, event_id=message.event_id("start")
-            )
+        started = await self._update(
+            message,
+            partial(
+                client.start, item.op, stage, worker=name, attempt=item.attempt, event_id=message.event_id("start")
+            ),
         )
         if not started.applied:
             # A redelivery or a late replay: another delivery owns this attempt, or it is over.
@@ -204,37 +270,42 @@ class StageWorker:
         try:
             result = await self._attempt(message, started.operation)
         except StageFailure as failure:
-            failed = self._count(
-                await client.fail(
+            failed = await self._update(
+                message,
+                partial(
+                    client.fail,
                     item.op,
                     stage,
                     failure.message,
                     retryable=failure.retryable,
                     code=failure.code,
-                    worker=self.name,
+                    worker=name,
                     attempt=item.attempt,
                     event_id=message.event_id("fail"),
-                )
+                ),
             )
             if failed.applied and failed.operation.stage(stage).status is StageStatus.RETRYING:
                 self._stats.retries += 1
             await self._router.follow(failed.operation, stage)
         else:
             if result.shared is not None:
-                self._count(
-                    await client.merge_metadata(
-                        item.op, result.shared, worker=self.name, event_id=message.event_id("output")
-                    )
+                await self._update(
+                    message,
+                    partial(
+                        client.merge_metadata, item.op, result.shared, worker=name, event_id=message.event_id("output")
+                    ),
                 )
-            done = self._count(
-                await client.succeed(
+            done = await self._update(
+                message,
+                partial(
+                    client.succeed,
                     item.op,
                     stage,
                     metadata=result.metadata,
-                    worker=self.name,
+                    worker=name,
                     attempt=item.attempt,
                     event_id=message.event_id("done"),
-                )
+                ),
             )
             await self._router.follow(done.operation, stage)
             if self._rng.random() < self._settings.chaos_rate:
@@ -273,10 +344,16 @@ class StageWorker:
         item = message.item
         limit = self._spec.deadline or self._pipeline.heartbeat_timeout
         await asyncio.sleep(limit * self._rng.uniform(1.3, 2.0))
-        late = self._count(
-            await self._client.succeed(
-                item.op, self.stage, worker=self.name, attempt=item.attempt, event_id=message.event_id("done")
-            )
+        late = await self._update(
+            message,
+            partial(
+                self._client.succeed,
+                item.op,
+                self.stage,
+                worker=self.name,
+                attempt=item.attempt,
+                event_id=message.event_id("done"),
+            ),
         )
         if late.applied:  # nobody noticed the hang: carry on like a slow success
             await self._router.follow(late.operation, self.stage)

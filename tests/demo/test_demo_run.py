@@ -108,6 +108,7 @@ async def test_every_demo_operation_ends_terminal_through_valid_transitions(demo
     assert not report.stopped
     assert stats["created"] >= 80
     assert stats["errors"] == 0
+    assert stats["rejected"] == 0  # poison fails its stage; no message is refused by kvstate
     assert stats["in_flight"] == 0
     assert stats["succeeded"] + stats["failed"] == stats["created"]
     # the misbehaviour happened, and the state machine caught every late or repeated message

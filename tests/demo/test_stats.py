@@ -27,3 +27,11 @@ def test_outcomes_are_counted_by_kind() -> None:
         stats.record(outcome)
     assert (stats.applied, stats.duplicate, stats.stale) == (2, 1, 1)
     assert stats.as_dict()["applied"] == 2
+
+
+def test_transient_and_rejected_messages_are_shown_and_reported() -> None:
+    stats = DemoStats(started_at=0.0)
+    stats.transient, stats.rejected = 3, 1
+    assert "transient 3" in stats.line(now=1.0)
+    assert "rejected 1" in stats.line(now=1.0)
+    assert (stats.as_dict()["transient"], stats.as_dict()["rejected"]) == (3, 1)
