@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from dashboard.api import OperationsApi
 from dashboard.archive import ArchiveAccess
+from dashboard.contexts import DashboardState
 from dashboard.errors import exception_to_response
 from dashboard.feed import Broadcaster, IndexFeed, running
 from dashboard.index import OperationIndex
@@ -35,7 +36,6 @@ from dashboard.pages import Pages
 from dashboard.security import add_security_headers, csrf_middleware
 from dashboard.settings import DashboardSettings
 from dashboard.templating import Renderer, make_environment
-from dashboard.views import DashboardState
 from kvstate import Client
 
 __all__ = ["STATIC_DIRECTORY", "create_app"]

@@ -15,10 +15,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Redirect
 
-from dashboard.errors import BadQuery, is_htmx
-from dashboard.security import check_write_access
-from dashboard.templating import Renderer
-from dashboard.views import (
+from dashboard.contexts import (
     DashboardState,
     archive_context,
     banner_context,
@@ -26,6 +23,9 @@ from dashboard.views import (
     operations_context,
     overview_context,
 )
+from dashboard.errors import BadQuery, is_htmx
+from dashboard.security import check_write_access
+from dashboard.templating import Renderer
 from kvstate.keys import validate_id
 
 __all__ = ["Dashboard", "Pages", "pipeline_param", "query_params"]

@@ -18,7 +18,7 @@ from litestar import MediaType, Request, Response
 from litestar.utils.scope.state import ScopeState
 
 import dashboard
-from dashboard.render import clip, format_age, format_duration, format_time, show
+from dashboard.formatting import clip, format_age, format_duration, format_time, show
 
 __all__ = ["HTMX_VERSION", "SSE_VERSION", "Renderer", "template_directory"]
 

@@ -11,8 +11,8 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from dashboard.app import create_app
+from dashboard.contexts import DashboardState
 from dashboard.settings import DashboardSettings
-from dashboard.views import DashboardState
 from kvstate import Client, Settings
 
 

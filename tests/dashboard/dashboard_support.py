@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from litestar import Litestar
 
-from dashboard.views import DashboardState
+from dashboard.contexts import DashboardState
 from kvstate import Client
 
 

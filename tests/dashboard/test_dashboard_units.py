@@ -13,8 +13,8 @@ from litestar.middleware.csrf import generate_csrf_token
 from dashboard.cli import register, settings_from
 from dashboard.errors import BadQuery
 from dashboard.feed import Broadcaster
+from dashboard.formatting import show
 from dashboard.query import decode_page_token, encode_page_token, filter_params, parse_filter, parse_filter_expression
-from dashboard.render import show
 from dashboard.security import csrf_token_is_valid
 from dashboard.settings import DashboardSettings
 from dashboard.templating import make_environment, template_directory

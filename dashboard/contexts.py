@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from dashboard.archive import ArchiveAccess
 from dashboard.errors import ArchiveUnavailable, BadQuery
 from dashboard.feed import Broadcaster, IndexFeed
+from dashboard.formatting import show
 from dashboard.index import OperationIndex
 from dashboard.query import (
     decode_page_token,
@@ -24,7 +25,6 @@ from dashboard.query import (
     parse_time,
     query_string,
 )
-from dashboard.render import show
 from dashboard.settings import DashboardSettings
 from kvstate import (
     Client,
