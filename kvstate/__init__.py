@@ -67,6 +67,7 @@ from kvstate.model import (
 )
 from kvstate.pipeline import Pipeline, StageSpec
 from kvstate.settings import Settings
+from kvstate.sync import SyncClient
 from kvstate.watch import Change, Watcher
 
 __version__ = "0.1.0"
@@ -117,6 +118,7 @@ __all__ = [
     "StuckKind",
     "StuckStage",
     "SucceedStage",
+    "SyncClient",
     "Transition",
     "UnknownPipeline",
     "UnknownStage",

@@ -54,6 +54,7 @@ EXPECTED = {
     "StuckKind",
     "StuckStage",
     "SucceedStage",
+    "SyncClient",
     "TERMINAL_STATUSES",
     "Transition",
     "UnknownPipeline",
