@@ -69,6 +69,8 @@ class WriteBatch:
 
     opened: float
     """loop time of the first message"""
+    source: int = 0
+    """the bucket incarnation the messages came from (``ArchiveStore.register_source``)"""
     messages: list[Msg] = field(default_factory=list)
     rows: list[ArchiveRow] = field(default_factory=list)
     letters: list[DeadLetter] = field(default_factory=list)
@@ -92,7 +94,7 @@ class WriteBatch:
         if not op.done:
             return Kind.RUNNING
         self.messages.append(msg)
-        self.rows.append(row_for(op, archived_at))
+        self.rows.append(row_for(op, archived_at, self.source))
         self.finished.append((op.id, op.revision, (op.finished_at or op.updated_at).timestamp()))
         return Kind.FINISHED
 

@@ -5,9 +5,13 @@
         page = await archive.search(status=["failed"], failed_stage="geo", limit=20)
         more = await archive.search(status=["failed"], failed_stage="geo", page_token=page.next_token)
 
-Results come newest finished first (``finished_at`` desc, then ``id`` desc) with keyset
-pagination: the opaque ``next_token`` names the last row shown, so pages never skip or
-repeat rows while new operations are archived.
+Results come newest finished first (``finished_at`` desc, then ``id`` desc, then
+``source`` desc) with keyset pagination: the opaque ``next_token`` names the last row
+shown, so pages never skip or repeat rows while new operations are archived.
+
+An id reused by a re-created bucket (or by another bucket archived into the same
+database) has one row per source: ``get`` returns the newest finished of them,
+``snapshots`` all of them, and searches list each.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 _SELECT = (
     "SELECT id, pipeline, status, failed_stage, created_at, updated_at, finished_at, duration, revision, "
-    "archived_at, value_schema, origin, cancel, metadata, stages, history FROM archived_operations"
+    "archived_at, value_schema, origin, cancel, metadata, stages, history, source FROM archived_operations"
 )
 
 
@@ -51,6 +55,8 @@ class ArchivedOperation(msgspec.Struct, frozen=True, kw_only=True):
     revision: int
     archived_at: datetime
     operation: kvstate.Operation
+    source: int = 0
+    """the bucket incarnation it came from (several rows of one id differ in it)"""
 
 
 class ArchivePage(msgspec.Struct, frozen=True):
@@ -63,14 +69,15 @@ class ArchivePage(msgspec.Struct, frozen=True):
 class _Token(msgspec.Struct, frozen=True, array_like=True):
     finished_at: datetime
     id: str
+    source: int = 0  # tokens handed out before migration 0003 have two members
 
 
 _token_encoder = msgspec.json.Encoder()
 _token_decoder = msgspec.json.Decoder(_Token)
 
 
-def _encode_token(finished_at: datetime, op_id: str) -> str:
-    raw = _token_encoder.encode(_Token(finished_at, op_id))
+def _encode_token(finished_at: datetime, op_id: str, source: int) -> str:
+    raw = _token_encoder.encode(_Token(finished_at, op_id, source))
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
@@ -97,6 +104,7 @@ def _archived(record: asyncpg.Record) -> ArchivedOperation:
         revision=record["revision"],
         archived_at=record["archived_at"],
         operation=operation_from_record(record),
+        source=record["source"],
     )
 
 
@@ -135,11 +143,19 @@ class ArchiveReader:
         return reader()
 
     async def get(self, op_id: str) -> ArchivedOperation | None:
-        """The archived operation ``op_id``, or None when it is not archived."""
+        """The archived operation ``op_id`` (the newest finished snapshot of it), or None when it is not archived."""
+        snapshots = await self.snapshots(op_id, limit=1)
+        return snapshots[0] if snapshots else None
+
+    async def snapshots(self, op_id: str, *, limit: int = MAX_LIMIT) -> list[ArchivedOperation]:
+        """Every archived snapshot of ``op_id``, newest finished first: one per bucket incarnation
+        that used the id (usually one)."""
         validate_id(op_id)
         async with self._pool.acquire() as conn:
-            record = await conn.fetchrow(_SELECT + " WHERE id = $1", op_id)
-        return None if record is None else _archived(record)
+            records = await conn.fetch(
+                _SELECT + " WHERE id = $1 ORDER BY finished_at DESC, source DESC LIMIT $2", op_id, limit
+            )
+        return [_archived(r) for r in records]
 
     async def search(
         self,
@@ -202,11 +218,13 @@ class ArchiveReader:
             where.append(f"metadata @> {arg(encoded)}::jsonb")
         if page_token is not None:
             after = _decode_token(page_token)
-            where.append(f"(finished_at, id) < ({arg(after.finished_at)}, {arg(after.id)})")
+            where.append(
+                f"(finished_at, id, source) < ({arg(after.finished_at)}, {arg(after.id)}, {arg(after.source)})"
+            )
         query = _SELECT
         if where:
             query += " WHERE " + " AND ".join(where)
-        query += f" ORDER BY finished_at DESC, id DESC LIMIT {arg(limit + 1)}"
+        query += f" ORDER BY finished_at DESC, id DESC, source DESC LIMIT {arg(limit + 1)}"
         async with self._pool.acquire() as conn:
             records = await conn.fetch(query, *args)
         items = [_archived(r) for r in records[:limit]]
@@ -214,7 +232,7 @@ class ArchiveReader:
         if len(records) > limit:
             last = items[-1]
             assert last.finished_at is not None  # the column is NOT NULL
-            next_token = _encode_token(last.finished_at, last.id)
+            next_token = _encode_token(last.finished_at, last.id, last.source)
         return ArchivePage(items, next_token)
 
     async def dead_letters(self, limit: int = 50) -> list[dict[str, object]]:

@@ -64,6 +64,8 @@ class ArchiveRow(NamedTuple):
     finished_at: datetime
     duration: float | None
     revision: int
+    source: int
+    """the bucket incarnation the operation came from (``archive_sources``, migration 0003)"""
     archived_at: datetime
     value_schema: int
     origin: str | None
@@ -96,8 +98,8 @@ def failed_stage(op: Operation) -> str | None:
     return None
 
 
-def row_for(op: Operation, archived_at: datetime) -> ArchiveRow:
-    """The archive row of a terminal operation.
+def row_for(op: Operation, archived_at: datetime, source: int = 0) -> ArchiveRow:
+    """The archive row of a terminal operation read from the bucket incarnation ``source``.
 
     The event-id window (``events``) is not archived: it only serves duplicate detection
     of live updates. ``finished_at`` falls back to ``updated_at`` for values written
@@ -114,6 +116,7 @@ def row_for(op: Operation, archived_at: datetime) -> ArchiveRow:
         finished_at=finished,
         duration=(finished - op.created_at).total_seconds(),
         revision=op.revision,
+        source=source,
         archived_at=archived_at,
         value_schema=op.schema,
         origin=op.origin,

@@ -1,16 +1,21 @@
 """Writes to the archive: batches of snapshots guarded by revision, and dead letters.
 
-One batch is one transaction. Ids not archived yet (nearly all of them) are written
-with COPY straight into the table: multi-row inserts, the least WAL. Newer revisions
-of archived ids are copied into a temporary staging table (not WAL-logged) and upserted
+A row is identified by (id, source): ``source`` names the bucket incarnation it came
+from (``register_source``), so an id reused by a re-created bucket or another bucket
+is a row of its own. One batch is one transaction, committed with
+``synchronous_commit = on`` whatever the server's default (the caller removes keys
+once it returns). Ids not archived yet (nearly all of them) are written with COPY
+straight into the table: multi-row inserts, the least WAL. Newer revisions of
+archived ids are copied into a temporary staging table (not WAL-logged) and upserted
 from there with
 
-    ON CONFLICT (id) DO UPDATE ... WHERE archived_operations.revision < EXCLUDED.revision
+    ON CONFLICT (id, source) DO UPDATE ... WHERE archived_operations.revision < EXCLUDED.revision
 
 so a replayed or late snapshot never overwrites a newer one, and a replay of the same
 revision changes nothing. If another archiver inserts one of the new ids first, the
-COPY fails on the primary key and the whole batch is upserted instead. The caller
-acknowledges messages only after ``write`` returns.
+COPY fails on the primary key and the whole batch is upserted instead. ``write``
+reports which (id, source, revision) the archive holds at exactly that revision after
+the commit: only those may be removed from the bucket.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Self
 
 import asyncpg
@@ -38,14 +44,23 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 """What a lost, restarting or refusing PostgreSQL raises (caught by class, never by text)."""
 
 _STAGING = "archive_staging"
-_UPDATABLE = [c for c in COLUMNS if c != "id"]
+_UPDATABLE = [c for c in COLUMNS if c not in ("id", "source")]
 _UPSERT = (
     f"INSERT INTO archived_operations ({', '.join(COLUMNS)}) "
     f"SELECT {', '.join(COLUMNS)} FROM {_STAGING} "
-    "ON CONFLICT (id) DO UPDATE SET "
+    "ON CONFLICT (id, source) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE)
-    + " WHERE archived_operations.revision < EXCLUDED.revision RETURNING id"
+    + " WHERE archived_operations.revision < EXCLUDED.revision RETURNING id, source"
 )
+_HELD = (
+    "SELECT a.id, a.source, a.revision FROM archived_operations a "
+    "JOIN unnest($1::text[], $2::integer[]) AS k(id, source) USING (id, source)"
+)
+_WRITER_SETTINGS = {"synchronous_commit": "on"}
+"""startup parameters of the writer's connections: its commits are durable whatever the server
+default (``kvstate up`` runs PostgreSQL with synchronous_commit = off), since keys are
+removed from the bucket once they are committed; RESET ALL (on pool release) keeps them"""
+_SOURCE_LOCK = 0x6B7673_736F7263  # "kvs" "sorc": registering bucket incarnations one at a time
 _DEAD_LETTER = (
     "INSERT INTO archive_dead_letters (key, revision, raw, error) VALUES ($1, $2, $3, $4) "
     "ON CONFLICT (key, revision) DO NOTHING"
@@ -67,8 +82,14 @@ class WriteResult:
     """What one batch changed: rows inserted or replaced by a newer revision, and the rest."""
 
     written: frozenset[str]
+    """ids of the rows inserted or replaced"""
     duplicates: int
+    """rows the archive already held at that revision or a newer one"""
     dead_letters: int
+    archived: frozenset[tuple[str, int, int]]
+    """(id, source, revision) of every row the archive holds at exactly that revision after the
+    commit: written now, or a replay of the revision already archived. Rows refused because a
+    newer revision is archived are not in it."""
 
 
 def database_error(exc: BaseException, what: str) -> ArchiveUnavailable:
@@ -110,7 +131,13 @@ class ArchiveStore:
             await conn.close()
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=1, max_size=max_size, init=_init_writer, timeout=timeout, command_timeout=60
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                init=_init_writer,
+                timeout=timeout,
+                command_timeout=60,
+                server_settings=_WRITER_SETTINGS,
             )
         except DATABASE_ERRORS as exc:
             raise database_error(exc, "cannot open a PostgreSQL pool") from exc
@@ -119,48 +146,91 @@ class ArchiveStore:
         finally:
             await pool.close()
 
-    async def write(self, rows: Sequence[ArchiveRow], dead_letters: Sequence[DeadLetter] = ()) -> WriteResult:
-        """Upsert ``rows`` and park ``dead_letters`` in one transaction.
+    async def register_source(self, bucket: str, stream_created: datetime) -> int:
+        """The source number of the incarnation of ``bucket`` whose stream was created at ``stream_created``.
 
-        Rows for the same id within the batch collapse to the newest revision first.
+        Registered on first use; the first incarnation registered after migration 0003
+        claims source 0, the rows archived before it.
+        """
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SOURCE_LOCK)
+                known = await conn.fetchval(
+                    "SELECT source FROM archive_sources WHERE bucket = $1 AND stream_created = $2",
+                    bucket,
+                    stream_created,
+                )
+                if known is None:
+                    known = await conn.fetchval(
+                        "UPDATE archive_sources SET bucket = $1, stream_created = $2 "
+                        "WHERE source = 0 AND bucket IS NULL RETURNING source",
+                        bucket,
+                        stream_created,
+                    )
+                if known is None:
+                    known = await conn.fetchval(
+                        "INSERT INTO archive_sources (bucket, stream_created) VALUES ($1, $2) RETURNING source",
+                        bucket,
+                        stream_created,
+                    )
+        except DATABASE_ERRORS as exc:
+            raise database_error(exc, f"cannot register the bucket {bucket!r}") from exc
+        return int(known)
+
+    async def write(self, rows: Sequence[ArchiveRow], dead_letters: Sequence[DeadLetter] = ()) -> WriteResult:
+        """Upsert ``rows`` and park ``dead_letters`` in one durable transaction.
+
+        Rows for the same (id, source) within the batch collapse to the newest revision first.
         Raises ArchiveUnavailable (nothing written) when PostgreSQL fails.
         """
-        newest: dict[str, ArchiveRow] = {}
+        newest: dict[tuple[str, int], ArchiveRow] = {}
         for row in rows:
-            kept = newest.get(row.id)
+            kept = newest.get((row.id, row.source))
             if kept is None or kept.revision < row.revision:
-                newest[row.id] = row
+                newest[(row.id, row.source)] = row
+        kept_rows = list(newest.values())
         try:
             async with self._pool.acquire() as conn:
                 try:
                     async with conn.transaction():
-                        written = await self._write_rows(conn, list(newest.values()), fast=True)
+                        written = await self._write_rows(conn, kept_rows, fast=True)
                         parked = await self._park(conn, dead_letters)
+                    held = frozenset((row.id, row.source, row.revision) for row in kept_rows)
                 except asyncpg.UniqueViolationError:
                     # One of these ids is archived already (a redelivery, a reopened operation
                     # finishing again, another instance): the guarded upsert decides row by row.
                     async with conn.transaction():
-                        written = await self._write_rows(conn, list(newest.values()), fast=False)
+                        written = await self._write_rows(conn, kept_rows, fast=False)
                         parked = await self._park(conn, dead_letters)
+                        held = await self._held(conn, kept_rows)
         except DATABASE_ERRORS as exc:
             raise database_error(exc, f"cannot write a batch of {len(rows)} rows") from exc
-        return WriteResult(written, len(rows) - len(written), parked)
+        return WriteResult(frozenset(op_id for op_id, _ in written), len(rows) - len(written), parked, held)
 
     @staticmethod
     async def _write_rows(
         conn: asyncpg.pool.PoolConnectionProxy, rows: list[ArchiveRow], *, fast: bool
-    ) -> frozenset[str]:
+    ) -> frozenset[tuple[str, int]]:
         """``fast``: everything by one COPY into the table (multi-row inserts, the least WAL), which
         fails with UniqueViolationError when one of the ids is archived already; otherwise
         COPY into a staging table and the upsert guarded by revision, which writes only rows
-        that are new or newer than the archived ones."""
+        that are new or newer than the archived ones. Returns (id, source) of the rows written."""
         if not rows:
             return frozenset()
         if fast:
             await conn.copy_records_to_table("archived_operations", records=rows, columns=COLUMNS)
-            return frozenset(row.id for row in rows)
+            return frozenset((row.id, row.source) for row in rows)
         await conn.copy_records_to_table(_STAGING, records=rows, columns=COLUMNS)
-        return frozenset(r["id"] for r in await conn.fetch(_UPSERT))
+        return frozenset((r["id"], r["source"]) for r in await conn.fetch(_UPSERT))
+
+    @staticmethod
+    async def _held(conn: asyncpg.pool.PoolConnectionProxy, rows: list[ArchiveRow]) -> frozenset[tuple[str, int, int]]:
+        """(id, source, revision) of ``rows`` that the archive holds at exactly their revision (in the transaction)."""
+        records = await conn.fetch(_HELD, [row.id for row in rows], [row.source for row in rows])
+        archived = {(r["id"], r["source"]): int(r["revision"]) for r in records}
+        return frozenset(
+            (row.id, row.source, row.revision) for row in rows if archived.get((row.id, row.source)) == row.revision
+        )
 
     @staticmethod
     async def _park(conn: asyncpg.pool.PoolConnectionProxy, dead_letters: Sequence[DeadLetter]) -> int:
@@ -170,23 +240,19 @@ class ArchiveStore:
             parked += status.endswith(" 1")
         return parked
 
-    async def archived_revisions(self, ids: Sequence[str]) -> dict[str, int]:
-        """The archived revision of each of ``ids`` that is archived."""
-        try:
-            async with self._pool.acquire() as conn:
-                records = await conn.fetch(
-                    "SELECT id, revision FROM archived_operations WHERE id = ANY($1::text[])", list(ids)
-                )
-        except DATABASE_ERRORS as exc:
-            raise database_error(exc, "cannot read archived revisions") from exc
-        return {r["id"]: int(r["revision"]) for r in records}
+    async def archived_revisions(self, ids: Sequence[str], source: int = 0) -> dict[str, int]:
+        """The archived revision of each of ``ids`` that is archived from the incarnation ``source``."""
+        return {op_id: revision for op_id, (revision, _) in (await self.archived_snapshots(ids, source)).items()}
 
-    async def archived_snapshots(self, ids: Sequence[str]) -> dict[str, tuple[int, float]]:
-        """(archived revision, finished_at as a timestamp) of each of ``ids`` that is archived."""
+    async def archived_snapshots(self, ids: Sequence[str], source: int = 0) -> dict[str, tuple[int, float]]:
+        """(archived revision, finished_at as a timestamp) of each of ``ids`` archived from ``source``."""
         try:
             async with self._pool.acquire() as conn:
                 records = await conn.fetch(
-                    "SELECT id, revision, finished_at FROM archived_operations WHERE id = ANY($1::text[])", list(ids)
+                    "SELECT id, revision, finished_at FROM archived_operations "
+                    "WHERE id = ANY($1::text[]) AND source = $2",
+                    list(ids),
+                    source,
                 )
         except DATABASE_ERRORS as exc:
             raise database_error(exc, "cannot read archived revisions") from exc
