@@ -4,14 +4,24 @@ A durable pull consumer on the bucket's stream, filtered to ``$KV.<bucket>.op.>`
 explicit acks, unlimited redeliveries. Every archiver instance binds to the same
 durable name, so they share the work and a restarted one resumes where it stopped.
 Errors are translated by ``kvstate._kv.nats_errors`` into kvstate's tree.
+
+A stall guard: nats-server 2.15.1 can leave a consumer with messages pending that it
+never delivers (docs/archive.md, "Stalls"). When fetches delivered nothing for
+``stall_after`` seconds while the consumer reports messages pending (and fewer
+awaiting acknowledgement than it may hand out), the pull is restarted (a new inbox and
+request); if the next check finds it stalled still, the durable consumer is deleted and
+created again (it then delivers the stream from the start: the archive absorbs the
+replay as duplicates).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -34,6 +44,8 @@ _PENDING_BYTES_LIMIT = 1 << 30
 """deliveries are bounded by max_ack_pending; these only keep nats-py from dropping any"""
 
 __all__ = ["ArchiveConsumer", "ConsumerState", "delivery_sequence", "live_revisions"]
+
+log = logging.getLogger("archiver")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +162,23 @@ class _PullBuffer:
 
 
 class ArchiveConsumer:
-    """Pull messages from the durable consumer ``name`` (through a ``_PullBuffer``)."""
+    """Pull messages from the durable consumer ``name`` (through a ``_PullBuffer``), with a stall guard.
 
-    def __init__(self, store: KvStore, name: str, *, ack_wait: float, max_ack_pending: int) -> None:
+    ``on_stall(action)`` is called with "restart_pull" or "recreate_consumer" each time the
+    guard acts; ``generation`` counts the times the consumer was created or re-created
+    (the stream may be a new one then: the bucket was deleted and created again).
+    """
+
+    def __init__(
+        self,
+        store: KvStore,
+        name: str,
+        *,
+        ack_wait: float,
+        max_ack_pending: int,
+        stall_after: float = 20.0,
+        on_stall: Callable[[str], None] | None = None,
+    ) -> None:
         self._store = store
         self.name = name
         self.subject = store.subject(OPERATION_PREFIX + ">")
@@ -168,15 +194,26 @@ class ArchiveConsumer:
             max_ack_pending=max_ack_pending,
             replay_policy=api.ReplayPolicy.INSTANT,
         )
+        self._max_ack_pending = max_ack_pending
+        self._stall_after = stall_after
+        self._on_stall = on_stall
         self._buffer: _PullBuffer | None = None
+        self._quiet_since = 0.0
+        """loop time since which fetches delivered nothing (while they were being called)"""
+        self._last_call = 0.0
+        self._stalled_checks = 0
+        """consecutive stall checks that found the consumer stalled"""
+        self.generation = 0
 
     async def open(self) -> None:
         """Create the consumer, or update its editable settings (ack wait), and subscribe for deliveries."""
         with nats_errors(self.name):
             await self._store.js.add_consumer(self._store.config.stream, config=self._config)
+        self.generation += 1
         if self._buffer is None:
             self._buffer = _PullBuffer(self._store, self.name)
         await self._buffer.start()
+        self._quiet_since = self._last_call = asyncio.get_running_loop().time()
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages: those buffered now, else the first to arrive within ``timeout`` (else none).
@@ -184,13 +221,51 @@ class ArchiveConsumer:
         ConnectionLostError / KvstateError when NATS fails in a way waiting cannot fix
         (after the consumer was deleted, this call re-creates it and raises).
         """
-        if self._buffer is None:
+        if not self.generation:
             raise RuntimeError("ArchiveConsumer.open() was not called")
+        if self._buffer is None:  # a stall guard's restart failed half-way
+            await self.open()
+        assert self._buffer is not None
         problem = self._buffer.problem
         if problem is not None:
             await self.open()
             raise KvstateError(f"consumer {self.name!r}: {problem}; it was created again")
-        return await self._buffer.take(batch, timeout)
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_call > timeout + _PULL_GRACE:
+            self._quiet_since = loop.time()  # nobody asked in between: that was no stall
+        messages = await self._buffer.take(batch, timeout)
+        now = self._last_call = loop.time()
+        if messages:
+            self._quiet_since = now
+            self._stalled_checks = 0
+        elif now - self._quiet_since >= self._stall_after:
+            self._quiet_since = now  # the next check comes one more period later
+            await self._guard()
+        return messages
+
+    async def _guard(self) -> None:
+        """Nothing delivered for ``stall_after``: restart the pull, then the consumer, while messages stay pending."""
+        state = await self.state()
+        if state.pending == 0 or state.ack_pending >= self._max_ack_pending:
+            self._stalled_checks = 0  # nothing to deliver, or the server may not hand out more
+            return
+        self._stalled_checks += 1
+        action = "restart_pull" if self._stalled_checks == 1 else "recreate_consumer"
+        log.warning(
+            "consumer %s stalled: %d messages pending, none delivered for %.1fs; %s",
+            self.name,
+            state.pending,
+            self._stall_after,
+            action.replace("_", " "),
+        )
+        if self._on_stall is not None:
+            self._on_stall(action)
+        await self.close()
+        if action == "recreate_consumer":
+            self._stalled_checks = 0
+            with contextlib.suppress(KvstateError), nats_errors(self.name):  # gone already: open() creates it
+                await self._store.js.delete_consumer(self._store.config.stream, self.name)
+        await self.open()
 
     async def state(self) -> ConsumerState:
         """Messages pending for the consumer and messages awaiting acknowledgement."""

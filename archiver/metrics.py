@@ -2,8 +2,10 @@
 
 Each Archiver has a registry of its own (several can run in one test process). The
 endpoint is a minimal HTTP/1.0 server on asyncio: GET /metrics (Prometheus text
-format) and GET /healthz (200 when NATS is connected and the last PostgreSQL attempt
-succeeded, else 503, with a JSON body saying why).
+format) and GET /healthz (200 when NATS is connected, the last PostgreSQL attempt
+succeeded, every task of the run is alive and the archiver is not stalled, else 503;
+the JSON body says which, with the lag, the seconds since the last progress and the
+task states).
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ class ArchiverMetrics:
             "kvstate_archiver_database_up", "1 when the last PostgreSQL call succeeded", registry=r
         )
         self.nats_up = Gauge("kvstate_archiver_nats_up", "1 while connected to NATS", registry=r)
+        self.ack_failures = Counter(
+            "kvstate_archiver_ack_failures", "Acknowledgements that failed (the messages come back)", registry=r
+        )
+        self.stalls = Counter(
+            "kvstate_archiver_consumer_stalls",
+            "Stall guard actions: pending messages not delivered, so the pull was restarted or the consumer re-created",
+            ["action"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -51,6 +51,10 @@ class ArchiverSettings:
                                                                            archived operations left behind
     ARCHIVER_METRICS_PORT     9101                                         /metrics and /healthz port (0 = off)
     ARCHIVER_METRICS_HOST     127.0.0.1                                    address the endpoint listens on
+    ARCHIVER_STALL_AFTER      60                                           seconds with messages pending and no
+                                                                           commit or ack before /healthz says not
+                                                                           ok (the consumer's own stall guard
+                                                                           restarts the pull sooner)
     ========================= ============================================ ==========================================
 
     Plus every variable of ``kvstate.Settings`` (NATS_URL, KVSTATE_BUCKET, ...).
@@ -67,6 +71,7 @@ class ArchiverSettings:
     sweep_interval: float = 60.0
     metrics_port: int = 9101
     metrics_host: str = "127.0.0.1"
+    stall_after: float = 60.0
 
     ENV: ClassVar[dict[str, str]] = {
         "database_url": "DATABASE_URL",
@@ -79,6 +84,7 @@ class ArchiverSettings:
         "sweep_interval": "ARCHIVER_SWEEP_INTERVAL",
         "metrics_port": "ARCHIVER_METRICS_PORT",
         "metrics_host": "ARCHIVER_METRICS_HOST",
+        "stall_after": "ARCHIVER_STALL_AFTER",
     }
 
     def __post_init__(self) -> None:
@@ -104,4 +110,5 @@ class ArchiverSettings:
             sweep_interval=env_value(environ, "ARCHIVER_SWEEP_INTERVAL", cls.sweep_interval, positive_float),
             metrics_port=env_value(environ, "ARCHIVER_METRICS_PORT", cls.metrics_port, tcp_port),
             metrics_host=env_value(environ, "ARCHIVER_METRICS_HOST", cls.metrics_host, str),
+            stall_after=env_value(environ, "ARCHIVER_STALL_AFTER", cls.stall_after, positive_float),
         )

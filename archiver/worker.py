@@ -14,8 +14,10 @@ The loop (docs/archive.md):
    in its queue): one PostgreSQL transaction, a COPY, or the upsert guarded by revision
    when an id is archived already; on failure nak the batch with a backoff delay and
    retry nothing in memory: JetStream delivers it again;
-3. after the commit, ack every message of the batch, then schedule each finished
-   operation's removal for ``finished_at + grace_period``;
+3. after the commit, ack every message of the batch (an ack that fails is logged and
+   counted: the message comes back after ack_wait and is absorbed as a duplicate), then
+   schedule the removal, at ``finished_at + grace_period``, of each (id, revision) the
+   archive holds at exactly that revision: the one rule for removals, the sweep's too;
 4. one remover sends what is due as a batch, ``client.remove_many``: pipelined removals,
    each revision-checked, so an operation that changed after its snapshot stays (and is
    archived again when it finishes again);
@@ -46,7 +48,7 @@ from archiver.errors import ArchiveUnavailable
 from archiver.metrics import ArchiverMetrics, MetricsServer
 from archiver.settings import ArchiverSettings
 from archiver.store import ArchiveStore, WriteResult
-from kvstate._kv import is_removal_marker
+from kvstate._kv import is_removal_marker, nats_errors
 from kvstate.client import Client
 from kvstate.errors import BucketNotFound, ConflictError, ConnectionLostError, KvstateError
 
@@ -63,6 +65,8 @@ _BURST_POLL = 0.01
 """burst mode: how long an empty fetch waits before the run checks whether it is done"""
 _MIN_POLL = 0.01
 _PROGRESS_EVERY = 5.0
+_MONITOR_EVERY = 5.0
+"""most seconds between two reads of the consumer's lag by the monitor task"""
 
 
 @dataclass
@@ -115,7 +119,7 @@ class _Writer:
         self._write = write
         self._queue: asyncio.Queue[WriteBatch] = asyncio.Queue(maxsize=1)
         self._busy = False
-        self._task = asyncio.create_task(self._run(), name="archiver-writer")
+        self.task = asyncio.create_task(self._run(), name="archiver-writer")
 
     @property
     def idle(self) -> bool:
@@ -124,15 +128,15 @@ class _Writer:
 
     def check(self) -> None:
         """Raise what a write raised, if one did."""
-        if self._task.done():
-            self._task.result()
+        if self.task.done():
+            self.task.result()
 
     async def submit(self, batch: WriteBatch) -> None:
         """Queue ``batch``; wait while another one is already queued."""
         self.check()
         put = asyncio.ensure_future(self._queue.put(batch))
         if not put.done():
-            await asyncio.wait((put, self._task), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((put, self.task), return_when=asyncio.FIRST_COMPLETED)
         if not put.done():
             put.cancel()
             self.check()
@@ -141,16 +145,16 @@ class _Writer:
     async def finish(self) -> None:
         """Wait until everything submitted is written."""
         join = asyncio.ensure_future(self._queue.join())
-        await asyncio.wait((join, self._task), return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait((join, self.task), return_when=asyncio.FIRST_COMPLETED)
         if not join.done():
             join.cancel()
         self.check()
 
     async def close(self) -> None:
         """Stop the writer (a write under way is cancelled)."""
-        self._task.cancel()
+        self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self._task
+            await self.task
 
     async def _run(self) -> None:
         while True:
@@ -192,6 +196,14 @@ class Archiver:
         self._database_ok = False
         self._progress = (time.monotonic(), 0)
         self._lag = 0
+        self._ack_pending = 0
+        """messages delivered and not acknowledged yet, as the monitor last read it"""
+        self._last_progress = time.monotonic()
+        """monotonic time of the last commit or acknowledgement"""
+        self._tasks: dict[str, asyncio.Task[object]] = {}
+        """the run's tasks (writer, remover, sweeper, monitor), for /healthz"""
+        self._source = 0
+        """the bucket incarnation being archived (ArchiveStore.register_source)"""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -262,10 +274,29 @@ class Archiver:
         return self._stopping.is_set()
 
     def health(self) -> dict[str, object]:
-        """{"ok": bool, "nats": bool, "database": bool, "lag": int} for /healthz."""
+        """What /healthz reports: ok unless NATS or PostgreSQL is down, a task died, or the archiver stalled.
+
+        ``stalled``: messages wait (``lag``, not delivered yet, or ``ack_pending``,
+        delivered and not acknowledged) and nothing was committed or acknowledged for
+        more than ARCHIVER_STALL_AFTER seconds. ``tasks``: each of the
+        run's tasks as running, stopped (cancelled or finished) or dead (it raised).
+        """
         nats_ok = self._client is not None and self._client.connected
         self.metrics.nats_up.set(1 if nats_ok else 0)
-        return {"ok": nats_ok and self._database_ok, "nats": nats_ok, "database": self._database_ok, "lag": self._lag}
+        tasks = {name: _task_state(task) for name, task in self._tasks.items()}
+        quiet = time.monotonic() - self._last_progress
+        stalled = (self._lag > 0 or self._ack_pending > 0) and quiet > self.settings.stall_after
+        ok = nats_ok and self._database_ok and not stalled and "dead" not in tasks.values()
+        return {
+            "ok": ok,
+            "nats": nats_ok,
+            "database": self._database_ok,
+            "lag": self._lag,
+            "ack_pending": self._ack_pending,
+            "seconds_since_progress": round(quiet, 3),
+            "stalled": stalled,
+            "tasks": tasks,
+        }
 
     @property
     def client(self) -> Client:
@@ -293,8 +324,12 @@ class Archiver:
             self.settings.consumer,
             ack_wait=self.settings.ack_wait,
             max_ack_pending=max(_MIN_ACK_PENDING, 4 * self.settings.batch_size),
+            stall_after=self.settings.stall_after / 3,  # acts well before /healthz reports the stall
+            on_stall=self._stalled,
         )
         await self._retry_nats(consumer.open)
+        await self._retry_nats(self._register_source)
+        self._last_progress = time.monotonic()
         log.info(
             "archiver started: bucket=%s consumer=%s batch_size=%d batch_timeout=%.3f grace_period=%g burst=%s",
             client.settings.bucket,
@@ -304,13 +339,15 @@ class Archiver:
             self.settings.grace_period,
             burst,
         )
-        remover = asyncio.create_task(self._remove_when_due(), name="archiver-remover")
-        sweeper = None if burst else asyncio.create_task(self._sweep_periodically(), name="archiver-sweeper")
+        self._tasks = {"remover": asyncio.create_task(self._remove_when_due(), name="archiver-remover")}
+        if not burst:
+            self._tasks["sweeper"] = asyncio.create_task(self._sweep_periodically(), name="archiver-sweeper")
+        self._tasks["monitor"] = asyncio.create_task(self._monitor(consumer), name="archiver-monitor")
         try:
             await self._consume(consumer, burst)
         finally:
-            for task in (remover, sweeper):
-                if task is not None:
+            for name, task in self._tasks.items():
+                if name != "writer" and not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -324,8 +361,10 @@ class Archiver:
         size = self.settings.batch_size
         fetch_size = max(size, _MIN_FETCH)
         key_start = len(self.client.store.subject(""))
-        batch = WriteBatch(loop.time())
+        batch = WriteBatch(loop.time(), self._source)
         writer = _Writer(self._process)
+        self._tasks["writer"] = writer.task
+        generation = consumer.generation
         sweeping: asyncio.Task[int] | None = None  # burst: the one sweep at the end
         # Messages delivered before this run and not acknowledged yet (an instance that
         # crashed holding them): the sweep waits until they came back and were handled.
@@ -335,7 +374,7 @@ class Archiver:
         async def hand_over() -> None:
             nonlocal batch
             await writer.submit(batch)  # waits while one batch is written and another queued
-            batch = WriteBatch(loop.time())
+            batch = WriteBatch(loop.time(), self._source)
 
         try:
             while not self._stopping.is_set():
@@ -353,13 +392,23 @@ class Archiver:
                     log.warning("fetching from NATS failed, retrying: %s", exc)
                     await self._sleep(1.0)
                     continue
+                if consumer.generation != generation:
+                    # The consumer was created again (deleted, or stalled): its stream may be a
+                    # new incarnation of the bucket, whose rows are a source of their own.
+                    if batch:
+                        await hand_over()
+                    await writer.finish()
+                    await self._retry_nats(self._register_source)
+                    generation = consumer.generation
+                    batch = WriteBatch(loop.time(), self._source)
                 markers = running = 0
                 if messages:
                     now = datetime.now(UTC)
+                    nothing_to_write: list[Msg] = []
                     for msg in messages:
                         value = msg.data
                         if not value and is_removal_marker(msg.headers):
-                            await msg.ack()  # nothing to write
+                            nothing_to_write.append(msg)
                             markers += 1
                             continue
                         if needs_decoding(value):
@@ -370,8 +419,9 @@ class Archiver:
                                 if len(batch) >= size:
                                     await hand_over()
                                 continue
-                        await msg.ack()  # not finished: nothing to write
+                        nothing_to_write.append(msg)  # not finished
                         running += 1
+                    await self._ack(nothing_to_write)
                     self._lag = delivery_sequence(messages[-1])[1]
                     self.metrics.lag.set(self._lag)
                     self._count_acks(markers, running)
@@ -422,6 +472,7 @@ class Archiver:
             log.warning("cannot read the consumer state: %s", exc)
             return None
         self._lag = state.pending
+        self._ack_pending = state.ack_pending
         self.metrics.lag.set(state.pending)
         return state
 
@@ -438,13 +489,72 @@ class Archiver:
         self._backoff = 0.0
         self._database_ok = True
         self.metrics.database_up.set(1)
+        self._last_progress = time.monotonic()
         if self.hooks.after_commit is not None:
             await self.hooks.after_commit(messages)
-        for msg in messages:
-            await msg.ack()
+        await self._ack(messages)
+        # Only what the archive holds at exactly that revision leaves the bucket: a row the
+        # guarded upsert refused (a newer revision is archived) stays where it is.
+        archived = result.archived
         for op_id, revision, finished_at in batch.finished:
-            self._schedule_removal(op_id, revision, finished_at + self.settings.grace_period)
+            if (op_id, batch.source, revision) in archived:
+                self._schedule_removal(op_id, revision, finished_at + self.settings.grace_period)
         self._account(messages, result, len(batch.letters), time.perf_counter() - started)
+
+    async def _ack(self, messages: Sequence[Msg]) -> None:
+        """Acknowledge ``messages``; a failure (NATS gone) is logged and counted, not raised.
+
+        What was not acknowledged is delivered again after ack_wait: a committed row then
+        comes back as a duplicate, which the guarded upsert absorbs.
+        """
+        if not messages:
+            return
+        try:
+            with nats_errors("ack"):
+                for msg in messages:
+                    await msg.ack()
+        except KvstateError as exc:
+            self.metrics.errors.labels("nats").inc()
+            self.metrics.ack_failures.inc()
+            log.warning(
+                "acknowledging %d messages failed (delivered again after ack_wait, absorbed as duplicates): %s",
+                len(messages),
+                exc,
+            )
+            return
+        self._last_progress = time.monotonic()
+
+    def _stalled(self, action: str) -> None:
+        """The consumer's stall guard acted (restarted the pull or re-created the consumer)."""
+        self.metrics.stalls.labels(action).inc()
+        self.metrics.errors.labels("nats").inc()
+
+    async def _register_source(self) -> None:
+        """Find (or register) the archive's source number of this incarnation of the bucket.
+
+        An incarnation is the bucket's stream as created: its ``created`` time (stream
+        info) stays the same across server restarts and changes when the bucket is
+        deleted and created again.
+        """
+        assert self._store is not None
+        info = await self.client.store.info()
+        created = info.created or datetime.fromtimestamp(0, UTC)
+        source = await self._store.register_source(self.client.settings.bucket, created)
+        if source != self._source:
+            log.info(
+                "archiving bucket %s (stream created %s) as source %d",
+                self.client.settings.bucket,
+                created.isoformat(),
+                source,
+            )
+        self._source = source
+
+    async def _monitor(self, consumer: ArchiveConsumer) -> None:
+        """Read the consumer's lag now and then, also while the fetch loop is stuck (for /healthz)."""
+        every = min(_MONITOR_EVERY, self.settings.stall_after / 4)
+        while True:
+            await asyncio.sleep(every)
+            await self._consumer_state(consumer)
 
     async def _refused(self, messages: list[Msg], exc: ArchiveUnavailable) -> None:
         self._database_ok = False
@@ -576,6 +686,9 @@ class Archiver:
     async def sweep(self) -> int:
         """Remove every finished operation past its grace period that the archive holds at its revision.
 
+        The same rule as removals after a commit: only an (id, revision) archived from this
+        incarnation of the bucket at exactly that revision leaves the bucket.
+
         Catches removals lost to a crash (they were only scheduled in memory) or to a
         NATS outage. Reads only the keys and revisions of the bucket (no values): an
         operation whose current revision is the one archived is finished, and the
@@ -589,7 +702,7 @@ class Archiver:
         ids = list(current)
         archived: dict[str, tuple[int, float]] = {}
         for start in range(0, len(ids), 1000):
-            archived.update(await self._store.archived_snapshots(ids[start : start + 1000]))
+            archived.update(await self._store.archived_snapshots(ids[start : start + 1000], self._source))
         eligible = [
             (op_id, revision)
             for op_id, revision in current.items()
@@ -613,16 +726,18 @@ class Archiver:
     # ------------------------------------------------------------------ helpers
 
     async def _retry_nats(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Run ``action`` until it gets through NATS (and PostgreSQL), with backoff."""
         delay = 0.2
         while True:
             try:
                 await action()
                 return
-            except ConnectionLostError as exc:
+            except (ConnectionLostError, ArchiveUnavailable) as exc:
                 if self._stopping.is_set():
                     raise
-                self.metrics.errors.labels("nats").inc()
-                log.warning("NATS unavailable, retrying in %.1fs: %s", delay, exc)
+                component = "database" if isinstance(exc, ArchiveUnavailable) else "nats"
+                self.metrics.errors.labels(component).inc()
+                log.warning("%s unavailable, retrying in %.1fs: %s", component, delay, exc)
                 await self._sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
 
@@ -631,3 +746,12 @@ class Archiver:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._stopping.wait()
+
+
+def _task_state(task: asyncio.Task[object]) -> str:
+    """running, stopped (cancelled or returned) or dead (it raised)."""
+    if not task.done():
+        return "running"
+    if task.cancelled() or task.exception() is None:
+        return "stopped"
+    return "dead"

@@ -25,6 +25,7 @@ def test_defaults_and_every_variable_parsed() -> None:
             "ARCHIVER_SWEEP_INTERVAL": "5",
             "ARCHIVER_METRICS_PORT": "0",
             "ARCHIVER_METRICS_HOST": "0.0.0.0",
+            "ARCHIVER_STALL_AFTER": "15",
         }
     )
     assert settings.kv.nats_url == "nats://10.0.0.1:4222" and settings.kv.bucket == "ops"
@@ -36,7 +37,7 @@ def test_defaults_and_every_variable_parsed() -> None:
         10,
         5,
     )
-    assert (settings.metrics_port, settings.metrics_host) == (0, "0.0.0.0")
+    assert (settings.metrics_port, settings.metrics_host, settings.stall_after) == (0, "0.0.0.0", 15)
 
 
 def test_the_documented_variables_are_the_ones_read() -> None:
@@ -56,6 +57,7 @@ def test_the_documented_variables_are_the_ones_read() -> None:
         ("ARCHIVER_CONSUMER", "has.dot"),
         ("ARCHIVER_MARKER_TTL", "0.5"),
         ("ARCHIVER_METRICS_PORT", "70000"),
+        ("ARCHIVER_STALL_AFTER", "0"),
         ("DATABASE_URL", "mysql://x"),
         ("KVSTATE_HISTORY", "0"),
     ],
