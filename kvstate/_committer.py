@@ -39,6 +39,7 @@ from kvstate.errors import (
     InvalidTransition,
     KvstateError,
     OperationNotFound,
+    RevisionMismatch,
     UnknownStage,
 )
 from kvstate.keys import operation_id_from_key
@@ -93,6 +94,9 @@ class RevisionCache:
 class _Item:
     mutation: Mutation
     future: asyncio.Future[UpdateResult] | None = None
+    alone: bool = False
+    """a conditional mutation: it must see the stored revision, so no earlier change may share its write"""
+    deferred: bool = False
     result: UpdateResult | None = None
     error: BaseException | None = None
     decision: Decision | Exception | None = field(default=None)
@@ -133,15 +137,19 @@ class GroupCommitter:
         self.conflicts = 0
         self.transient_retries = 0
 
-    async def submit(self, key: str, mutation: Mutation) -> UpdateResult:
-        """Apply ``mutation`` to ``key`` with compare-and-set; batched with concurrent callers."""
+    async def submit(self, key: str, mutation: Mutation, *, alone: bool = False) -> UpdateResult:
+        """Apply ``mutation`` to ``key`` with compare-and-set; batched with concurrent callers.
+
+        ``alone``: the mutation checks the stored revision (a conditional write), so it goes
+        first in its write and never after another change of the same batch.
+        """
         pending = self._queues.get(key)
         if pending is not None:
             future: asyncio.Future[UpdateResult] = asyncio.get_running_loop().create_future()
-            pending.append(_Item(mutation, future))
+            pending.append(_Item(mutation, future, alone=alone))
             return await future
         self._queues[key] = pending = []
-        me = _Item(mutation)
+        me = _Item(mutation, alone=alone)
         batch = [me]
         try:
             await self._run(key, batch, pending)
@@ -173,6 +181,7 @@ class GroupCommitter:
                 pending.clear()
                 try:
                     await self._run(key, batch, pending)
+                    pending[:0] = [item for item in batch if item.result is None and item.error is None]
                 except BaseException as exc:
                     # Nobody else would ever answer these callers: hand them the failure.
                     error = exc if isinstance(exc, Exception) else ClientClosedError(f"the update of {key!r} stopped")
@@ -227,6 +236,10 @@ class GroupCommitter:
                 return
             state = current
             for item in batch:
+                item.deferred = item.alone and state is not current
+                if item.deferred:
+                    item.decision = None  # goes first in the next write, on the revision this one stores
+                    continue
                 try:
                     decision = item.mutation(state, pipeline)
                 except Exception as exc:  # noqa: BLE001 - typed refusals, or anything a caller's update(fn) raises
@@ -275,6 +288,8 @@ class GroupCommitter:
                 continue
             except KvstateError as exc:  # ValueTooLarge, InvalidMetadata: the batch as written is refused
                 for item in batch:
+                    if item.deferred:
+                        continue
                     if isinstance(item.decision, Decision) and item.decision.outcome is Outcome.APPLIED:
                         item.resolve(None, exc)
                     else:
@@ -309,8 +324,8 @@ def _may_be_out_of_date(batch: list[_Item]) -> bool:
     finished meanwhile). Duplicates stay duplicates on any newer state."""
     for item in batch:
         decision = item.decision
-        if isinstance(decision, InvalidTransition):
-            return True
+        if isinstance(decision, InvalidTransition | RevisionMismatch):
+            return True  # RevisionMismatch: the revision read may have been a replica's or the cache's
         if isinstance(decision, Decision) and decision.outcome is Outcome.STALE:
             return True
     return False

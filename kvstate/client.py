@@ -49,6 +49,7 @@ from kvstate.errors import (
     KvstateError,
     OperationExists,
     OperationNotFound,
+    RevisionMismatch,
     ServerVersionError,
     UnknownPipeline,
     ValidationError,
@@ -392,13 +393,20 @@ class Client:
             )
         return "finished operations are archived and removed: try `kvstate archive get ID`"
 
-    async def apply(self, op_id: str, event: Event) -> UpdateResult:
-        """Apply one event (compare-and-set, batched with concurrent updates of the same operation)."""
+    async def apply(self, op_id: str, event: Event, *, expected_revision: int | None = None) -> UpdateResult:
+        """Apply one event (compare-and-set, batched with concurrent updates of the same operation).
+
+        With ``expected_revision`` the event applies only to that revision of the operation
+        (RevisionMismatch otherwise, nothing written): the conditional write behind HTTP
+        ``If-Match``. Without it the state machine alone decides, which is what services want.
+        """
 
         def mutation(op: Operation, pipeline: Pipeline) -> Decision:
+            if expected_revision is not None and op.revision != expected_revision:
+                raise RevisionMismatch(op.id, expected_revision, op.revision)
             return apply_event(op, pipeline, event, utcnow())
 
-        return await self._submit(op_id, mutation)
+        return await self._submit(op_id, mutation, alone=expected_revision is not None)
 
     async def update(self, op_id: str, fn: Callable[[Operation], Operation]) -> UpdateResult:
         """Apply a custom pure function to the operation under compare-and-set.
@@ -417,10 +425,10 @@ class Client:
 
         return await self._submit(op_id, mutation)
 
-    async def _submit(self, op_id: str, mutation: Mutation) -> UpdateResult:
+    async def _submit(self, op_id: str, mutation: Mutation, *, alone: bool = False) -> UpdateResult:
         self._open_store()
         assert self._committer is not None
-        return await self._committer.submit(operation_key(op_id), mutation)
+        return await self._committer.submit(operation_key(op_id), mutation, alone=alone)
 
     async def start(
         self,

@@ -18,6 +18,7 @@
     ├── OperationNotFound             no operation under that id in the bucket
     ├── OperationExists               create() with an id that holds other data
     ├── ConflictError                 compare-and-set kept losing; retries exhausted
+    ├── RevisionMismatch              a conditional update found another revision than expected
     ├── StaleUpdate                   raised by UpdateResult.raise_for_stale() on a stale event
     ├── CorruptValue                  a stored value that is not valid kvstate JSON
     └── WaitTimeout                   wait() gave up before the operation finished
@@ -43,6 +44,7 @@ __all__ = [
     "KvstateError",
     "OperationExists",
     "OperationNotFound",
+    "RevisionMismatch",
     "ServerVersionError",
     "StaleUpdate",
     "UnknownPipeline",
@@ -180,6 +182,16 @@ class ConflictError(KvstateError):
         super().__init__(
             f"revision conflict on {key!r}: expected revision {expected_revision}, gave up after {attempts} attempts"
         )
+
+
+class RevisionMismatch(KvstateError):
+    """A conditional update (``expected_revision``, HTTP ``If-Match``) found the operation at another revision."""
+
+    def __init__(self, op_id: str, expected: int, actual: int) -> None:
+        self.op_id = op_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"operation {op_id!r} is at revision {actual}, not the expected {expected}")
 
 
 class StaleUpdate(KvstateError):

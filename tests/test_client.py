@@ -19,11 +19,13 @@ from kvstate import (
     InvalidKey,
     InvalidMetadata,
     InvalidTransition,
+    MergeMetadata,
     Operation,
     OperationExists,
     OperationNotFound,
     OpStatus,
     Outcome,
+    RevisionMismatch,
     Settings,
     StageSpec,
     StageStatus,
@@ -567,3 +569,38 @@ async def test_watch_started_while_keys_are_purged_still_delivers(client: Client
                     return
 
         await asyncio.wait_for(until_started(), 15)
+
+
+async def test_a_conditional_update_applies_only_at_the_expected_revision(client: Client) -> None:
+    """expected_revision (HTTP If-Match): of ten concurrent writes from one revision exactly one
+    lands, even though group commit would otherwise merge them into one write."""
+    op = await client.create("orders")
+    results = await asyncio.gather(
+        *(client.apply(op.id, MergeMetadata(patch={f"k{i}": i}), expected_revision=op.revision) for i in range(10)),
+        return_exceptions=True,
+    )
+    applied = [r for r in results if isinstance(r, UpdateResult)]
+    refused = [r for r in results if isinstance(r, RevisionMismatch)]
+    assert len(applied) == 1 and len(refused) == 9
+    assert all(r.expected == op.revision and r.actual == applied[0].revision for r in refused)
+    assert len((await client.get(op.id)).metadata) == 1
+    with pytest.raises(RevisionMismatch):
+        await client.apply(op.id, MergeMetadata(patch={"late": 1}), expected_revision=op.revision)
+
+
+async def test_conditional_updates_queued_together_do_not_share_one_write(client: Client) -> None:
+    """Three writes expecting the revision the first write in flight will store: group commit
+    puts them in one batch, but only the first may apply; the others see the revision it stored."""
+    op = await client.create("orders")
+    first = asyncio.ensure_future(client.merge_metadata(op.id, {"first": 1}))
+    await asyncio.sleep(0)  # the first write is in flight; the next ones queue behind it
+    expecting = op.revision + 1  # the bucket's next sequence: nothing else writes to this bucket
+    queued = [client.apply(op.id, MergeMetadata(patch={f"c{i}": i}), expected_revision=expecting) for i in range(3)]
+    results = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert isinstance(results[0], UpdateResult) and results[0].revision == expecting
+    outcomes = [type(r).__name__ for r in results[1:]]
+    assert sorted(outcomes) == ["RevisionMismatch", "RevisionMismatch", "UpdateResult"]
+    assert set((await client.get(op.id)).metadata) == {
+        "first",
+        *(f"c{i}" for i, r in enumerate(results[1:]) if isinstance(r, UpdateResult)),
+    }

@@ -41,6 +41,7 @@ EXPECTED = {
     "Pipeline",
     "Reopen",
     "Revision",
+    "RevisionMismatch",
     "ServerVersionError",
     "Settings",
     "SkipStage",
