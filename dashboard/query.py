@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 from urllib.parse import urlencode
 
 from dashboard.errors import BadQuery
-from dashboard.index import CORRUPT, OperationFilter
+from dashboard.planner import OperationFilter
+from dashboard.summary import CORRUPT
 from kvstate import OpStatus, StageStatus
 
 __all__ = [

@@ -12,7 +12,8 @@ from litestar.testing import AsyncTestClient
 
 from dashboard.app import create_app
 from dashboard.feed import Broadcaster, IndexFeed, running
-from dashboard.index import OperationFilter, OperationIndex
+from dashboard.index import OperationIndex
+from dashboard.planner import OperationFilter
 from dashboard.settings import DashboardSettings
 from kvstate import Client, Pipeline, Settings, StageSpec
 from kvstate.servers import NatsServer

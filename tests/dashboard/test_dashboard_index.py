@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dashboard.index import CORRUPT, STAGE_STATUSES, OperationFilter, OperationIndex, OpSummary
+from dashboard.index import OperationIndex
+from dashboard.planner import OperationFilter
 from dashboard.sorted_keys import SortedKeys
+from dashboard.summary import CORRUPT, STAGE_STATUSES, OpSummary
 from kvstate import Change, CorruptValue, Operation, OpStatus, Pipeline, StageSpec, StageStatus
 from kvstate.events import Cancel, FailStage, Heartbeat, StartStage, SucceedStage
 from kvstate.machine import apply_event, new_operation
