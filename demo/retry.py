@@ -20,6 +20,8 @@ InvalidTransition                          REJECT   the state machine forbids th
 OperationNotFound                          REJECT   archived or removed: nothing left to update
 CorruptValue                               REJECT   the stored value cannot be read by anyone
 OperationExists                            REJECT   the id holds other data
+RevisionMismatch                           REJECT   a conditional update's revision is gone for good:
+                                                    re-read and decide again, do not resend it
 StaleUpdate                                STALE    not an error: the operation moved past this event
 anything else                              None     a bug or a broken setup: the caller decides
                                                     (the demo hands the message back and counts it)
@@ -46,6 +48,7 @@ from kvstate import (
     InvalidTransition,
     OperationExists,
     OperationNotFound,
+    RevisionMismatch,
     StaleUpdate,
     ValidationError,
 )
@@ -72,6 +75,7 @@ PERMANENT: tuple[type[Exception], ...] = (
     OperationNotFound,
     CorruptValue,
     OperationExists,
+    RevisionMismatch,
 )
 """Errors every later try would meet again."""
 

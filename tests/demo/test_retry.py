@@ -24,6 +24,7 @@ from kvstate.errors import (
     KvstateError,
     OperationExists,
     OperationNotFound,
+    RevisionMismatch,
     ServerVersionError,
     StaleUpdate,
     UnknownPipeline,
@@ -49,6 +50,7 @@ EXPECTED: dict[type[KvstateError], Verdict | None] = {
     OperationNotFound: Verdict.REJECT,
     CorruptValue: Verdict.REJECT,
     OperationExists: Verdict.REJECT,
+    RevisionMismatch: Verdict.REJECT,  # the same expected revision would mismatch again
     StaleUpdate: Verdict.STALE,
     # Not raised by one message's updates: a broken process or a bug, which the worker
     # hands back and counts as an error.
