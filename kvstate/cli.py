@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -38,6 +39,7 @@ from kvstate.errors import (
 )
 from kvstate.model import Operation, OpStatus
 from kvstate.pipeline import Pipeline
+from kvstate.service import QUEUE_GROUP, WriteService
 from kvstate.settings import Settings
 from kvstate.watch import Change
 
@@ -355,6 +357,22 @@ def _cmd_cancel(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return asyncio.run(_with_client(environ, args, body))
 
 
+def _cmd_serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    async def body(client: Client) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with WriteService(client) as service:
+            subjects = " ".join(service.subjects)
+            sys.stderr.write(f"kvstate serve: answering {subjects} (queue group {QUEUE_GROUP})\n")
+            await stop.wait()
+        sys.stderr.write(f"kvstate serve: stopped; replies {json.dumps(service.replies, sort_keys=True)}\n")
+        return 0
+
+    return asyncio.run(_with_client(environ, args, body))
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -438,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason")
     _common(p)
     p.set_defaults(handler=_cmd_cancel)
+
+    p = sub.add_parser(
+        "serve", help="answer write requests from any NATS client (kvstate.<bucket>.apply.<id>; run several)"
+    )
+    _common(p)
+    p.set_defaults(handler=_cmd_serve)
 
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:

