@@ -57,6 +57,7 @@ PipelineCache = dict[str, Pipeline]
 
 _BACKOFF_BASE = 0.001
 _BACKOFF_CAP = 0.1
+_LANDED = "applied by this call's earlier write, whose acknowledgement was lost"
 _TRANSIENT_BACKOFF_BASE = 0.02
 _TRANSIENT_BACKOFF_CAP = 1.0
 
@@ -97,6 +98,8 @@ class _Item:
     alone: bool = False
     """a conditional mutation: it must see the stored revision, so no earlier change may share its write"""
     deferred: bool = False
+    maybe_landed: bool = False
+    """applied in a write whose acknowledgement never came: a duplicate on the re-read is this call's own write"""
     result: UpdateResult | None = None
     error: BaseException | None = None
     decision: Decision | Exception | None = field(default=None)
@@ -245,6 +248,9 @@ class GroupCommitter:
                 except Exception as exc:  # noqa: BLE001 - typed refusals, or anything a caller's update(fn) raises
                     item.decision = exc
                     continue
+                if item.maybe_landed and decision.outcome is Outcome.DUPLICATE:
+                    # Our own earlier write landed; only its acknowledgement was lost.
+                    decision = Decision(Outcome.APPLIED, decision.operation, _LANDED)
                 item.decision = decision
                 if decision.outcome is Outcome.APPLIED:
                     state = decision.operation
@@ -265,8 +271,12 @@ class GroupCommitter:
                 revision = await self._store.update(key, data, last_revision)
             except ConnectionLostError as exc:
                 # The write may or may not have landed. Re-reading and re-applying is safe:
-                # an applied event is then recognised as a duplicate.
+                # an applied event is then recognised as a duplicate, which for these
+                # callers means their own write landed.
                 self._cache.discard(key)
+                for item in batch:
+                    if isinstance(item.decision, Decision) and item.decision.outcome is Outcome.APPLIED:
+                        item.maybe_landed = True
                 if time.monotonic() >= give_up:
                     for item in batch:
                         item.resolve(None, exc)

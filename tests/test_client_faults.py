@@ -11,7 +11,7 @@ import time
 import pytest
 from nats.js.api import PersistMode
 
-from kvstate import BucketError, BucketNotFound, Client, ConnectionLostError, Settings, StageStatus
+from kvstate import BucketError, BucketNotFound, Client, ConnectionLostError, Outcome, Settings, StageStatus
 from kvstate.servers import NatsServer
 from kvstate.watch import Watcher
 from tests.conftest import PIPELINE
@@ -184,3 +184,30 @@ async def _watch_through_a_resubscribe(client: Client) -> None:
                 if change.revision == revisions[-1]:
                     break
     assert seen == revisions
+
+
+async def test_a_write_whose_acknowledgement_was_lost_reports_applied_not_duplicate(client: Client) -> None:
+    """The write lands but its ack never comes (a timeout): the re-read finds the event applied.
+    That was this call's own write, so the caller hears "applied", not "duplicate"."""
+    op = await client.create("orders")
+    store = client.store
+    real_update = store.update
+    lost: list[int] = []
+
+    async def update_then_lose_the_ack(key: str, value: bytes, last: int) -> int:
+        revision = await real_update(key, value, last)
+        if not lost:
+            lost.append(revision)
+            raise ConnectionLostError("NATS did not answer in time (the acknowledgement was lost)")
+        return revision
+
+    store.update = update_then_lose_the_ack  # type: ignore[method-assign]
+    try:
+        result = await client.start(op.id, "ingest", event_id="only-once")
+    finally:
+        store.update = real_update  # type: ignore[method-assign]
+    assert lost, "the fault was not injected"
+    assert result.outcome is Outcome.APPLIED and result.revision == lost[0]
+    assert [t.event for t in result.operation.history].count("only-once") >= 1
+    again = await client.start(op.id, "ingest", event_id="only-once")
+    assert again.outcome is Outcome.DUPLICATE  # a real redelivery is still a duplicate
