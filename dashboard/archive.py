@@ -1,8 +1,10 @@
-"""Read access to the PostgreSQL archive, through ``archiver.read`` only.
+"""Read access to the PostgreSQL archive, through ``archiver.read`` and ``archiver.errors`` only.
 
 The archive is optional: without DATABASE_URL the archive pages say it is not
 configured; when PostgreSQL cannot be reached they say so and the dashboard tries to
-connect again on a later request (at most every ``retry_after`` seconds).
+connect again on a later request (at most every ``retry_after`` seconds). The reader
+lets asyncpg's and the socket's errors through untranslated, so they are recognised
+here (by class) and become ``dashboard.errors.ArchiveUnavailable``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from archiver import errors as archiver_errors
 from dashboard.errors import ArchiveUnavailable, BadQuery
 
 if TYPE_CHECKING:
@@ -26,7 +29,13 @@ __all__ = ["ArchiveAccess"]
 
 log = logging.getLogger("dashboard.archive")
 
-_UNREACHABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    archiver_errors.ArchiveUnavailable,
+)
 
 
 class ArchiveAccess:
@@ -113,9 +122,7 @@ class ArchiveAccess:
         limit: int,
         page_token: str | None,
     ) -> ArchivePage:
-        """One page of archived operations, newest first (keyset pagination)."""
-        from archiver.read import InvalidPageToken, InvalidQuery
-
+        """One page of archived operations, newest first (keyset pagination); BadQuery names an unusable filter."""
         reader = await self._ready()
         try:
             return await reader.search(
@@ -129,9 +136,9 @@ class ArchiveAccess:
                 limit=limit,
                 page_token=page_token,
             )
-        except InvalidPageToken as exc:
+        except archiver_errors.InvalidPageToken as exc:
             raise BadQuery("page_token", str(exc)) from exc
-        except InvalidQuery as exc:
+        except archiver_errors.InvalidQuery as exc:
             raise BadQuery("archive search", str(exc)) from exc
         except _UNREACHABLE as exc:
             raise self._lost(exc) from exc
