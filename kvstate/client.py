@@ -517,14 +517,24 @@ class Client:
         stage: str | None = None,
         worker: str | None = None,
         event_id: str | None = None,
+        attempt: int | None = None,
+        expect: JSONObject | None = None,
     ) -> UpdateResult:
-        """Merge ``patch`` (RFC 7386: null removes) into the shared metadata or ``stage``'s namespace."""
+        """Merge ``patch`` (RFC 7386: null removes) into the shared metadata or ``stage``'s namespace.
+
+        ``attempt`` (with ``stage``): a patch from an older attempt of the stage comes back
+        stale instead of overwriting what the current attempt wrote. ``expect``: the patch
+        applies only while these members hold these values (null: absent), else stale.
+        """
         normalized = normalize_json_object(patch, "metadata patch")
+        expected = normalize_json_object(expect, "metadata expectation") if expect is not None else None
         if stage is not None:  # UnknownStage before anything is written
             pipeline = await self._pipeline_of(op_id)
             if stage not in pipeline.stage_names:
                 (await self.refresh_pipeline(pipeline.name)).stage(stage)
-        event = MergeMetadata(patch=normalized, stage=stage, worker=worker, **_eid(event_id))
+        event = MergeMetadata(
+            patch=normalized, stage=stage, worker=worker, attempt=attempt, expect=expected, **_eid(event_id)
+        )
         return await self.apply(op_id, event)
 
     async def cancel(

@@ -152,6 +152,18 @@ def build_vectors() -> list[Vector]:
         StartStage(stage="fraud", event_id="f-fraud-2"),
         SucceedStage(stage="fraud", event_id="f-fraud-2-ok"),
     ]
+    metadata: list[Event] = [
+        StartStage(stage="ingest", event_id="m-a1"),
+        MergeMetadata(patch={"rows": 1}, stage="ingest", attempt=1, event_id="m-a1-rows"),
+        FailStage(stage="ingest", error="disk full", retryable=True, event_id="m-a1-fail"),
+        StartStage(stage="ingest", event_id="m-a2"),
+        MergeMetadata(patch={"rows": 2}, stage="ingest", attempt=2, event_id="m-a2-rows"),
+        MergeMetadata(patch={"rows": 99}, stage="ingest", attempt=1, event_id="m-a1-late"),
+        MergeMetadata(patch={"rows": 3}, stage="ingest", attempt=3, event_id="m-a3-early"),
+        MergeMetadata(patch={"owner": "geo"}, expect={"owner": None}, event_id="m-claim-geo"),
+        MergeMetadata(patch={"owner": "fraud"}, expect={"owner": None}, event_id="m-claim-fraud"),
+        MergeMetadata(patch={"owner": None}, expect={"owner": "geo"}, event_id="m-release-geo"),
+    ]
     refused: list[Event] = [
         StartStage(stage="merge", event_id="x-merge-early"),
         StartStage(stage="nope", event_id="x-unknown"),
@@ -170,6 +182,12 @@ def build_vectors() -> list[Vector]:
             "an optional failure does not fail the operation, a required one does and cancels what runs; "
             "late events are stale; reopen runs the failed stage again",
             failure,
+        ),
+        _run(
+            "metadata",
+            "a stage patch from an older attempt is stale, from one not started refused; expect makes a "
+            "shared patch a test-and-set",
+            metadata,
         ),
         _run(
             "refused",

@@ -74,10 +74,19 @@ class SkipStage(_Base, tag="skip", frozen=True):
 
 
 class MergeMetadata(_Base, tag="merge", frozen=True):
-    """Merge ``patch`` (RFC 7386) into the shared metadata, or into ``stage``'s namespace."""
+    """Merge ``patch`` (RFC 7386) into the shared metadata, or into ``stage``'s namespace.
+
+    ``attempt`` (with ``stage``): the attempt that writes; a patch from an older attempt is
+    stale, so a late worker cannot overwrite what the current attempt wrote. ``expect``:
+    members of the target that must hold exactly these values (``null``: absent) for the
+    patch to apply, otherwise it is stale: a test-and-set for shared metadata that several
+    services write.
+    """
 
     patch: JSONObject
     stage: str | None = None
+    attempt: int | None = None
+    expect: JSONObject | None = None
 
 
 class Cancel(_Base, tag="cancel", frozen=True):

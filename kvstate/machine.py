@@ -253,13 +253,42 @@ def _skip(
 def _merge(op: Operation, event: MergeMetadata, now: datetime) -> Decision:
     if not isinstance(event.patch, dict):
         raise InvalidMetadata("a metadata patch must be a JSON object")
-    if event.stage is None:
+    if event.attempt is not None and event.stage is None:
+        raise InvalidMetadata("a metadata patch names an attempt only together with its stage")
+    current = op.stage(event.stage) if event.stage is not None else None
+    if current is not None and event.attempt is not None:
+        if event.attempt < current.attempt:
+            return Decision(
+                Outcome.STALE, op, f"metadata of attempt {event.attempt}; stage {event.stage} is at {current.attempt}"
+            )
+        if event.attempt > current.attempt:
+            raise InvalidTransition(op.id, f"attempt {event.attempt} has not started", event.stage)
+    if event.expect is not None:
+        target = op.metadata if current is None else current.metadata
+        for name, wanted in event.expect.items():
+            found = target.get(name)
+            if not _same_json(found, wanted):
+                return Decision(Outcome.STALE, op, f"metadata {name!r} is {found!r}, the patch expected {wanted!r}")
+    if current is None:
         merged = _as_object(merge_patch(op.metadata, event.patch))
         return Decision(Outcome.APPLIED, _replace(op, metadata=merged, updated_at=now, events=_events(op, event)))
-    current = op.stage(event.stage)
+    assert event.stage is not None
     stages = dict(op.stages)
     stages[event.stage] = _replace(current, metadata=_as_object(merge_patch(current.metadata, event.patch)))
     return Decision(Outcome.APPLIED, _replace(op, stages=stages, updated_at=now, events=_events(op, event)))
+
+
+def _same_json(a: object, b: object) -> bool:
+    """JSON equality: true is not 1, 1 is 1.0, objects and arrays compare member by member."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
 
 
 def _cancel(op: Operation, pipeline: Pipeline, event: Cancel, now: datetime) -> Decision:

@@ -468,3 +468,47 @@ def test_reordered_delivery_never_moves_backwards(order: list[Event]) -> None:
             op = decision.operation
     assert op.status is OpStatus.SUCCEEDED
     assert all(op.stage(s).status is StageStatus.SUCCEEDED for s in PIPELINE.stage_names)
+
+
+def test_stage_metadata_from_an_older_attempt_is_stale() -> None:
+    op, _ = run(
+        fresh(),
+        StartStage(stage="ingest", event_id="a1"),
+        FailStage(stage="ingest", error="x", retryable=True, event_id="a1-fail"),
+        StartStage(stage="ingest", event_id="a2"),
+        MergeMetadata(patch={"rows": 2}, stage="ingest", attempt=2, event_id="m2"),
+    )
+    late, (d,) = run(op, MergeMetadata(patch={"rows": 1}, stage="ingest", attempt=1, event_id="m1"))
+    assert d.outcome is Outcome.STALE and late.stage("ingest").metadata == {"rows": 2}
+    with pytest.raises(InvalidTransition, match="has not started"):
+        run(op, MergeMetadata(patch={"rows": 3}, stage="ingest", attempt=3, event_id="m3"))
+    with pytest.raises(InvalidMetadata, match="together with its stage"):
+        run(op, MergeMetadata(patch={"rows": 3}, attempt=2, event_id="m4"))
+
+
+def test_a_shared_metadata_patch_with_expect_applies_only_while_the_members_hold_those_values() -> None:
+    op, _ = run(fresh(), MergeMetadata(patch={"owner": "geo", "flag": True}, event_id="m1"))
+    taken, (d,) = run(op, MergeMetadata(patch={"owner": "fraud"}, expect={"owner": "geo"}, event_id="m2"))
+    assert d.outcome is Outcome.APPLIED and taken.metadata["owner"] == "fraud"
+    _, (lost,) = run(taken, MergeMetadata(patch={"owner": "notify"}, expect={"owner": "geo"}, event_id="m3"))
+    assert lost.outcome is Outcome.STALE and "expected 'geo'" in (lost.reason or "")
+    _, (absent,) = run(op, MergeMetadata(patch={"new": 1}, expect={"new": None}, event_id="m4"))
+    assert absent.outcome is Outcome.APPLIED
+    _, (strict,) = run(op, MergeMetadata(patch={"flag": False}, expect={"flag": 1}, event_id="m5"))
+    assert strict.outcome is Outcome.STALE  # JSON true is not 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(events, max_size=30), st.integers(min_value=1, max_value=4), stage_names)
+def test_a_stage_metadata_patch_from_an_older_attempt_never_changes_the_stage(
+    stream: list[Event], attempt: int, stage: str
+) -> None:
+    op = fresh()
+    for i, event in enumerate(stream, start=1):
+        decision = _apply(op, event, i)
+        op = decision.operation if decision is not None else op
+    patch = MergeMetadata(patch={"late": attempt}, stage=stage, attempt=attempt, event_id="late-patch")
+    decision = _apply(op, patch, len(stream) + 1)
+    if attempt < op.stage(stage).attempt or op.status.terminal:
+        assert decision is not None and decision.outcome is Outcome.STALE
+        assert decision.operation.stage(stage).metadata == op.stage(stage).metadata
