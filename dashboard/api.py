@@ -27,10 +27,10 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
 from litestar.utils.scope.state import ScopeState
 
-from dashboard.contexts import archive_query, archive_search, banner_context, overview_context
+from dashboard.contexts import archive_search, banner_context, overview_context
 from dashboard.errors import BadQuery
 from dashboard.pages import Dashboard, pipeline_param, query_params
-from dashboard.query import decode_page_token, encode_page_token, parse_filter, parse_filter_expression
+from dashboard.query import archive_query, decode_page_token, encode_page_token, parse_filter, parse_filter_expression
 from dashboard.security import check_write_access
 from dashboard.summary import CORRUPT, OpSummary
 from kvstate import CorruptValue, Operation, OperationNotFound, OpStatus, failure_message

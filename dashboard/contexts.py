@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,11 +17,12 @@ from dashboard.feed import Broadcaster, IndexFeed
 from dashboard.formatting import show
 from dashboard.index import OperationIndex
 from dashboard.query import (
+    ArchiveQuery,
+    archive_query,
     decode_page_token,
     encode_page_token,
     filter_params,
     parse_filter,
-    parse_time,
     query_string,
 )
 from dashboard.settings import DashboardSettings
@@ -45,11 +45,8 @@ if TYPE_CHECKING:
     from archiver.read import ArchivePage
 
 __all__ = [
-    "ARCHIVE_FILTERS",
-    "ArchiveQuery",
     "DashboardState",
     "archive_context",
-    "archive_query",
     "archive_search",
     "banner_context",
     "operation_context",
@@ -57,7 +54,6 @@ __all__ = [
     "overview_context",
 ]
 
-ARCHIVE_FILTERS = ("status", "failed_stage", "pipeline", "id", "finished_after", "finished_before", "meta")
 OP_STATUS_ORDER = ("pending", "running", "succeeded", "failed", "cancelled", "corrupt")
 STAGE_COUNT_ORDER = (StageStatus.WAITING, StageStatus.RUNNING, StageStatus.RETRYING, StageStatus.SUCCEEDED,
                      StageStatus.FAILED, StageStatus.SKIPPED, StageStatus.CANCELLED)  # fmt: skip
@@ -327,65 +323,6 @@ def _unreachable(state: DashboardState, context: dict[str, Any]) -> dict[str, An
 
 
 # ---------------------------------------------------------------------- archive
-
-
-def _metadata_filter(raw: str | None) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    key, sep, value = raw.partition("=")
-    if not sep or not key.strip():
-        raise BadQuery("meta", 'write key=value (the value may be JSON: 42, true, "text")')
-    try:
-        parsed: Any = json.loads(value)
-    except ValueError:
-        parsed = value.strip()
-    return {key.strip(): parsed}
-
-
-@dataclass(frozen=True, slots=True)
-class ArchiveQuery:
-    """An archive search read from the query string: the same for the /archive page and the API."""
-
-    criteria: dict[str, Any]  # keyword arguments of ArchiveAccess.search
-    statuses: list[str]
-    form: dict[str, str]  # the text fields as given, to fill the page's search form again
-    page_token: str | None
-
-
-def archive_query(params: Mapping[str, Sequence[str]]) -> ArchiveQuery:
-    """The archive filters in ``params`` (``page_token`` included); BadQuery names the first unusable one."""
-
-    def one(key: str) -> str | None:
-        values = [v.strip() for v in params.get(key, ()) if v.strip()]
-        if len(values) > 1:
-            raise BadQuery(key, "give it at most once")
-        if values and len(values[0]) > 256:
-            raise BadQuery(key, "too long")
-        return values[0] if values else None
-
-    unknown = sorted(set(params) - {*ARCHIVE_FILTERS, "page_token"})
-    if unknown:
-        raise BadQuery(unknown[0], "unknown archive filter")
-    statuses = sorted({s.strip() for v in params.get("status", ()) for s in v.split(",") if s.strip()})
-    terminal = {s.value for s in OpStatus if s.terminal}
-    if set(statuses) - terminal:
-        raise BadQuery("status", f"archived operations are {', '.join(sorted(terminal))}")
-    after, before = one("finished_after"), one("finished_before")
-    criteria: dict[str, Any] = {
-        "status": statuses,
-        "failed_stage": one("failed_stage"),
-        "pipeline": one("pipeline"),
-        "id_prefix": one("id"),
-        "finished_after": datetime.fromtimestamp(parse_time(after, "finished_after"), UTC) if after else None,
-        "finished_before": datetime.fromtimestamp(parse_time(before, "finished_before"), UTC) if before else None,
-        "metadata": _metadata_filter(one("meta")),
-    }
-    for key in ("failed_stage", "pipeline", "id_prefix"):
-        value = criteria[key]
-        if value is not None:
-            validate_id(str(value), key.replace("_", " "))
-    form = {k: one(k) or "" for k in ARCHIVE_FILTERS if k != "status"}
-    return ArchiveQuery(criteria, statuses, form, one("page_token"))
 
 
 async def archive_search(state: DashboardState, query: ArchiveQuery, limit: int) -> ArchivePage:

@@ -6,24 +6,34 @@ prefix), ``created_after`` / ``created_before`` (ISO 8601, UTC when no offset),
 ``meta`` (``key=value`` or ``key``), ``stuck`` (``1``: only operations with a stuck stage,
 with ``stage``: that stage stuck), ``order`` (``newest`` or ``oldest``). The JSON API
 also takes the same terms as one ``filter`` string: ``status=running AND stage=geo``.
+
+The archive search reads its own filters (``ARCHIVE_FILTERS``) into an ``ArchiveQuery``:
+the same for the /archive page and the JSON API.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlencode
 
 from dashboard.errors import BadQuery
 from dashboard.planner import OperationFilter
 from dashboard.summary import CORRUPT
 from kvstate import OpStatus, StageStatus
+from kvstate.keys import validate_id
 
 __all__ = [
+    "ARCHIVE_FILTERS",
     "FILTER_KEYS",
+    "ArchiveQuery",
+    "archive_query",
     "decode_page_token",
     "encode_page_token",
     "filter_params",
@@ -45,6 +55,8 @@ FILTER_KEYS = (
     "stuck",
     "order",
 )
+ARCHIVE_FILTERS = ("status", "failed_stage", "pipeline", "id", "finished_after", "finished_before", "meta")
+"""The archive search's filters (the /archive page and /api/archive/operations)."""
 _STATUSES = {s.value for s in OpStatus} | {CORRUPT}
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _TEXT_LIMIT = 128
@@ -206,3 +218,65 @@ def decode_page_token(token: str) -> tuple[float, str]:
     if _NAME.fullmatch(op_id) is None:
         raise BadQuery("page_token", "not a page token this dashboard issued")
     return cursor
+
+
+# ---------------------------------------------------------------------- archive search
+
+
+def _metadata_filter(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    key, sep, value = raw.partition("=")
+    if not sep or not key.strip():
+        raise BadQuery("meta", 'write key=value (the value may be JSON: 42, true, "text")')
+    try:
+        parsed: Any = json.loads(value)
+    except ValueError:
+        parsed = value.strip()
+    return {key.strip(): parsed}
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveQuery:
+    """An archive search read from the query string: the same for the /archive page and the API."""
+
+    criteria: dict[str, Any]  # keyword arguments of ArchiveAccess.search
+    statuses: list[str]
+    form: dict[str, str]  # the text fields as given, to fill the page's search form again
+    page_token: str | None
+
+
+def archive_query(params: Mapping[str, Sequence[str]]) -> ArchiveQuery:
+    """The archive filters in ``params`` (``page_token`` included); BadQuery names the first unusable one."""
+
+    def one(key: str) -> str | None:
+        values = [v.strip() for v in params.get(key, ()) if v.strip()]
+        if len(values) > 1:
+            raise BadQuery(key, "give it at most once")
+        if values and len(values[0]) > 256:
+            raise BadQuery(key, "too long")
+        return values[0] if values else None
+
+    unknown = sorted(set(params) - {*ARCHIVE_FILTERS, "page_token"})
+    if unknown:
+        raise BadQuery(unknown[0], "unknown archive filter")
+    statuses = sorted({s.strip() for v in params.get("status", ()) for s in v.split(",") if s.strip()})
+    terminal = {s.value for s in OpStatus if s.terminal}
+    if set(statuses) - terminal:
+        raise BadQuery("status", f"archived operations are {', '.join(sorted(terminal))}")
+    after, before = one("finished_after"), one("finished_before")
+    criteria: dict[str, Any] = {
+        "status": statuses,
+        "failed_stage": one("failed_stage"),
+        "pipeline": one("pipeline"),
+        "id_prefix": one("id"),
+        "finished_after": datetime.fromtimestamp(parse_time(after, "finished_after"), UTC) if after else None,
+        "finished_before": datetime.fromtimestamp(parse_time(before, "finished_before"), UTC) if before else None,
+        "metadata": _metadata_filter(one("meta")),
+    }
+    for key in ("failed_stage", "pipeline", "id_prefix"):
+        value = criteria[key]
+        if value is not None:
+            validate_id(str(value), key.replace("_", " "))
+    form = {k: one(k) or "" for k in ARCHIVE_FILTERS if k != "status"}
+    return ArchiveQuery(criteria, statuses, form, one("page_token"))
