@@ -1,4 +1,4 @@
-"""Turning untrusted values into display text, and small formatting helpers for templates.
+"""Display text for templates: untrusted values (``show``), durations, ages, times.
 
 Everything read from the bucket or the archive is untrusted: other services wrote it.
 ``show`` is the one function that turns such a value into text. It returns a plain str

@@ -1,6 +1,6 @@
 """Operation keys in age order, kept in blocks: cheap inserts and removals anywhere.
 
-The dashboard's index keeps one such order over every live operation and one per status,
+The summary store (``dashboard.store``) keeps one such order over every live operation and one per status,
 pipeline, worker and (stage, stage status); a filtered list walks the narrowest of them.
 """
 

@@ -1,8 +1,11 @@
-"""The Jinja2 environment (autoescape on) and the one way handlers render HTML.
+"""The template renderer: the one Jinja2 environment (autoescape on) and ``Renderer``, which handlers render with.
 
-Handlers render templates themselves (rather than returning Litestar ``Template``
-responses) so the render time is measured for /metrics and the benchmark, and so one
-environment with one set of filters serves pages, fragments and error pages.
+The environment's filters are the display functions of ``dashboard.formatting``
+(``show`` for every untrusted value, durations, ages, times) and ``segment`` for URL
+path segments; its globals are the vendored htmx versions. Handlers render through
+``Renderer.response`` (rather than returning Litestar ``Template`` responses) so the
+time of context building plus rendering is measured for /metrics and the benchmark,
+and so one environment serves pages, fragments and error pages alike.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ def template_directory() -> Path:
 
 
 def make_environment(directory: Path | None = None) -> jinja2.Environment:
-    """The dashboard's Jinja2 environment. Autoescape is on for every template (SUBSTRATE.md pitfall)."""
+    """The dashboard's Jinja2 environment, autoescape on for every template.
+
+    Set here because an environment built by hand (or handed to Litestar's engine) keeps
+    Jinja2's default, autoescape off.
+    """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(directory or template_directory()),
         autoescape=True,

@@ -1,4 +1,4 @@
-"""Pure pieces: the untrusted-value renderer, settings from the environment, filters, the broadcaster."""
+"""Pure pieces: untrusted values on display (dashboard.formatting), settings, filters, the broadcaster."""
 
 from __future__ import annotations
 
