@@ -71,6 +71,7 @@ from kvstate.machine import Decision, apply_event, new_operation
 from kvstate.model import JSONObject, Operation, OpStatus, Outcome, StageStatus, UpdateResult
 from kvstate.pipeline import Pipeline
 from kvstate.settings import Settings
+from kvstate.tracing import trace_id_from
 from kvstate.watch import Watcher
 
 __all__ = ["Client", "Revision"]
@@ -332,11 +333,13 @@ class Client:
         op_id: str | None = None,
         metadata: JSONObject | None = None,
         event_id: str | None = None,
+        traceparent: str | None = None,
     ) -> Operation:
         """Create a pending operation of ``pipeline``; returns it with its revision.
 
         ``op_id`` defaults to a new ULID. When the id exists: with the same ``event_id``
         (a retried creation) the existing operation is returned, otherwise OperationExists.
+        ``traceparent`` (W3C, or a bare trace id) records the trace the operation began in.
         """
         store = self._open_store()
         definition = await self.pipeline(pipeline)
@@ -345,7 +348,7 @@ class Client:
         given_event = event_id
         event_id = event_id or new_ulid()
         initial = normalize_json_object(metadata) if metadata is not None else {}
-        op = new_operation(op_id, definition, utcnow(), initial, event_id)
+        op = new_operation(op_id, definition, utcnow(), initial, event_id, traceparent)
         data = encode_operation(op, self.settings.max_value_size)
         give_up = time.monotonic() + self.settings.deadline
         attempt = 0
@@ -439,11 +442,16 @@ class Client:
         attempt: int | None = None,
         metadata: JSONObject | None = None,
         event_id: str | None = None,
+        traceparent: str | None = None,
     ) -> UpdateResult:
         """An attempt of ``stage`` began (``attempt`` defaults to the next one); ``metadata``
-        is merged into the stage's own namespace."""
+        is merged into the stage's own namespace; ``traceparent`` records the attempt's trace."""
         patch = normalize_json_object(metadata) if metadata is not None else None
-        event = StartStage(stage=stage, worker=worker, attempt=attempt, metadata=patch, **_eid(event_id))
+        if traceparent is not None:
+            trace_id_from(traceparent)  # ValidationError before anything is sent
+        event = StartStage(
+            stage=stage, worker=worker, attempt=attempt, metadata=patch, traceparent=traceparent, **_eid(event_id)
+        )
         return await self.apply(op_id, event)
 
     async def heartbeat(

@@ -32,11 +32,12 @@ class _Base(msgspec.Struct, kw_only=True, frozen=True, tag_field="type", omit_de
 
 class StartStage(_Base, tag="start", frozen=True):
     """An attempt of ``stage`` began. ``attempt`` defaults to the next one; ``metadata`` is
-    merged into the stage's namespace."""
+    merged into the stage's namespace; ``traceparent`` (W3C) records the attempt's trace."""
 
     stage: str
     attempt: int | None = None
     metadata: JSONObject | None = None
+    traceparent: str | None = None
 
 
 class Heartbeat(_Base, tag="heartbeat", frozen=True):

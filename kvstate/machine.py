@@ -40,6 +40,7 @@ from kvstate.model import (
     Transition,
 )
 from kvstate.pipeline import Pipeline, StageSpec
+from kvstate.tracing import trace_id_from
 
 __all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_stages"]
 
@@ -57,9 +58,14 @@ class Decision(NamedTuple):
 
 
 def new_operation(
-    op_id: str, pipeline: Pipeline, now: datetime, metadata: JSONObject | None = None, event_id: str | None = None
+    op_id: str,
+    pipeline: Pipeline,
+    now: datetime,
+    metadata: JSONObject | None = None,
+    event_id: str | None = None,
+    traceparent: str | None = None,
 ) -> Operation:
-    """A fresh, pending operation of ``pipeline`` with every stage waiting."""
+    """A fresh, pending operation of ``pipeline`` with every stage waiting (in the trace of ``traceparent``)."""
     return Operation(
         schema=SCHEMA_VERSION,
         id=op_id,
@@ -72,6 +78,7 @@ def new_operation(
         origin=event_id,
         history=[Transition(at=now, to=OpStatus.PENDING.value, event=event_id)],
         events=[event_id] if event_id else [],
+        trace_id=trace_id_from(traceparent) if traceparent is not None else None,
     )
 
 
@@ -173,6 +180,7 @@ def _start(
         started_at=now,
         heartbeat_at=now,
         metadata=_merged(current.metadata, event.metadata),
+        trace_id=trace_id_from(event.traceparent) if event.traceparent is not None else None,
     )
     return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
 

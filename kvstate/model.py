@@ -101,6 +101,8 @@ class StageState(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     heartbeat_at: datetime | None = None
     error: StageError | None = None
     metadata: JSONObject = {}
+    trace_id: str | None = None
+    """the W3C trace id the latest attempt ran in, when its start carried one"""
 
     @property
     def duration(self) -> float | None:
@@ -154,6 +156,8 @@ class Operation(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     origin: str | None = None
     history: list[Transition] = []
     events: list[str] = []
+    trace_id: str | None = None
+    """the W3C trace id the operation was created in, when its creation carried one"""
     revision: int = 0
 
     @property

@@ -7,7 +7,7 @@ commit (docs/state-format.md#writing-from-any-language has the wire format):
 
     request  kvstate.<bucket>.apply.<operation id>   body: one event, the tagged JSON of kvstate.events
                                                      header If-Match: <revision> (optional)
-    request  kvstate.<bucket>.create.<pipeline>      body: {"op_id"?, "metadata"?, "event_id"?}
+    request  kvstate.<bucket>.create.<pipeline>      body: {"op_id"?, "metadata"?, "event_id"?, "traceparent"?}
     reply    {"outcome": "applied"|"duplicate"|"stale", "reason": ..., "revision": N, "operation": {...}}
              or {"error": {"code": "INVALID_ARGUMENT"|..., "type": "UnknownStage", "message": "..."}}
 
@@ -91,6 +91,7 @@ class CreateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     op_id: str | None = None
     metadata: JSONObject | None = None
     event_id: str | None = None
+    traceparent: str | None = None
 
 
 class _Error(msgspec.Struct, kw_only=True):
@@ -185,7 +186,11 @@ class WriteService:
             body = _checked_body(msg)
             request = _create_decoder.decode(body) if body.strip() else CreateRequest()
             op = await self._client.create(
-                pipeline, op_id=request.op_id, metadata=request.metadata, event_id=request.event_id
+                pipeline,
+                op_id=request.op_id,
+                metadata=request.metadata,
+                event_id=request.event_id,
+                traceparent=request.traceparent or (msg.headers or {}).get("traceparent"),
             )
         except KvstateError as exc:
             await self._fail(msg, exc)
