@@ -68,6 +68,7 @@ from kvstate.events import (
 )
 from kvstate.keys import OPERATION_PREFIX, PIPELINE_PREFIX, operation_key, pipeline_key, validate_id
 from kvstate.machine import Decision, apply_event, new_operation
+from kvstate.metrics import ClientMetrics
 from kvstate.model import JSONObject, Operation, OpStatus, Outcome, StageStatus, UpdateResult
 from kvstate.pipeline import Pipeline
 from kvstate.settings import Settings
@@ -112,6 +113,7 @@ class Client:
     Use it as an async context manager; it refuses use before ``__aenter__`` and after
     ``__aexit__``. Pass ``nc`` to reuse a NATS connection you own (it is then not closed).
     ``create_bucket=True`` creates the bucket when it is missing (otherwise BucketError).
+    ``metrics`` (``kvstate.metrics.ClientMetrics``) counts updates for Prometheus.
     """
 
     def __init__(
@@ -122,8 +124,12 @@ class Client:
         create_bucket: bool = False,
         name: str = "kvstate",
         cache_size: int = 10_000,
+        metrics: ClientMetrics | None = None,
     ) -> None:
         self.settings = settings or Settings()
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch(lambda: self.stats)
         self._nc = nc
         self._owns_nc = nc is None
         self._create_bucket = create_bucket
@@ -431,7 +437,16 @@ class Client:
     async def _submit(self, op_id: str, mutation: Mutation, *, alone: bool = False) -> UpdateResult:
         self._open_store()
         assert self._committer is not None
-        return await self._committer.submit(operation_key(op_id), mutation, alone=alone)
+        if self._metrics is None:
+            return await self._committer.submit(operation_key(op_id), mutation, alone=alone)
+        started = time.perf_counter()
+        try:
+            result = await self._committer.submit(operation_key(op_id), mutation, alone=alone)
+        except KvstateError:
+            self._metrics.observe("error", time.perf_counter() - started)
+            raise
+        self._metrics.observe(result.outcome.value, time.perf_counter() - started)
+        return result
 
     async def start(
         self,
