@@ -52,6 +52,7 @@ from kvstate import (
     StaleUpdate,
     ValidationError,
 )
+from kvstate.backoff import Backoff
 
 __all__ = ["PERMANENT", "TRANSIENT", "Verdict", "backoff", "verdict"]
 
@@ -95,12 +96,11 @@ BACKOFF_BASE = 0.5
 """Seconds before the first retry."""
 BACKOFF_CAP = 15.0
 """Longest wait between two tries: a leader election takes 4-9 s, a NATS restart a few."""
+_BACKOFF = Backoff(first=BACKOFF_BASE, cap=BACKOFF_CAP)
 
 
 def backoff(tries: int, rng: random.Random | None = None) -> float:
     """Seconds to wait after ``tries`` failed tries (1, 2, ...): doubling from
     ``BACKOFF_BASE`` up to ``BACKOFF_CAP``, then a random share of it between half and all,
     so services that failed together do not all come back in the same instant."""
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2.0 ** (max(1, tries) - 1))
-    jitter = rng.uniform(0.5, 1.0) if rng is not None else random.uniform(0.5, 1.0)
-    return ceiling * jitter
+    return _BACKOFF.delay(tries, rng)

@@ -23,7 +23,6 @@ it since).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from kvstate._kv import KvStore
+from kvstate.backoff import Backoff
 from kvstate.codec import decode_operation, encode_operation
 from kvstate.errors import (
     ClientClosedError,
@@ -55,11 +55,11 @@ Mutation = Callable[[Operation, Pipeline], Decision]
 PipelineResolver = Callable[[str], Awaitable[Pipeline]]
 PipelineCache = dict[str, Pipeline]
 
-_BACKOFF_BASE = 0.001
-_BACKOFF_CAP = 0.1
+_CONFLICT_BACKOFF = Backoff(first=0.002, cap=0.1, jitter=1.0)
+"""after a conflict: the other writer is done in a millisecond or two"""
+_TRANSIENT_BACKOFF = Backoff(first=0.04, cap=1.0)
+"""after a timeout, a lost connection or a stream without a leader (elections take seconds)"""
 _LANDED = "applied by this call's earlier write, whose acknowledgement was lost"
-_TRANSIENT_BACKOFF_BASE = 0.02
-_TRANSIENT_BACKOFF_CAP = 1.0
 
 
 class RevisionCache:
@@ -294,7 +294,7 @@ class GroupCommitter:
                     for item in batch:
                         item.resolve(None, error)
                     return
-                await asyncio.sleep(random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt)))
+                await asyncio.sleep(_CONFLICT_BACKOFF.delay(attempt))
                 continue
             except KvstateError as exc:  # ValueTooLarge, InvalidMetadata: the batch as written is refused
                 for item in batch:
@@ -315,7 +315,7 @@ class GroupCommitter:
     async def _transient_pause(self, transient: int, give_up: float) -> None:
         """Jittered exponential backoff before retrying a transient failure, never past ``give_up``."""
         self.transient_retries += 1
-        wait = random.uniform(0.5, 1.0) * min(_TRANSIENT_BACKOFF_CAP, _TRANSIENT_BACKOFF_BASE * 2**transient)
+        wait = _TRANSIENT_BACKOFF.delay(transient)
         await asyncio.sleep(max(0.0, min(wait, give_up - time.monotonic())))
 
     @staticmethod

@@ -30,6 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from kvstate.backoff import Backoff
 from kvstate.errors import (
     BucketError,
     BucketNotFound,
@@ -50,10 +51,8 @@ _SCAN_RESTARTS = 5
 _PIPELINE_WINDOW = 1024
 """``remove_many``: removals sent before waiting for their acks (the next window waits for these)."""
 _STATUS = "Status"
-_RETRY_FIRST = 0.05
-"""seconds before the first retry of a request nobody answered (then doubling)"""
-_RETRY_CAP = 1.0
-"""longest wait between two retries of a request nobody answered"""
+_UNANSWERED_BACKOFF = Backoff(first=0.05, cap=1.0)
+"""between two tries of a request nobody answered (a stream electing its leader takes seconds)"""
 
 T = TypeVar("T")
 
@@ -487,7 +486,7 @@ class KvStore:
         # every update takes.
         subject = self._prefix + key
         give_up: float | None = None
-        delay = _RETRY_FIRST
+        tries = 0
         while True:
             try:
                 reply = await self.nc.request(subject, value, timeout=self.timeout, headers=headers)
@@ -502,8 +501,8 @@ class KvStore:
                         f"no stream leader answered a write of {key!r} within {self.deadline:g}s "
                         "(KVSTATE_DEADLINE): a leader election that has not ended, or the bucket was deleted"
                     ) from exc
-                await asyncio.sleep(min(delay, give_up - now))
-                delay = min(delay * 2, _RETRY_CAP)
+                tries += 1
+                await asyncio.sleep(min(_UNANSWERED_BACKOFF.delay(tries), give_up - now))
             except Exception:
                 with nats_errors(key, last, bucket_known=True):  # a try block costs nothing until something is raised
                     raise
@@ -527,7 +526,7 @@ class KvStore:
         """``read()``, asked again with backoff while NATS cannot answer it (ConnectionLostError),
         until ``deadline`` seconds have passed: a read changes nothing, so retrying is safe."""
         give_up = time.monotonic() + self.deadline
-        delay = _RETRY_FIRST
+        tries = 0
         while True:
             try:
                 return await read()
@@ -535,8 +534,8 @@ class KvStore:
                 now = time.monotonic()
                 if now >= give_up or self.nc.is_closed:
                     raise
-                await asyncio.sleep(min(delay, give_up - now))
-                delay = min(delay * 2, _RETRY_CAP)
+                tries += 1
+                await asyncio.sleep(min(_UNANSWERED_BACKOFF.delay(tries), give_up - now))
 
 
 def _translated(exc: Exception, key: str, last: int | None = None) -> KvstateError:

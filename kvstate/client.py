@@ -34,6 +34,7 @@ from kvstate._committer import GroupCommitter, Mutation, RevisionCache
 from kvstate._connection import Connection
 from kvstate._kv import BucketConfig, KvStore, nats_errors
 from kvstate._time import new_ulid, utcnow
+from kvstate.backoff import Backoff
 from kvstate.codec import (
     decode_operation,
     decode_pipeline,
@@ -78,6 +79,9 @@ from kvstate.watch import Watcher
 __all__ = ["Client", "Revision"]
 
 log = logging.getLogger("kvstate.client")
+
+_TRANSIENT_BACKOFF = Backoff(first=0.1, cap=1.0)
+"""between two tries of a creation NATS did not answer"""
 
 MIN_SERVER_VERSION = (2, 11, 0)
 MIN_NATS_PY_VERSION = (2, 15, 0)
@@ -374,7 +378,7 @@ class Client:
                 # It may have landed: the next attempt then conflicts and finds our event id.
                 if time.monotonic() >= give_up:
                     raise
-                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+                await asyncio.sleep(_TRANSIENT_BACKOFF.delay(attempt))
         created = _with_revision(op, revision)
         self._cache.remember(key, created)
         return created
