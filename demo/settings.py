@@ -1,8 +1,8 @@
 """Settings of the demo pipeline (``kvstate demo``), built once at the process edge.
 
 Like ``kvstate.settings.Settings``: ``DemoSettings.from_env(os.environ)`` parses the
-variables below, ``ENV`` maps each field to its variable (``env_variables`` reads it),
-and the kvstate client's own variables (``NATS_URL``, ``KVSTATE_BUCKET``, ...) fill ``kv``.
+variables its fields declare (``kvstate.settings.setting``), and the kvstate client's own
+variables (``NATS_URL``, ``KVSTATE_BUCKET``, ...) fill ``kv``.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from kvstate import ConfigurationError, Settings
-from kvstate.settings import env_value, positive_int
+from kvstate.settings import from_environ, positive_int, setting, setting_specs
 
 __all__ = ["DemoSettings"]
 
@@ -63,55 +62,40 @@ def _subject(raw: str) -> str:
 class DemoSettings:
     """How hard the demo drives the pipeline, and how badly its services behave.
 
-    ========================= ============ ==================================================
-    variable                  default      meaning
-    ========================= ============ ==================================================
-    DEMO_RATE                 5            new operations per second (0: workers only)
-    DEMO_DURATION             0            seconds to generate for; 0 runs until stopped
-    DEMO_LATENCY_SCALE        1.0          multiplies every simulated stage latency
-    DEMO_FAILURE_RATE         1.0          multiplies every transient failure probability
-    DEMO_POISON_RATE          0.02         share of inputs that fail for good
-    DEMO_STUCK_RATE           0.002        share of attempts whose worker hangs silently
-    DEMO_CHAOS_RATE           0.05         share of attempts replayed late (redelivery)
-    DEMO_CONCURRENCY          32           messages one service works on at once
-    DEMO_MAX_IN_FLIGHT        500          the generator waits above this many live ops
-    DEMO_DRAIN_TIMEOUT        60           seconds to wait for live ops after generating
-    DEMO_SEED                 (random)     seed of the random choices, for repeatable runs
-    DEMO_STREAM               DEMO_WORK    the JetStream work-queue stream
-    DEMO_SUBJECT_PREFIX       demo.work    work subjects are PREFIX.<stage>
-    ========================= ============ ==================================================
+    Each field is declared once with ``kvstate.settings.setting`` (variable, default, parser,
+    meaning); docs/operations.md#configuration holds the table rendered from them. The kvstate
+    client's own variables (``NATS_URL``, ``KVSTATE_BUCKET``, ...) fill ``kv``.
     """
 
     kv: Settings = field(default_factory=Settings)
-    rate: float = 5.0
-    duration: float = 0.0
-    latency_scale: float = 1.0
-    failure_rate: float = 1.0
-    poison_rate: float = 0.02
-    stuck_rate: float = 0.002
-    chaos_rate: float = 0.05
-    concurrency: int = 32
-    max_in_flight: int = 500
-    drain_timeout: float = 60.0
-    seed: int | None = None
-    stream: str = "DEMO_WORK"
-    subject_prefix: str = "demo.work"
-
-    ENV: ClassVar[dict[str, str]] = {
-        "rate": "DEMO_RATE",
-        "duration": "DEMO_DURATION",
-        "latency_scale": "DEMO_LATENCY_SCALE",
-        "failure_rate": "DEMO_FAILURE_RATE",
-        "poison_rate": "DEMO_POISON_RATE",
-        "stuck_rate": "DEMO_STUCK_RATE",
-        "chaos_rate": "DEMO_CHAOS_RATE",
-        "concurrency": "DEMO_CONCURRENCY",
-        "max_in_flight": "DEMO_MAX_IN_FLIGHT",
-        "drain_timeout": "DEMO_DRAIN_TIMEOUT",
-        "seed": "DEMO_SEED",
-        "stream": "DEMO_STREAM",
-        "subject_prefix": "DEMO_SUBJECT_PREFIX",
-    }
+    rate: float = setting("DEMO_RATE", 5.0, _non_negative, "new orders per second (0: run the workers only)")
+    duration: float = setting("DEMO_DURATION", 0.0, _non_negative, "seconds to feed new orders (0: until stopped)")
+    latency_scale: float = setting("DEMO_LATENCY_SCALE", 1.0, _positive, "multiplies every simulated service latency")
+    failure_rate: float = setting(
+        "DEMO_FAILURE_RATE", 1.0, _non_negative, "multiplies every simulated failure probability"
+    )
+    poison_rate: float = setting("DEMO_POISON_RATE", 0.02, _probability, "share of orders that fail for good")
+    stuck_rate: float = setting(
+        "DEMO_STUCK_RATE", 0.002, _probability, "share of attempts whose worker stops heartbeating"
+    )
+    chaos_rate: float = setting(
+        "DEMO_CHAOS_RATE",
+        0.05,
+        _probability,
+        "share of messages redelivered or copied late (exercises duplicate and stale protection)",
+    )
+    concurrency: int = setting("DEMO_CONCURRENCY", 32, positive_int, "messages each service works on at once")
+    max_in_flight: int = setting(
+        "DEMO_MAX_IN_FLIGHT", 500, positive_int, "orders in the pipeline at most (the feeder waits)"
+    )
+    drain_timeout: float = setting(
+        "DEMO_DRAIN_TIMEOUT", 60.0, _non_negative, "seconds to let orders finish after the feed stops"
+    )
+    seed: int | None = setting("DEMO_SEED", None, _seed, "random seed (unset: random)", shown_default="unset")
+    stream: str = setting("DEMO_STREAM", "DEMO_WORK", _stream, "JetStream work-queue stream of the demo")
+    subject_prefix: str = setting(
+        "DEMO_SUBJECT_PREFIX", "demo.work", _subject, "subject prefix of the demo's work queues"
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -126,27 +110,12 @@ class DemoSettings:
             "max_in_flight": self.max_in_flight >= 1,
             "drain_timeout": self.drain_timeout >= 0,
         }
+        specs = setting_specs(DemoSettings)
         for name, ok in checks.items():
             if not ok:
-                raise ConfigurationError(f"{self.ENV[name]}={getattr(self, name)!r} is out of range")
+                raise ConfigurationError(f"{specs[name].env}={getattr(self, name)!r} is out of range")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DemoSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
-        d = cls.ENV
-        return cls(
-            kv=Settings.from_env(environ),
-            rate=env_value(environ, d["rate"], cls.rate, _non_negative),
-            duration=env_value(environ, d["duration"], cls.duration, _non_negative),
-            latency_scale=env_value(environ, d["latency_scale"], cls.latency_scale, _positive),
-            failure_rate=env_value(environ, d["failure_rate"], cls.failure_rate, _non_negative),
-            poison_rate=env_value(environ, d["poison_rate"], cls.poison_rate, _probability),
-            stuck_rate=env_value(environ, d["stuck_rate"], cls.stuck_rate, _probability),
-            chaos_rate=env_value(environ, d["chaos_rate"], cls.chaos_rate, _probability),
-            concurrency=env_value(environ, d["concurrency"], cls.concurrency, positive_int),
-            max_in_flight=env_value(environ, d["max_in_flight"], cls.max_in_flight, positive_int),
-            drain_timeout=env_value(environ, d["drain_timeout"], cls.drain_timeout, _non_negative),
-            seed=env_value(environ, d["seed"], cls.seed, _seed),
-            stream=env_value(environ, d["stream"], cls.stream, _stream),
-            subject_prefix=env_value(environ, d["subject_prefix"], cls.subject_prefix, _subject),
-        )
+        return from_environ(cls, environ, kv=Settings.from_env(environ))

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, ClassVar
+from typing import IO
 
 import asyncpg
 
@@ -42,7 +42,7 @@ from demo.errors import StackError
 from demo.runner import load_pipeline
 from kvstate import Client, KvstateError, Settings
 from kvstate.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
-from kvstate.settings import env_value
+from kvstate.settings import from_environ, setting, setting_specs
 
 __all__ = ["StackSettings", "register"]
 
@@ -76,56 +76,53 @@ def _optional(raw: str) -> str | None:
 class StackSettings:
     """Where the local stack keeps its data and which ports it uses.
 
-    ========================= ================ ===============================================
-    variable                  default          meaning
-    ========================= ================ ===============================================
-    KVSTATE_STATE_DIR         .state           data of nats-server and PostgreSQL, logs, pids
-    NATS_URL                  (start one)      use this NATS instead of starting nats-server
-    DATABASE_URL              (start one)      use this PostgreSQL instead of starting one
-    KVSTATE_NATS_PORT         4222             port of the nats-server we start (another if taken)
-    KVSTATE_POSTGRES_PORT     5432             port of the PostgreSQL we start (another if taken)
-    KVSTATE_SYNC_INTERVAL     1s               nats-server fsync interval (``always``: every write)
-    DASHBOARD_HOST            127.0.0.1        where the dashboard listens
-    DASHBOARD_PORT            8000             dashboard port (another if taken and not set)
-    ========================= ================ ===============================================
+    Each field is declared once with ``kvstate.settings.setting``; docs/operations.md holds
+    the table rendered from them.
     """
 
-    state_dir: Path = Path(".state")
-    nats_url: str | None = None
-    database_url: str | None = None
-    nats_port: int = 4222
-    postgres_port: int = 5432
-    sync_interval: str = "1s"
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = 8000
+    state_dir: Path = setting(
+        "KVSTATE_STATE_DIR", Path(".state"), Path, "where `kvstate up` keeps NATS and PostgreSQL data"
+    )
+    nats_url: str | None = setting(
+        "NATS_URL",
+        None,
+        _optional,
+        "NATS server(s), comma-separated; for `kvstate up`: use this server instead of starting one",
+        shown_default="unset",
+    )
+    database_url: str | None = setting(
+        "DATABASE_URL",
+        None,
+        _optional,
+        "PostgreSQL of the archive (archiver: required; dashboard: optional, enables archive pages; "
+        "`kvstate up`: use this server instead of starting one)",
+        shown_default="unset",
+    )
+    nats_port: int = setting(
+        "KVSTATE_NATS_PORT", 4222, _port, "port of the nats-server `kvstate up` starts (another free one if taken)"
+    )
+    postgres_port: int = setting(
+        "KVSTATE_POSTGRES_PORT",
+        5432,
+        _port,
+        "port of the PostgreSQL `kvstate up` starts (another free one if taken)",
+    )
+    sync_interval: str = setting(
+        "KVSTATE_SYNC_INTERVAL",
+        "1s",
+        _sync_interval,
+        "`sync_interval` of the nats-server `kvstate up` starts (`always` for strict durability)",
+    )
+    dashboard_host: str = setting("DASHBOARD_HOST", "127.0.0.1", str, "address the dashboard listens on")
+    dashboard_port: int = setting("DASHBOARD_PORT", 8000, _port, "port the dashboard listens on")
     dashboard_port_fixed: bool = field(default=False, compare=False)
-
-    ENV: ClassVar[dict[str, str]] = {
-        "state_dir": "KVSTATE_STATE_DIR",
-        "nats_url": "NATS_URL",
-        "database_url": "DATABASE_URL",
-        "nats_port": "KVSTATE_NATS_PORT",
-        "postgres_port": "KVSTATE_POSTGRES_PORT",
-        "sync_interval": "KVSTATE_SYNC_INTERVAL",
-        "dashboard_host": "DASHBOARD_HOST",
-        "dashboard_port": "DASHBOARD_PORT",
-    }
+    """True when DASHBOARD_PORT was set: then a taken port is an error, not a reason to pick another"""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> StackSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
-        d = cls.ENV
-        return cls(
-            state_dir=env_value(environ, d["state_dir"], cls.state_dir, Path),
-            nats_url=env_value(environ, d["nats_url"], cls.nats_url, _optional),
-            database_url=env_value(environ, d["database_url"], cls.database_url, _optional),
-            nats_port=env_value(environ, d["nats_port"], cls.nats_port, _port),
-            postgres_port=env_value(environ, d["postgres_port"], cls.postgres_port, _port),
-            sync_interval=env_value(environ, d["sync_interval"], cls.sync_interval, _sync_interval),
-            dashboard_host=env_value(environ, d["dashboard_host"], cls.dashboard_host, str),
-            dashboard_port=env_value(environ, d["dashboard_port"], cls.dashboard_port, _port),
-            dashboard_port_fixed=bool(environ.get(d["dashboard_port"], "").strip()),
-        )
+        port_given = bool(environ.get(setting_specs(cls)["dashboard_port"].env, "").strip())
+        return from_environ(cls, environ, dashboard_port_fixed=port_given)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
