@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,6 +367,8 @@ class Workload:
     concurrency: int = 32
     burst: int = 1
     """operations started together (the same average rate, in bursts: a backlog for the archiver)"""
+    on_done: Callable[[OpRecord], None] | None = None
+    """called with each finished operation instead of keeping it in ``done`` (a long soak's service)"""
     done: dict[str, OpRecord] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     skipped: int = 0
@@ -385,13 +387,15 @@ class Workload:
                     return
                 await self.one_operation(i)
 
-        tasks: list[asyncio.Task[None]] = []
+        running: set[asyncio.Task[None]] = set()
         for i in range(self.count):
             delay = start + (i - i % self.burst) * interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.gather(*tasks)
+            task = asyncio.create_task(one(i))
+            running.add(task)
+            task.add_done_callback(running.discard)  # finished tasks are not kept
+        await asyncio.gather(*running)
 
     async def one_operation(self, i: int) -> OpRecord | None:
         """Create one operation and run it to success; its record, or None after an error (recorded)."""
@@ -406,7 +410,10 @@ class Workload:
                 self.errors.append(f"{op.id}: not finished after its last stage ({result.operation.status})")
                 return None
             record = OpRecord(op.id, result.revision, time.time())
-            self.done[op.id] = record
+            if self.on_done is not None:
+                self.on_done(record)
+            else:
+                self.done[op.id] = record
             return record
         except KvstateError as exc:
             self.errors.append(f"operation {i}: {type(exc).__name__}: {exc}")
