@@ -20,6 +20,7 @@ from demo.errors import DemoError
 from demo.runner import DemoReport, load_pipeline, run_demo
 from demo.settings import DemoSettings
 from kvstate import Pipeline
+from kvstate.settings import environ_with
 
 __all__ = ["register"]
 
@@ -61,11 +62,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The ``kvstate demo`` handler: 0 when every operation finished, 1 otherwise, 2 on bad settings."""
-    env = dict(environ)
-    for option, variable in _OPTION_ENV.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            env[variable] = str(value)
+    env = environ_with(environ, {variable: getattr(args, option, None) for option, variable in _OPTION_ENV.items()})
     settings = DemoSettings.from_env(env)  # ConfigurationError -> exit 2 in kvstate.cli
     services = [s.strip() for s in args.services.split(",") if s.strip()] if args.services else None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -42,7 +42,7 @@ from demo.errors import StackError
 from demo.runner import load_pipeline
 from kvstate import Client, KvstateError, Settings
 from kvstate.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
-from kvstate.settings import from_environ, setting, setting_specs
+from kvstate.settings import environ_with, from_environ, setting, setting_specs
 
 __all__ = ["StackSettings", "register"]
 
@@ -142,10 +142,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The ``kvstate up`` handler: 0 after a clean stop, 1 when a component failed, 2 on bad settings."""
-    env = dict(environ)
-    overrides = {"KVSTATE_STATE_DIR": args.state_dir, "DASHBOARD_PORT": args.dashboard_port, "NATS_URL": args.nats_url}
-    overrides["DEMO_RATE"] = args.rate
-    env.update({name: str(value) for name, value in overrides.items() if value is not None})
+    options = {
+        "KVSTATE_STATE_DIR": args.state_dir,
+        "DASHBOARD_PORT": args.dashboard_port,
+        "NATS_URL": args.nats_url,
+        "DEMO_RATE": args.rate,
+    }
+    env = environ_with(environ, options)
     settings = StackSettings.from_env(env)  # ConfigurationError -> exit 2 in kvstate.cli
     stack = Stack(settings, env, demo=not args.no_demo, out=sys.stdout)
     try:

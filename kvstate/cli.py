@@ -40,7 +40,7 @@ from kvstate.errors import (
 from kvstate.model import Operation, OpStatus
 from kvstate.pipeline import Pipeline
 from kvstate.service import QUEUE_GROUP, WriteService
-from kvstate.settings import Settings
+from kvstate.settings import Settings, environ_with
 from kvstate.watch import Change
 
 __all__ = ["ENTRY_POINT_GROUP", "build_parser", "main"]
@@ -128,12 +128,8 @@ async def _with_client(
 
 
 def _settings(environ: Mapping[str, str], args: argparse.Namespace) -> Settings:
-    env = dict(environ)
-    if getattr(args, "nats_url", None):
-        env["NATS_URL"] = args.nats_url
-    if getattr(args, "bucket", None):
-        env["KVSTATE_BUCKET"] = args.bucket
-    return Settings.from_env(env)
+    options = {"NATS_URL": getattr(args, "nats_url", None), "KVSTATE_BUCKET": getattr(args, "bucket", None)}
+    return Settings.from_env(environ_with(environ, options))
 
 
 # ---------------------------------------------------------------- built-in commands

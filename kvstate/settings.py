@@ -7,7 +7,7 @@ the variables below; every one has a documented default (README, docs/operations
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
 from kvstate.errors import ConfigurationError
@@ -20,7 +20,6 @@ __all__ = [
     "env_variables",
     "from_environ",
     "non_negative_float",
-    "overridden",
     "positive_float",
     "positive_int",
     "setting",
@@ -137,14 +136,16 @@ def from_environ(settings_type: type[S], environ: Mapping[str, str], **given: ob
     return settings_type(**values)
 
 
-def overridden(settings: S, **overrides: object) -> S:
-    """``settings`` with the fields named in ``overrides`` replaced, skipping those given as None.
+def environ_with(environ: Mapping[str, str], options: Mapping[str, object | None]) -> dict[str, str]:
+    """``environ`` with command-line ``options`` laid over it, by variable name.
 
     The one way a command applies its options over the environment: an option left unset
-    (None) keeps what the environment said.
+    (None or "") keeps what the environment says, a given one replaces its variable, and the
+    settings class then parses and checks both alike (``from_env`` of the result).
     """
-    chosen = {name: value for name, value in overrides.items() if value is not None}
-    return replace(settings, **chosen) if chosen else settings  # type: ignore[type-var]
+    merged = dict(environ)
+    merged.update({name: str(value) for name, value in options.items() if value is not None and value != ""})
+    return merged
 
 
 def settings_table(settings_type: type) -> str:
