@@ -18,6 +18,7 @@ __all__ = [
     "Settings",
     "env_value",
     "env_variables",
+    "environ_with",
     "from_environ",
     "non_negative_float",
     "positive_float",
