@@ -198,119 +198,107 @@ class GroupCommitter:
             del self._queues[key]
 
     async def _run(self, key: str, batch: list[_Item], pending: list[_Item]) -> None:
-        attempt = 0
-        transient = 0
-        give_up = time.monotonic() + self._deadline
-        last_revision: int | None = None
-        checked_with_leader = False
-        pipeline_reloaded = False
+        """Read, decide and write ``batch`` (and what queues up meanwhile) until every item has its answer."""
+        run = _Run(give_up=time.monotonic() + self._deadline)
         while True:
-            attempt += 1
+            run.attempt += 1
             batch.extend(pending)
             pending.clear()
             try:
-                cached = self._cache.get(key) if attempt == 1 else None
-                from_leader = False
-                if cached is None:
-                    from_leader = checked_with_leader or attempt > 2
-                    entry = await self._store.get(key, leader=from_leader)
-                    if entry is None or entry.value is None:
-                        op_id = operation_id_from_key(key) or key
-                        for item in batch:
-                            item.resolve(None, OperationNotFound(op_id))
-                        return
-                    cached = decode_operation(key, entry.revision, entry.value)
-                    self._cache.remember(key, cached)
-                current = cached
-                last_revision = current.revision
-                pipeline = self._pipelines.get(current.pipeline) or await self._resolve_pipeline(current.pipeline)
+                read = await self._read(key, run)
             except ConnectionLostError as exc:
-                if time.monotonic() >= give_up:
-                    for item in batch:
-                        item.resolve(None, exc)
+                if not await self._pause_or_give_up(batch, exc, run):
                     return
-                transient += 1
-                attempt -= 1  # a read nobody answered is no compare-and-set attempt
-                await self._transient_pause(transient, give_up)
+                run.attempt -= 1  # a read nobody answered is no compare-and-set attempt
                 continue
-            except KvstateError as exc:
+            except KvstateError as exc:  # OperationNotFound, CorruptValue, UnknownPipeline
                 for item in batch:
                     item.resolve(None, exc)
                 return
-            state = current
-            for item in batch:
-                item.deferred = item.alone and state is not current
-                if item.deferred:
-                    item.decision = None  # goes first in the next write, on the revision this one stores
-                    continue
-                try:
-                    decision = item.mutation(state, pipeline)
-                except Exception as exc:  # noqa: BLE001 - typed refusals, or anything a caller's update(fn) raises
-                    item.decision = exc
-                    continue
-                if item.maybe_landed and decision.outcome is Outcome.DUPLICATE:
-                    # Our own earlier write landed; only its acknowledgement was lost.
-                    decision = Decision(Outcome.APPLIED, decision.operation, _LANDED)
-                item.decision = decision
-                if decision.outcome is Outcome.APPLIED:
-                    state = decision.operation
-            if not pipeline_reloaded and any(isinstance(item.decision, UnknownStage) for item in batch):
+            current, pipeline, from_leader = read
+            state = _decide(batch, current, pipeline)
+            if not run.pipeline_reloaded and any(isinstance(item.decision, UnknownStage) for item in batch):
                 # The pipeline may have gained the stage since this process cached it.
-                pipeline_reloaded = True
+                run.pipeline_reloaded = True
                 self._pipelines.pop(current.pipeline, None)
                 continue
-            if state is current:
-                if not from_leader and not checked_with_leader and _may_be_out_of_date(batch):
-                    checked_with_leader = True
+            if state is current:  # nothing to write
+                if not from_leader and not run.checked_with_leader and _may_be_out_of_date(batch):
+                    run.checked_with_leader = True
                     self._cache.discard(key)
                     continue
                 self._finish(batch, current)
                 return
-            try:
-                data = encode_operation(state, self._max_value_size)
-                revision = await self._store.update(key, data, last_revision)
-            except ConnectionLostError as exc:
-                # The write may or may not have landed. Re-reading and re-applying is safe:
-                # an applied event is then recognised as a duplicate, which for these
-                # callers means their own write landed.
-                self._cache.discard(key)
-                for item in batch:
-                    if isinstance(item.decision, Decision) and item.decision.outcome is Outcome.APPLIED:
-                        item.maybe_landed = True
-                if time.monotonic() >= give_up:
-                    for item in batch:
-                        item.resolve(None, exc)
-                    return
-                transient += 1
-                attempt -= 1
-                await self._transient_pause(transient, give_up)
-                continue
-            except ConflictError as exc:
-                self._cache.discard(key)
-                self.conflicts += 1
-                if attempt >= self._max_attempts:
-                    error = ConflictError(key, last_revision, attempt)
-                    error.__cause__ = exc.__cause__
-                    for item in batch:
-                        item.resolve(None, error)
-                    return
-                await asyncio.sleep(_CONFLICT_BACKOFF.delay(attempt))
-                continue
-            except KvstateError as exc:  # ValueTooLarge, InvalidMetadata: the batch as written is refused
-                for item in batch:
-                    if item.deferred:
-                        continue
-                    if isinstance(item.decision, Decision) and item.decision.outcome is Outcome.APPLIED:
-                        item.resolve(None, exc)
-                    else:
-                        item.decision = item.decision if item.decision is not None else exc
-                self._finish([i for i in batch if i.error is None], current)
+            if await self._write(key, batch, state, current, run):
                 return
-            self.writes += 1
-            written = msgspec.structs.replace(state, revision=revision)
-            self._cache.remember(key, written)
-            self._finish(batch, written)
-            return
+
+    async def _read(self, key: str, run: _Run) -> tuple[Operation, Pipeline, bool]:
+        """The state to decide on (the cache's on a first attempt), its pipeline, and whether the leader answered."""
+        cached = self._cache.get(key) if run.attempt == 1 else None
+        from_leader = False
+        if cached is None:
+            from_leader = run.checked_with_leader or run.attempt > 2
+            entry = await self._store.get(key, leader=from_leader)
+            if entry is None or entry.value is None:
+                raise OperationNotFound(operation_id_from_key(key) or key)
+            cached = decode_operation(key, entry.revision, entry.value)
+            self._cache.remember(key, cached)
+        pipeline = self._pipelines.get(cached.pipeline) or await self._resolve_pipeline(cached.pipeline)
+        return cached, pipeline, from_leader
+
+    async def _write(self, key: str, batch: list[_Item], state: Operation, current: Operation, run: _Run) -> bool:
+        """Compare-and-set ``state`` over ``current``; True once every item is answered, False to go again."""
+        try:
+            data = encode_operation(state, self._max_value_size)
+            revision = await self._store.update(key, data, current.revision)
+        except ConnectionLostError as exc:
+            # The write may or may not have landed. Re-reading and re-applying is safe:
+            # an applied event is then recognised as a duplicate, which for these
+            # callers means their own write landed.
+            self._cache.discard(key)
+            for item in batch:
+                if isinstance(item.decision, Decision) and item.decision.outcome is Outcome.APPLIED:
+                    item.maybe_landed = True
+            if not await self._pause_or_give_up(batch, exc, run):
+                return True
+            run.attempt -= 1
+            return False
+        except ConflictError as exc:
+            self._cache.discard(key)
+            self.conflicts += 1
+            if run.attempt >= self._max_attempts:
+                error = ConflictError(key, current.revision, run.attempt)
+                error.__cause__ = exc.__cause__
+                for item in batch:
+                    item.resolve(None, error)
+                return True
+            await asyncio.sleep(_CONFLICT_BACKOFF.delay(run.attempt))
+            return False
+        except KvstateError as exc:  # ValueTooLarge, InvalidMetadata: the batch as written is refused
+            for item in batch:
+                if item.deferred:
+                    continue
+                if isinstance(item.decision, Decision) and item.decision.outcome is Outcome.APPLIED:
+                    item.resolve(None, exc)
+                elif item.decision is None:
+                    item.decision = exc
+            self._finish([i for i in batch if i.error is None], current)
+            return True
+        self.writes += 1
+        written = msgspec.structs.replace(state, revision=revision)
+        self._cache.remember(key, written)
+        self._finish(batch, written)
+        return True
+
+    async def _pause_or_give_up(self, batch: list[_Item], exc: ConnectionLostError, run: _Run) -> bool:
+        """Past the deadline: answer the batch with ``exc`` (False). Before it: back off, then True (retry)."""
+        if time.monotonic() >= run.give_up:
+            for item in batch:
+                item.resolve(None, exc)
+            return False
+        run.transient += 1
+        await self._transient_pause(run.transient, run.give_up)
+        return True
 
     async def _transient_pause(self, transient: int, give_up: float) -> None:
         """Jittered exponential backoff before retrying a transient failure, never past ``give_up``."""
@@ -326,6 +314,45 @@ class GroupCommitter:
                 item.resolve(None, decision)
             elif decision is not None:
                 item.resolve(UpdateResult(decision.outcome, state, decision.reason), None)
+
+
+@dataclass(slots=True)
+class _Run:
+    """Where one batch's read-decide-write loop stands."""
+
+    give_up: float
+    """monotonic time past which a transient failure is answered instead of retried"""
+    attempt: int = 0
+    """compare-and-set attempts (conflicts count, transient failures do not)"""
+    transient: int = 0
+    checked_with_leader: bool = False
+    pipeline_reloaded: bool = False
+
+
+def _decide(batch: list[_Item], current: Operation, pipeline: Pipeline) -> Operation:
+    """Apply every item's mutation in arrival order, each on the state the previous ones left;
+    record each decision on its item; return the state to write (``current`` when nothing applied).
+
+    A conditional item (``alone``) behind an applied change waits for the next write.
+    """
+    state = current
+    for item in batch:
+        item.deferred = item.alone and state is not current
+        if item.deferred:
+            item.decision = None  # goes first in the next write, on the revision this one stores
+            continue
+        try:
+            decision = item.mutation(state, pipeline)
+        except Exception as exc:  # noqa: BLE001 - typed refusals, or anything a caller's update(fn) raises
+            item.decision = exc
+            continue
+        if item.maybe_landed and decision.outcome is Outcome.DUPLICATE:
+            # Our own earlier write landed; only its acknowledgement was lost.
+            decision = Decision(Outcome.APPLIED, decision.operation, _LANDED)
+        item.decision = decision
+        if decision.outcome is Outcome.APPLIED:
+            state = decision.operation
+    return state
 
 
 def _may_be_out_of_date(batch: list[_Item]) -> bool:
