@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, generate_latest
 
 from kvstate import Client, OperationNotFound, Settings
@@ -24,10 +26,8 @@ async def test_updates_are_counted_by_outcome_with_their_latency(settings: Setti
         await kv.start(op.id, "ingest", event_id="s1")  # duplicate
         await kv.succeed(op.id, "ingest", event_id="ok")
         await kv.start(op.id, "ingest", attempt=1, event_id="late")  # stale
-        try:
+        with contextlib.suppress(OperationNotFound):
             await kv.start("nosuchop", "ingest")
-        except OperationNotFound:
-            pass
     assert sample(registry, "kvstate_client_updates_total", outcome="applied") == 2
     assert sample(registry, "kvstate_client_updates_total", outcome="duplicate") == 1
     assert sample(registry, "kvstate_client_updates_total", outcome="stale") == 1

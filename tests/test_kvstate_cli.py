@@ -135,10 +135,7 @@ def test_bucket_init_waits_for_a_server_that_starts_later(tmp_path: Path) -> Non
 
 def test_a_plug_in_without_its_extra_is_listed_with_the_extra_to_install() -> None:
     # uvicorn "not installed": what a client-only install (pip install kvstate) sees
-    script = (
-        "import sys; sys.modules['uvicorn'] = None; from kvstate.cli import main; "
-        "sys.exit(main(sys.argv[1:]))"
-    )
+    script = "import sys; sys.modules['uvicorn'] = None; from kvstate.cli import main; sys.exit(main(sys.argv[1:]))"
     listed = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0
     assert "(needs pip install 'kvstate[dashboard]')" in " ".join(listed.stdout.split())
