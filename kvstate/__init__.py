@@ -14,6 +14,10 @@ from kvstate.derive import (
     attempts,
     failed_stage,
     failure_message,
+    queued_stages,
+    ready_since,
+    sla_breached,
+    sla_due,
     stuck_checks,
     stuck_reason,
     stuck_stages,
@@ -53,6 +57,7 @@ from kvstate.events import (
     StartStage,
     SucceedStage,
 )
+from kvstate.feed import ChangeFeed, FeedMessage, FeedState
 from kvstate.machine import Decision, apply_event, derive_status, new_operation, ready_stages
 from kvstate.merge import merge_patch
 from kvstate.model import (
@@ -82,6 +87,7 @@ __all__ = [
     "Cancel",
     "CancelInfo",
     "Change",
+    "ChangeFeed",
     "Client",
     "ClientClosedError",
     "ConfigurationError",
@@ -91,6 +97,8 @@ __all__ = [
     "Decision",
     "Event",
     "FailStage",
+    "FeedMessage",
+    "FeedState",
     "Heartbeat",
     "InvalidKey",
     "InvalidMetadata",
@@ -137,7 +145,11 @@ __all__ = [
     "failure_message",
     "merge_patch",
     "new_operation",
+    "queued_stages",
+    "ready_since",
     "ready_stages",
+    "sla_breached",
+    "sla_due",
     "stuck_checks",
     "stuck_reason",
     "stuck_stages",

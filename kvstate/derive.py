@@ -6,7 +6,11 @@ can never name different stages for the same operation (docs/state-model.md#deri
 
 - ``failed_stage``: the stage whose failure failed the operation;
 - ``failure_message``: the one-line reason a failed or cancelled operation ended;
-- ``stuck_checks`` / ``stuck_stages``: when a running stage counts as stuck, and why;
+- ``stuck_checks`` / ``stuck_stages``: when a stage counts as stuck, and why: running past
+  its deadline or heartbeat, retrying with no new attempt past ``retry_after``, ready but not
+  started past ``idle_after``;
+- ``queued_stages`` / ``ready_since``: where an input waits between stages, and since when;
+- ``sla_due`` / ``sla_breached``: an operation past its pipeline's ``sla``;
 - ``attempts``: every attempt of a stage with its start, end and outcome, from the history.
 """
 
@@ -28,6 +32,10 @@ __all__ = [
     "attempts",
     "failed_stage",
     "failure_message",
+    "queued_stages",
+    "ready_since",
+    "sla_breached",
+    "sla_due",
     "stuck_checks",
     "stuck_reason",
     "stuck_stages",
@@ -85,6 +93,10 @@ class StuckKind(StrEnum):
     """running longer than its stage's ``deadline``"""
     HEARTBEAT = "heartbeat"
     """running without a heartbeat for longer than the pipeline's ``heartbeat_timeout``"""
+    RETRY = "retry"
+    """failed with a retry left, and no new attempt began within ``retry_after``"""
+    IDLE = "idle"
+    """ready (its dependencies done) and not started within ``idle_after``"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,34 +119,90 @@ class StuckStage:
 
 
 def stuck_checks(op: Operation, pipeline: Pipeline) -> list[StuckCheck]:
-    """For each running stage, the moment it becomes stuck if nothing changes, in pipeline order.
+    """For each stage that can become stuck, the moment it does if nothing changes, in pipeline order.
 
-    A stage is stuck once it runs past its ``deadline`` or goes ``heartbeat_timeout``
-    seconds without a heartbeat (its start counts as the first), whichever comes first.
-    A finished operation has nothing in flight, so nothing to check.
+    A running stage is stuck once it runs past its ``deadline`` or goes ``heartbeat_timeout``
+    seconds without a heartbeat (its start counts as the first), whichever comes first. A
+    retrying stage is stuck ``retry_after`` seconds after its failed attempt ended; a ready
+    stage ``idle_after`` seconds after it became ready (the stage's value, else the
+    pipeline's; unset: never). A finished operation has nothing in flight, so nothing to check.
     """
     if op.status.terminal:
         return []
     checks: list[StuckCheck] = []
     heartbeat_timeout = timedelta(seconds=pipeline.heartbeat_timeout)
     for spec in pipeline.stages:
-        state = op.stages.get(spec.name)
-        if state is None or state.status is not StageStatus.RUNNING or state.started_at is None:
-            continue
-        due, kind = (state.heartbeat_at or state.started_at) + heartbeat_timeout, StuckKind.HEARTBEAT
-        if spec.deadline is not None:
-            deadline = state.started_at + timedelta(seconds=spec.deadline)
-            if deadline < due:
-                due, kind = deadline, StuckKind.DEADLINE
-        checks.append(StuckCheck(spec.name, kind, due))
+        state = op.stage(spec.name)
+        if state.status is StageStatus.RUNNING and state.started_at is not None:
+            due, kind = (state.heartbeat_at or state.started_at) + heartbeat_timeout, StuckKind.HEARTBEAT
+            if spec.deadline is not None:
+                deadline = state.started_at + timedelta(seconds=spec.deadline)
+                if deadline < due:
+                    due, kind = deadline, StuckKind.DEADLINE
+            checks.append(StuckCheck(spec.name, kind, due))
+        elif state.status is StageStatus.RETRYING:
+            retry_after = _first(spec.retry_after, pipeline.retry_after)
+            failed_at = state.finished_at or state.started_at
+            if retry_after is not None and failed_at is not None:
+                checks.append(StuckCheck(spec.name, StuckKind.RETRY, failed_at + timedelta(seconds=retry_after)))
+        elif state.status is StageStatus.WAITING:
+            idle_after = _first(spec.idle_after, pipeline.idle_after)
+            since = ready_since(op, pipeline, spec.name) if idle_after is not None else None
+            if idle_after is not None and since is not None:
+                checks.append(StuckCheck(spec.name, StuckKind.IDLE, since + timedelta(seconds=idle_after)))
     return checks
 
 
 def stuck_reason(pipeline: Pipeline, stage: str, kind: StuckKind) -> str:
     """The words for ``stage`` of ``pipeline`` being stuck for ``kind``."""
+    spec = pipeline.stage(stage)
     if kind is StuckKind.DEADLINE:
-        return f"running past its {pipeline.stage(stage).deadline or 0:g}s deadline"
+        return f"running past its {spec.deadline or 0:g}s deadline"
+    if kind is StuckKind.RETRY:
+        return f"retrying, no new attempt for over {_first(spec.retry_after, pipeline.retry_after) or 0:g}s"
+    if kind is StuckKind.IDLE:
+        return f"ready, not started for over {_first(spec.idle_after, pipeline.idle_after) or 0:g}s"
     return f"no heartbeat for over {pipeline.heartbeat_timeout:g}s"
+
+
+def ready_since(op: Operation, pipeline: Pipeline, stage: str) -> datetime | None:
+    """When a waiting ``stage`` became ready to start (its last dependency finished; the
+    operation's creation when it has none), or None while it is not ready or not waiting."""
+    if op.status.terminal or op.stage(stage).status is not StageStatus.WAITING:
+        return None
+    since = op.created_at
+    for dep in pipeline.stage(stage).after:
+        state = op.stage(dep)
+        done = state.status is StageStatus.SUCCEEDED or (state.status.terminal and pipeline.stage(dep).optional)
+        if not done:
+            return None
+        since = max(since, state.finished_at or state.started_at or op.created_at)
+    return since
+
+
+def queued_stages(op: Operation, pipeline: Pipeline) -> list[tuple[str, datetime]]:
+    """Where the input waits between stages: each ready, unstarted stage with the time it became ready."""
+    found = []
+    for spec in pipeline.stages:
+        since = ready_since(op, pipeline, spec.name)
+        if since is not None:
+            found.append((spec.name, since))
+    return found
+
+
+def sla_due(op: Operation, pipeline: Pipeline) -> datetime | None:
+    """When the operation should have finished by (creation + the pipeline's ``sla``), or None without one."""
+    return None if pipeline.sla is None else op.created_at + timedelta(seconds=pipeline.sla)
+
+
+def sla_breached(op: Operation, pipeline: Pipeline, now: datetime) -> bool:
+    """True when the operation finished after its SLA, or is still unfinished past it."""
+    due = sla_due(op, pipeline)
+    return due is not None and (op.finished_at or now) > due
+
+
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
 
 
 def stuck_stages(op: Operation, pipeline: Pipeline, now: datetime) -> list[StuckStage]:

@@ -39,7 +39,9 @@ class StageSpec(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     ``after`` names the stages that must finish first (succeeded, or optional and
     finished in any way). ``deadline`` is how many seconds one attempt may run before the
     dashboard calls it stuck. ``optional`` stages may be skipped or fail without failing
-    the operation.
+    the operation. ``retry_after`` is how long a failed attempt may wait for the next one,
+    ``idle_after`` how long the stage may wait to be started once its dependencies are
+    done, before either counts as stuck (the pipeline's values when unset; none: never).
     """
 
     name: str
@@ -48,6 +50,8 @@ class StageSpec(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     max_attempts: int = 3
     deadline: float | None = None
     description: str = ""
+    retry_after: float | None = None
+    idle_after: float | None = None
 
 
 class Pipeline(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
@@ -58,6 +62,12 @@ class Pipeline(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     schema: int = PIPELINE_SCHEMA_VERSION
     heartbeat_timeout: float = 60.0
     description: str = ""
+    retry_after: float | None = None
+    """seconds a retrying stage may wait for its next attempt (stages may set their own)"""
+    idle_after: float | None = None
+    """seconds a ready stage may wait to be started (stages may set their own)"""
+    sla: float | None = None
+    """seconds from creation by which an operation should have finished"""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -130,6 +140,10 @@ def _validate(pipeline: Pipeline) -> None:
         raise InvalidPipeline(f"pipeline {pipeline.name!r} has no stages")
     if pipeline.heartbeat_timeout <= 0:
         raise InvalidPipeline("heartbeat_timeout must be positive")
+    for field_name in ("retry_after", "idle_after", "sla"):
+        value = getattr(pipeline, field_name)
+        if value is not None and not value > 0:
+            raise InvalidPipeline(f"{field_name} must be positive")
     seen: set[str] = set()
     names = {s.name for s in pipeline.stages}
     for spec in pipeline.stages:
@@ -137,8 +151,10 @@ def _validate(pipeline: Pipeline) -> None:
             raise InvalidPipeline(f"stage {spec.name!r} is defined twice")
         if spec.max_attempts < 1:
             raise InvalidPipeline(f"stage {spec.name!r}: max_attempts must be at least 1")
-        if spec.deadline is not None and spec.deadline <= 0:
-            raise InvalidPipeline(f"stage {spec.name!r}: deadline must be positive")
+        for field_name in ("deadline", "retry_after", "idle_after"):
+            value = getattr(spec, field_name)
+            if value is not None and not value > 0:
+                raise InvalidPipeline(f"stage {spec.name!r}: {field_name} must be positive")
         for dep in spec.after:
             if dep == spec.name:
                 raise InvalidPipeline(f"stage {spec.name!r} depends on itself")
