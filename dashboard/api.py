@@ -1,248 +1,77 @@
-"""The JSON API, shaped like Google's long-running Operations (google.longrunning).
+"""The JSON API, shaped like Google's long-running operations (AIP-151; resources in dashboard.resources).
 
-    GET  /api/operations/{id}          one operation: name, done, metadata, error | result; ETag = revision
+    GET  /api/operations/{id}          one operation: name, done, metadata, error | response; ETag = revision
                                        (a corrupt stored value: error code 15 DATA_LOSS, as in the list)
+    GET  /api/operations/{id}:wait     long poll (?timeout=30s, at most 60 s): the operation once done, or as
+                                       it is at the timeout with done false (not an error)
+    POST /api/operations/{id}:apply    one event (the tagged JSON of kvstate.events, at most 64 KiB) through
+                                       the state machine; Idempotency-Key = event id, If-Match = revision
+    POST /api/operations/{id}:cancel   cancel, If-Match honoured
     GET  /api/operations               filter (``status=running AND stage=geo``), page_size, page_token
-    POST /api/operations/{id}:cancel   revision-checked cancel (write token when configured;
-                                       CSRF token unless sent as Authorization: Bearer)
     GET  /api/csrf                     a CSRF token for API writes (send it back as X-CSRFToken)
     GET  /api/overview                 the overview's figures (``pipeline``), from the page's context builder
     GET  /api/archive/operations       the /archive search: its filters, page_size, page_token; 503 without
                                        an archive
 
-``metadata`` is the full operation state; ``result`` (succeeded) holds the shared and
-per-stage metadata; ``error`` (failed, cancelled) is a google.rpc.Status-like object.
-Times outside an operation's state are epoch seconds, as in the list.
+Every operation answer carries ``ETag: "<revision>"``. Writes need the write token when one is
+configured, and the CSRF token unless sent as ``Authorization: Bearer`` (dashboard.security).
+Litestar routes whole path segments, so ``{id}:method`` is one route per HTTP method that
+dispatches on the method (dashboard.methods); the OpenAPI document shows each method at its
+real path through routes on the literal paths ``/api/operations/{name}:apply`` etc., which
+only answer 400 (``{name}`` is not an operation id), as any invalid id would.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-import msgspec
 from litestar import Controller, Request, Response, get, post
-from litestar.exceptions import NotFoundException
-from litestar.params import FromPath
+from litestar.datastructures import ResponseHeader
+from litestar.enums import ParamType
+from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.openapi.spec import Operation as OpenAPIOperation
+from litestar.openapi.spec import Parameter as OpenAPIParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.utils.scope.state import ScopeState
 
 from dashboard.contexts import archive_search, banner_context, overview_context
 from dashboard.errors import BadQuery
+from dashboard.methods import (
+    APPLY_MAX_BODY,
+    MAX_WAIT,
+    cancel_reason,
+    decode_event,
+    idempotency_key,
+    if_match,
+    operation_method,
+    wait_timeout,
+)
 from dashboard.pages import Dashboard, pipeline_param, query_params
 from dashboard.query import archive_query, decode_page_token, encode_page_token, parse_filter, parse_filter_expression
+from dashboard.resources import (
+    CsrfToken,
+    ErrorBody,
+    OperationList,
+    OperationResource,
+    Overview,
+    corrupt_resource,
+    operation_resource,
+    overview_resource,
+    summary_resource,
+)
 from dashboard.security import check_write_access
-from dashboard.summary import CORRUPT, OpSummary
-from kvstate import CorruptValue, Operation, OperationNotFound, OpStatus, failure_message
-from kvstate.keys import validate_id
+from kvstate import Cancel, CorruptValue, Event, Operation, OperationNotFound, WaitTimeout
 
 __all__ = ["OperationsApi", "overview_resource"]
 
-_CODE_CANCELLED = 1  # google.rpc.Code.CANCELLED
-_CODE_ABORTED = 10  # google.rpc.Code.ABORTED: the pipeline gave up on the operation
-_CODE_DATA_LOSS = 15  # google.rpc.Code.DATA_LOSS: the stored value is corrupt
 MAX_PAGE_SIZE = 500
-
-
-class Status(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Why an operation did not succeed (google.rpc.Status)."""
-
-    code: int
-    message: str
-    details: list[dict[str, Any]] = []
-
-
-class OperationResource(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One operation (google.longrunning.Operation)."""
-
-    name: str
-    done: bool
-    metadata: dict[str, Any]
-    error: Status | None = None
-    result: dict[str, Any] | None = None
-
-
-class OperationList(msgspec.Struct, kw_only=True):
-    """One page of operations (google.longrunning.ListOperationsResponse)."""
-
-    operations: list[OperationResource]
-    next_page_token: str = ""
-
-
-class CsrfToken(msgspec.Struct, kw_only=True):
-    """A CSRF token to send back in the X-CSRFToken header of API writes."""
-
-    csrf_token: str
-    header: str = "X-CSRFToken"
-
-
-class StageFigures(msgspec.Struct, kw_only=True):
-    """One stage of the overview's DAG: live counts per status, p50/p95 over the stats window, stuck."""
-
-    name: str
-    layer: int  # 0 first; stages in the same layer run in parallel
-    counts: dict[str, int]
-    p50_seconds: float | None
-    p95_seconds: float | None
-    samples: int
-    stuck: int
-    optional: bool
-    deadline_seconds: float | None
-
-
-class MinuteCounts(msgspec.Struct, kw_only=True):
-    """Operations started and finished in one minute."""
-
-    minute: float  # epoch seconds of the minute's start
-    started: int
-    finished: int
-
-
-class Throughput(msgspec.Struct, kw_only=True):
-    """The overview's throughput chart: the last minutes, and the mean of the last five."""
-
-    started_per_minute: float
-    finished_per_minute: float
-    minutes: list[MinuteCounts]
-
-
-class StuckStage(msgspec.Struct, kw_only=True):
-    """A running stage past its deadline or without a heartbeat."""
-
-    id: str
-    pipeline: str
-    stage: str
-    reason: str
-    since: float
-
-
-class RecentFailure(msgspec.Struct, kw_only=True):
-    """An operation that failed recently."""
-
-    id: str
-    pipeline: str
-    stage: str | None
-    message: str
-    at: float
-
-
-class Overview(msgspec.Struct, kw_only=True):
-    """The figures of the overview page (``/``) for one pipeline."""
-
-    pipeline: str | None
-    pipelines: list[str]
-    operations_in_bucket: int
-    total: int  # operations of the selected pipeline
-    totals: dict[str, int]  # by operation status
-    stages: list[StageFigures]
-    throughput: Throughput
-    stuck_total: int
-    stuck: list[StuckStage]  # the longest stuck first, at most 20
-    recent_failures: list[RecentFailure]  # newest first
-    stats_window_seconds: float
-    nats_connected: bool
-    disconnected_since: float | None
-    index_ready: bool
-
-
-def overview_resource(context: dict[str, Any]) -> Overview:
-    """The overview page's context (``overview_context`` plus ``banner_context``) as JSON-ready values."""
-    pipeline = context["pipeline"]
-    return Overview(
-        pipeline=pipeline.name if pipeline is not None else None,
-        pipelines=context["pipelines"],
-        operations_in_bucket=context["operations_in_bucket"],
-        total=context["total"],
-        totals=dict(context["totals"]),
-        stages=[
-            StageFigures(
-                name=stage.name,
-                layer=layer["depth"],
-                counts={status.value: stage.counts[status] for status in context["stage_count_order"]},
-                p50_seconds=stage.p50,
-                p95_seconds=stage.p95,
-                samples=stage.samples,
-                stuck=stage.stuck,
-                optional=stage.optional,
-                deadline_seconds=stage.deadline,
-            )
-            for layer in context["layers"]
-            for stage in layer["stages"]
-        ],
-        throughput=Throughput(
-            started_per_minute=context["started_per_minute"],
-            finished_per_minute=context["finished_per_minute"],
-            minutes=[MinuteCounts(minute=m, started=s, finished=f) for m, s, f in context["throughput"]],
-        ),
-        stuck_total=context["stuck_total"],
-        stuck=[
-            StuckStage(id=s.op_id, pipeline=s.pipeline, stage=s.stage, reason=s.reason, since=s.since)
-            for s in context["stuck"]
-        ],
-        recent_failures=[
-            RecentFailure(id=f.op_id, pipeline=f.pipeline, stage=f.stage, message=f.message, at=f.at)
-            for f in context["failures"]
-        ],
-        stats_window_seconds=context["stats_window"],
-        nats_connected=context["nats_connected"],
-        disconnected_since=context["disconnected_since"],
-        index_ready=context["index_ready"],
-    )
-
-
-def operation_resource(op: Operation, *, archived: bool = False) -> OperationResource:
-    """The Google-shaped view of one operation."""
-    state = msgspec.to_builtins(msgspec.structs.replace(op, events=[]))
-    state.pop("events", None)
-    state["@type"] = "kvstate.Operation"
-    state["archived"] = archived
-    resource = OperationResource(name=f"operations/{op.id}", done=op.done, metadata=state)
-    if op.status is OpStatus.SUCCEEDED:
-        stages = {name: st.metadata for name, st in op.stages.items() if st.metadata}
-        resource.result = {"metadata": op.metadata, "stages": msgspec.to_builtins(stages)}
-    elif op.status is OpStatus.FAILED:
-        details = [
-            {"stage": name, **msgspec.to_builtins(st.error)} for name, st in op.stages.items() if st.error is not None
-        ]
-        resource.error = Status(code=_CODE_ABORTED, message=failure_message(op) or "failed", details=details)
-    elif op.status is OpStatus.CANCELLED:
-        resource.error = Status(code=_CODE_CANCELLED, message=failure_message(op) or "cancelled")
-    return resource
-
-
-def summary_resource(op: OpSummary) -> OperationResource:
-    """The list view of one operation, from the index (no bucket read)."""
-    metadata: dict[str, Any] = {
-        "@type": "kvstate.OperationSummary",
-        "id": op.id,
-        "pipeline": op.pipeline,
-        "status": op.status,
-        "created_at": op.created,
-        "updated_at": op.updated,
-        "finished_at": op.finished,
-        "revision": op.revision,
-        "active_stages": op.active_stages,
-        "stages": {name: status.value for name, status in op.stages()},
-    }
-    resource = OperationResource(name=f"operations/{op.id}", done=op.done, metadata=metadata)
-    if op.corrupt:
-        resource.error = Status(code=_CODE_DATA_LOSS, message=f"corrupt value at revision {op.revision}")
-    return resource
-
-
-def corrupt_resource(op_id: str, exc: CorruptValue) -> OperationResource:
-    """A key whose stored value is not a valid operation: DATA_LOSS, as the list reports it."""
-    metadata: dict[str, Any] = {
-        "@type": "kvstate.CorruptValue",
-        "id": op_id,
-        "status": CORRUPT,
-        "revision": exc.revision,
-        "archived": False,
-    }
-    message = f"corrupt value at revision {exc.revision}: {exc.detail}"
-    return OperationResource(
-        name=f"operations/{op_id}", done=False, metadata=metadata, error=Status(code=_CODE_DATA_LOSS, message=message)
-    )
+OUTCOME_HEADER = "Kvstate-Outcome"
+"""``applied``, ``duplicate`` (this event id was applied before: a retry) or ``stale`` (too late, nothing written)."""
 
 
 def _etag(revision: int) -> str:
@@ -259,31 +88,235 @@ def _page_size(values: Sequence[str], default: int) -> int:
     return size
 
 
+@dataclass(frozen=True, slots=True)
+class _Found:
+    resource: OperationResource
+    revision: int
+    waitable: bool  # a valid operation in the bucket that is not done yet
+
+
+def _resource(dashboard: Dashboard, op: Operation, *, archived: bool = False) -> OperationResource:
+    return operation_resource(op, archived=archived, trace_url=dashboard.settings.trace_url)
+
+
+async def _read(dashboard: Dashboard, op_id: str) -> _Found:
+    """The operation from the bucket, else from the archive; a corrupt value as a DATA_LOSS resource."""
+    try:
+        op = await dashboard.client.get(op_id)
+        return _Found(_resource(dashboard, op), op.revision, waitable=not op.done)
+    except CorruptValue as exc:  # a resource like the list's, not an error: the key exists
+        return _Found(corrupt_resource(op_id, exc), exc.revision, waitable=False)
+    except OperationNotFound:
+        found = await dashboard.archive.get(op_id) if dashboard.archive.enabled else None
+        if found is None:
+            raise
+        return _Found(_resource(dashboard, found.operation, archived=True), found.operation.revision, waitable=False)
+
+
+async def _wait(dashboard: Dashboard, op_id: str, timeout: float) -> _Found:
+    """The operation once it is done, or as it is after ``timeout`` seconds (AIP-151 WaitOperation)."""
+    found = await _read(dashboard, op_id)
+    if not found.waitable or timeout <= 0:
+        return found
+    try:
+        op = await dashboard.client.wait(op_id, timeout)
+    except WaitTimeout:  # not an error for a long poll: the current state, done false
+        return await _read(dashboard, op_id)
+    except OperationNotFound:  # removed while waiting (archived once finished): the archive has it, or 404
+        return await _read(dashboard, op_id)
+    return _Found(_resource(dashboard, op), op.revision, waitable=False)
+
+
+def _answer(found: _Found, headers: dict[str, str] | None = None) -> Response[OperationResource]:
+    return Response(
+        found.resource, headers={"ETag": _etag(found.revision), "Cache-Control": "no-cache", **(headers or {})}
+    )
+
+
+async def _get(request: Request[Any, Any, Any], dashboard: Dashboard, name: str) -> Response[OperationResource]:
+    op_id, method = operation_method(name, "GET")
+    if method == "wait":
+        return _answer(await _wait(dashboard, op_id, wait_timeout(query_params(request).get("timeout", []))))
+    found = await _read(dashboard, op_id)
+    etag = _etag(found.revision)
+    if request.headers.get("if-none-match") == etag:
+        return Response(content=None, status_code=304, headers={"ETag": etag})  # type: ignore[arg-type]
+    return _answer(found)
+
+
+async def _post(request: Request[Any, Any, Any], dashboard: Dashboard, name: str) -> Response[OperationResource]:
+    op_id, method = operation_method(name, "POST")
+    check_write_access(request, dashboard.settings.auth_token)
+    expected, key = if_match(request.headers), idempotency_key(request.headers)
+    body = await request.body()  # at most APPLY_MAX_BODY (the route's limit), else 413
+    event: Event
+    if method == "apply":
+        event = decode_event(body, key)
+    else:  # cancel: a small body, held to DASHBOARD_MAX_BODY like every other request
+        if len(body) > dashboard.settings.max_body:
+            raise HTTPException(status_code=413, detail="Request Entity Too Large")
+        reason = cancel_reason(body, request.headers.get("content-type", ""), "cancelled through the API")
+        event = (
+            Cancel(reason=reason, worker="api") if key is None else Cancel(reason=reason, worker="api", event_id=key)
+        )
+    result = await dashboard.client.apply(op_id, event, expected_revision=expected)
+    if method == "cancel":
+        result.raise_for_stale()  # a cancel of a finished operation is a 409, not a silent no-op
+    found = _Found(_resource(dashboard, result.operation), result.revision, waitable=False)
+    return _answer(found, {OUTCOME_HEADER: result.outcome.value})
+
+
+@dataclass
+class _MethodOperation(OpenAPIOperation):
+    """The OpenAPI operation of a literal ``{name}:method`` route: ``name`` declared as the path parameter
+    it is on the real route (Litestar sees no parameter in a literal segment)."""
+
+    def __post_init__(self) -> None:
+        name = OpenAPIParameter(
+            name="name",
+            param_in=ParamType.PATH,
+            required=True,
+            schema=Schema(type=OpenAPIType.STRING),
+            description="the operation id",
+        )
+        self.parameters = [name, *(self.parameters or [])]
+
+
+_ETAG = [
+    ResponseHeader(name="ETag", description='the revision, "N": send it back as If-Match', documentation_only=True)
+]
+_WRITE_HEADERS = [
+    *_ETAG,
+    ResponseHeader(name=OUTCOME_HEADER, description="applied, duplicate or stale", documentation_only=True),
+]
+
+
+def _errors(*statuses: tuple[int, str]) -> dict[int, ResponseSpec]:
+    return {status: ResponseSpec(ErrorBody, description=text, generate_examples=False) for status, text in statuses}
+
+
+_WRITE_ERRORS = _errors(
+    (400, "INVALID_ARGUMENT: malformed JSON, an unknown event type or stage, a bad If-Match or Idempotency-Key"),
+    (401, "UNAUTHENTICATED: the write token is configured and missing"),
+    (403, "PERMISSION_DENIED: no CSRF token (send Authorization: Bearer, or X-CSRFToken)"),
+    (404, "NOT_FOUND: no such operation"),
+    (409, "FAILED_PRECONDITION: a transition the state machine forbids; ABORTED: too late (cancel); DATA_LOSS"),
+    (412, "FAILED_PRECONDITION: If-Match names another revision; nothing written"),
+    (413, "the body is over the limit"),
+    (503, "UNAVAILABLE: NATS cannot be reached (Retry-After)"),
+)
+
+
 class OperationsApi(Controller):
     """JSON API under /api."""
 
     path = "/api"
     tags = ["operations"]
 
-    @get("/operations/{name:str}", summary="Get one operation (ETag = KV revision)")
+    @get(
+        "/operations/{name:str}",
+        summary="Get one operation (ETag = KV revision); ID:wait long-polls",
+        description=(
+            "The operation as a google.longrunning.Operation: `response` once succeeded, `error` once failed or "
+            "cancelled. `If-None-Match` with the ETag answers 304. `ID:wait` is documented at its own path."
+        ),
+        response_headers=_ETAG,
+        responses=_errors((404, "NOT_FOUND: not in the bucket, nor in the archive")),
+    )
     async def get_operation(
         self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
     ) -> Response[OperationResource]:
-        op_id = validate_id(name.removeprefix("operations/"))
-        try:
-            op = await dashboard.client.get(op_id)
-            resource, revision = operation_resource(op), op.revision
-        except CorruptValue as exc:  # a resource like the list's, not an error: the key exists
-            resource, revision = corrupt_resource(op_id, exc), exc.revision
-        except OperationNotFound:
-            found = await dashboard.archive.get(op_id) if dashboard.archive.enabled else None
-            if found is None:
-                raise
-            resource, revision = operation_resource(found.operation, archived=True), found.operation.revision
-        etag = _etag(revision)
-        if request.headers.get("if-none-match") == etag:
-            return Response(content=None, status_code=304, headers={"ETag": etag})  # type: ignore[arg-type]
-        return Response(resource, headers={"ETag": etag, "Cache-Control": "no-cache"})
+        return await _get(request, dashboard, name)
+
+    @post("/operations/{name:str}", status_code=200, include_in_schema=False, request_max_body_size=APPLY_MAX_BODY)
+    async def operation_method(
+        self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
+    ) -> Response[OperationResource]:
+        return await _post(request, dashboard, name)
+
+    # The methods at their real paths, for the OpenAPI document only (see the module docstring).
+
+    @get(
+        "/operations/{name}:wait",
+        operation_class=_MethodOperation,
+        operation_id="WaitOperation",
+        summary="Wait until the operation is done (long poll)",
+        description=(
+            f"Answers as soon as the operation is done, or after `timeout` (a duration: `30s`, `1.5s`, `500ms`; "
+            f"default 30 s, at most {MAX_WAIT:.0f} s) with the operation as it is then and `done: false`: a "
+            "timeout is not an error. An operation archived and removed meanwhile is answered from the archive."
+        ),
+        response_headers=_ETAG,
+        responses=_errors((400, "INVALID_ARGUMENT: an unusable timeout"), (404, "NOT_FOUND: no such operation")),
+    )
+    async def wait_documented(
+        self,
+        request: Request[Any, Any, Any],
+        dashboard: Dashboard,
+        timeout: Annotated[
+            str | None, QueryParameter(description="how long to wait: 30s (default), at most 60s")
+        ] = None,
+    ) -> Response[OperationResource]:
+        return await _get(request, dashboard, "{name}:wait")  # only the literal path: InvalidKey (400)
+
+    @post(
+        "/operations/{name}:apply",
+        operation_class=_MethodOperation,
+        operation_id="ApplyOperationEvent",
+        summary="Apply one event to the operation (the write service over HTTP)",
+        description=(
+            "The body is one event, the tagged JSON of kvstate.events (`start`, `heartbeat`, `succeed`, `fail`, "
+            "`skip`, `merge`, `cancel`, `reopen`), at most 64 KiB. `Idempotency-Key` is the event id (the body's "
+            "`event_id` must be absent or equal): a retry with the same key is a `duplicate`, not a second "
+            'event. `If-Match: "N"` applies it only at revision N (412 otherwise). The answer is the operation '
+            f"after it, with `ETag` and `{OUTCOME_HEADER}`: `applied`, `duplicate`, or `stale` (the state machine "
+            "found it too late; nothing written, not an error, as in the write service). Bad input changes nothing."
+        ),
+        status_code=200,
+        response_headers=_WRITE_HEADERS,
+        responses=_WRITE_ERRORS,
+        request_max_body_size=APPLY_MAX_BODY,
+    )
+    async def apply_documented(
+        self,
+        request: Request[Any, Any, Any],
+        dashboard: Dashboard,
+        data: JSONBody[Event],
+        if_match: Annotated[
+            str | None, HeaderParameter(name="If-Match", description='"N": apply only at revision N')
+        ] = None,
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", description="the event id")
+        ] = None,
+    ) -> Response[OperationResource]:
+        return await _post(request, dashboard, "{name}:apply")  # only the literal path: InvalidKey (400)
+
+    @post(
+        "/operations/{name}:cancel",
+        operation_class=_MethodOperation,
+        operation_id="CancelOperation",
+        summary="Cancel the operation",
+        description=(
+            'Body optional: `{"reason": "..."}`. `If-Match: "N"` cancels only at revision N (412 otherwise); '
+            "`Idempotency-Key` makes a retried cancel a duplicate (200) instead of a 409. A cancel of a finished "
+            "operation is 409."
+        ),
+        status_code=200,
+        response_headers=_WRITE_HEADERS,
+        responses=_WRITE_ERRORS,
+    )
+    async def cancel_documented(
+        self,
+        request: Request[Any, Any, Any],
+        dashboard: Dashboard,
+        if_match: Annotated[
+            str | None, HeaderParameter(name="If-Match", description='"N": cancel only at revision N')
+        ] = None,
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", description="the event id")
+        ] = None,
+    ) -> Response[OperationResource]:
+        return await _post(request, dashboard, "{name}:cancel")  # only the literal path: InvalidKey (400)
 
     @get("/operations", summary="List live operations from the dashboard's index")
     async def list_operations(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> OperationList:
@@ -318,7 +351,7 @@ class OperationsApi(Controller):
         size = _page_size(params.pop("page_size", []), dashboard.settings.page_size)
         page = await archive_search(dashboard, archive_query(params), size)
         return OperationList(
-            operations=[operation_resource(item.operation, archived=True) for item in page.items],
+            operations=[_resource(dashboard, item.operation, archived=True) for item in page.items],
             next_page_token=page.next_token or "",
         )
 
@@ -336,34 +369,6 @@ class OperationsApi(Controller):
         now = time.time()
         context = overview_context(dashboard, pipeline_param(request), now) | banner_context(dashboard, now)
         return overview_resource(context)
-
-    @post(
-        "/operations/{name:str}", summary="POST /api/operations/{id}:cancel cancels (revision-checked)", status_code=200
-    )
-    async def operation_method(
-        self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
-    ) -> OperationResource:
-        op_id, _, method = name.removeprefix("operations/").partition(":")
-        if method != "cancel":
-            raise NotFoundException("the only operation method is :cancel")
-        validate_id(op_id)
-        check_write_access(request, dashboard.settings.auth_token)
-        reason = "cancelled through the API"
-        if request.headers.get("content-type", "").startswith("application/json"):
-            body = await request.body()
-            if body:
-                try:
-                    data = msgspec.json.decode(body)
-                except msgspec.DecodeError:
-                    raise BadQuery("body", "not JSON") from None
-                if not isinstance(data, dict) or not isinstance(data.get("reason", ""), str):
-                    raise BadQuery("body", 'expected {"reason": "..."}')
-                reason = data.get("reason") or reason
-        if len(reason) > 500:
-            raise BadQuery("reason", "at most 500 characters")
-        result = await dashboard.client.cancel(op_id, reason=reason, by="api")
-        result.raise_for_stale()
-        return operation_resource(result.operation)
 
     @get("/csrf", summary="A CSRF token for API writes")
     async def csrf(self, request: Request[Any, Any, Any]) -> CsrfToken:

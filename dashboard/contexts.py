@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from dashboard.archive import ArchiveAccess
 from dashboard.errors import ArchiveUnavailable, BadQuery
 from dashboard.feed import Broadcaster, IndexFeed
-from dashboard.formatting import show
+from dashboard.formatting import show, trace_link
 from dashboard.index import OperationIndex
 from dashboard.query import (
     ArchiveQuery,
@@ -302,8 +302,11 @@ async def operation_context(state: DashboardState, op_id: str, now: float) -> di
         except KvstateError:
             pipeline = None
     stuck = state.index.stuck_stages_of(op_id) if context["source"] == "live" else {}
+    template = state.settings.trace_url
     context.update(
         {
+            "trace_url": trace_link(template, op.trace_id),
+            "stage_trace_urls": {name: trace_link(template, st.trace_id) for name, st in op.stages.items()},
             "pipeline": pipeline,
             "timeline": timeline(op, pipeline, now_dt),
             "stuck": stuck,

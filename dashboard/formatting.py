@@ -1,4 +1,4 @@
-"""Display text for templates: untrusted values (``show``), durations, ages, times.
+"""Display text for templates: untrusted values (``show``), durations, ages, times, trace links.
 
 Everything read from the bucket or the archive is untrusted: other services wrote it.
 ``show`` is the one function that turns such a value into text. It returns a plain str
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 from kvstate import CorruptValue
 
@@ -23,11 +24,13 @@ __all__ = [
     "format_duration",
     "format_time",
     "show",
+    "trace_link",
 ]
 
 CORRUPT_PREVIEW_BYTES = 512
 
 # C0/C1 controls except tab and newline, DEL, and the Unicode bidi controls (Trojan Source).
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
@@ -126,3 +129,15 @@ def format_time(when: float | datetime | None) -> str:
     if isinstance(when, float | int):
         when = datetime.fromtimestamp(when, UTC)
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def trace_link(template: str | None, trace_id: str | None) -> str | None:
+    """The tracing backend's URL of ``trace_id`` from DASHBOARD_TRACE_URL's ``template`` (None: no link).
+
+    The trace id comes from the bucket, so it is untrusted: only a W3C trace id (32 lowercase
+    hex digits, what kvstate records) gets a link, and it is percent-quoted into the template
+    all the same. ``str.replace``, not ``str.format``: a template may hold other braces.
+    """
+    if not template or not trace_id or _TRACE_ID.fullmatch(trace_id) is None:
+        return None
+    return template.replace("{trace_id}", quote(trace_id, safe=""))

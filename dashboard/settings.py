@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from kvstate.errors import ConfigurationError
 from kvstate.settings import Settings, env_value, positive_float, positive_int, tcp_port
 
-__all__ = ["DashboardSettings"]
+__all__ = ["TRACE_ID_PLACEHOLDER", "DashboardSettings", "trace_url_problem"]
 
 
 _NONE: str | None = None
@@ -23,6 +24,31 @@ def _secret(raw: str) -> str | None:
     if len(raw) < 16:
         raise ValueError("must be at least 16 characters")
     return raw
+
+
+TRACE_ID_PLACEHOLDER = "{trace_id}"
+
+
+def _trace_url(raw: str) -> str | None:
+    problem = trace_url_problem(raw)
+    if problem is not None:
+        raise ValueError(problem)
+    return raw
+
+
+def trace_url_problem(template: str) -> str | None:
+    """Why ``template`` cannot be DASHBOARD_TRACE_URL (None when it can): an http(s) URL holding ``{trace_id}``."""
+    try:
+        parts = urlsplit(template)
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an http:// or https:// URL"
+    if TRACE_ID_PLACEHOLDER not in template:
+        return f"must contain {TRACE_ID_PLACEHOLDER} where the trace id goes"
+    if any(c.isspace() or not c.isprintable() for c in template):
+        return "must not contain spaces or control characters"
+    return None
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,8 @@ class DashboardSettings:
     DASHBOARD_MAX_BODY       16384          largest accepted request body, in bytes
     DASHBOARD_SECRET         (random)       CSRF signing secret (set it when running replicas)
     DASHBOARD_DEBOUNCE       0.25           seconds between two live-update signals
+    DASHBOARD_TRACE_URL      (unset)        trace link template with {trace_id}, e.g.
+                                            https://jaeger.example/trace/{trace_id}
     ======================== ============== ==================================================
     """
 
@@ -54,6 +82,7 @@ class DashboardSettings:
     max_body: int = 16384
     secret: str | None = None
     debounce: float = 0.25
+    trace_url: str | None = None
 
     ENV: ClassVar[dict[str, str]] = {
         "host": "DASHBOARD_HOST",
@@ -65,6 +94,7 @@ class DashboardSettings:
         "max_body": "DASHBOARD_MAX_BODY",
         "secret": "DASHBOARD_SECRET",
         "debounce": "DASHBOARD_DEBOUNCE",
+        "trace_url": "DASHBOARD_TRACE_URL",
     }
 
     def __post_init__(self) -> None:
@@ -74,6 +104,8 @@ class DashboardSettings:
             raise ConfigurationError(f"DASHBOARD_MAX_BODY={self.max_body}: must be at least 1024")
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ConfigurationError("DASHBOARD_AUTH_TOKEN must be at least 8 characters")
+        if self.trace_url is not None and (problem := trace_url_problem(self.trace_url)) is not None:
+            raise ConfigurationError(f"DASHBOARD_TRACE_URL={self.trace_url!r}: {problem}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DashboardSettings:
@@ -89,4 +121,5 @@ class DashboardSettings:
             max_body=env_value(environ, "DASHBOARD_MAX_BODY", cls.max_body, positive_int),
             secret=env_value(environ, "DASHBOARD_SECRET", _NONE, _secret),
             debounce=env_value(environ, "DASHBOARD_DEBOUNCE", cls.debounce, positive_float),
+            trace_url=env_value(environ, "DASHBOARD_TRACE_URL", _NONE, _trace_url),
         )

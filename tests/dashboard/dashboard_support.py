@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from litestar import Litestar
+from litestar.testing import AsyncTestClient
 
 from dashboard.contexts import DashboardState
 from kvstate import Client
@@ -64,3 +65,12 @@ async def populate(client: Client, count: int = 24, prefix: str = "") -> list[st
         await client.succeed(op.id, "merge")
         await client.skip(op.id, "notify", reason="customer opted out")
     return ids
+
+
+async def csrf_token(http: AsyncTestClient[Litestar]) -> str:
+    """A CSRF token (and its cookie, kept by ``http``) for writes without a bearer token."""
+    response = await http.get("/api/csrf")
+    assert response.status_code == 200
+    token = response.json()["csrf_token"]
+    assert http.cookies.get("csrftoken")
+    return str(token)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from dashboard_support import eventually, populate, state_of
+from dashboard_support import csrf_token, eventually, populate, state_of
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -18,14 +18,6 @@ from dashboard.settings import DashboardSettings
 from kvstate import Client, OpStatus
 
 Http = AsyncTestClient[Litestar]
-
-
-async def csrf_token(http: Http) -> str:
-    response = await http.get("/api/csrf")
-    assert response.status_code == 200
-    token = response.json()["csrf_token"]
-    assert http.cookies.get("csrftoken")
-    return str(token)
 
 
 async def test_overview_shows_live_counts_with_links_to_filtered_lists(
@@ -359,7 +351,7 @@ async def test_api_operation_is_shaped_like_a_long_running_operation(client: Cli
     assert body["name"] == f"operations/{op.id}" and body["done"] is True
     assert body["error"]["message"] == "stage ingest failed: bad input"
     assert body["error"]["details"][0]["code"] == "E1"
-    assert "result" not in body and body["metadata"]["metadata"] == {"k": "v"}
+    assert "response" not in body and body["metadata"]["metadata"] == {"k": "v"}
     cached = await http.get(f"/api/operations/{op.id}", headers={"If-None-Match": f'"{failed.revision}"'})
     assert cached.status_code == 304
     missing = await http.get("/api/operations/nothere")
@@ -546,7 +538,7 @@ async def test_api_archive_search_has_the_archive_pages_filters_and_keyset_pages
         assert by_id[ids["failed"]] == api_get  # the same resource as GET /api/operations/{id}
         assert all(op["done"] and op["metadata"]["archived"] is True for op in everything)
         assert by_id[ids["failed"]]["error"]["code"] == 10 and "bad bytes" in by_id[ids["failed"]]["error"]["message"]
-        assert by_id[ids["cancelled"]]["error"]["code"] == 1 and "result" in by_id[ids["succeeded"]]
+        assert by_id[ids["cancelled"]]["error"]["code"] == 1 and "response" in by_id[ids["succeeded"]]
         failed = await search(status="failed", failed_stage="ingest")
         assert [op["metadata"]["id"] for op in failed] == [ids["failed"]]
         assert [op["metadata"]["id"] for op in await search(status="succeeded,cancelled", pipeline="orders")] == [
