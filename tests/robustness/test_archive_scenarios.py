@@ -23,10 +23,11 @@ def _explain(result: ScenarioResult) -> str:
 async def test_t12_archiver_killed_every_5s_archives_each_operation_once_at_its_last_revision(tmp_path: Path) -> None:
     result = await SCENARIOS["T12"](RunOptions(workdir=tmp_path, seconds=16.0, scale=0.12))
     assert result.passed, _explain(result)
-    assert result.figures["kills"] >= 3
+    assert int(result.figures["kills"]) >= 3
     assert result.figures["rows"] == result.figures["operations"]
 
 
+@pytest.mark.timeout(150)  # about 45 s; its PostgreSQL restarts can stretch it on a busy machine
 async def test_t13_postgres_killed_and_stopped_loses_nothing_and_removes_nothing_unarchived(tmp_path: Path) -> None:
     result = await SCENARIOS["T13"](RunOptions(workdir=tmp_path, seconds=24.0, scale=0.5))
     assert result.passed, _explain(result)
