@@ -65,6 +65,14 @@ async def test_apply_runs_an_event_and_answers_the_operation_with_its_etag(
         f"/api/operations/{op.id}:apply", json=event, headers={**writer, "Idempotency-Key": "ingest-done-1"}
     )
     assert retried.status_code == 200 and retried.headers["kvstate-outcome"] == "duplicate"
+    # The same request again, If-Match and all (its answer was lost): the write's duplicate, not a 412.
+    same_request = await http.post(
+        f"/api/operations/{op.id}:apply",
+        json=event,
+        headers={**writer, "Idempotency-Key": '"ingest-done-1"', "If-Match": started.headers["etag"]},
+    )
+    assert same_request.status_code == 200 and same_request.headers["kvstate-outcome"] == "duplicate"
+    assert same_request.headers["etag"] == f'"{after.revision}"'
     assert retried.headers["etag"] == f'"{after.revision}"' and await revision_of(client, op.id) == after.revision
     same_id = await http.post(
         f"/api/operations/{op.id}:apply",

@@ -14,6 +14,7 @@ from dashboard.cli import register, settings_from
 from dashboard.errors import BadQuery
 from dashboard.feed import Broadcaster
 from dashboard.formatting import show
+from dashboard.methods import decode_event, idempotency_key, if_match, operation_method, wait_timeout
 from dashboard.query import decode_page_token, encode_page_token, filter_params, parse_filter, parse_filter_expression
 from dashboard.security import csrf_token_is_valid
 from dashboard.settings import DashboardSettings
@@ -129,3 +130,24 @@ async def test_broadcaster_debounces_and_drops_for_slow_clients() -> None:
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
     assert broadcaster.clients == 1  # the slow queue never read; the stream unsubscribed itself
+
+
+def test_method_inputs_parse_as_documented() -> None:
+    from kvstate import Cancel, SucceedStage
+
+    assert if_match({}) is None and if_match({"if-match": "*"}) is None and if_match({"if-match": " "}) is None
+    assert if_match({"if-match": '"12"'}) == 12 and if_match({"if-match": "12"}) == 12
+    for bad in ('W/"12"', '"12', "12a", '"1", "2"', "-1", "١٢"):  # weak, unbalanced, list, negative, non-ASCII digits
+        with pytest.raises(BadQuery, match="If-Match"):
+            if_match({"if-match": bad})
+    assert idempotency_key({"idempotency-key": '"abc-1"'}) == "abc-1" and idempotency_key({}) is None
+    assert wait_timeout([]) == 30.0 and wait_timeout(["1.5s"]) == 1.5 and wait_timeout(["500ms"]) == 0.5
+    assert wait_timeout(["45"]) == 45.0 and wait_timeout(["3600s"]) == 60.0  # capped, not refused
+    with pytest.raises(BadQuery, match="timeout"):
+        wait_timeout(["1s", "2s"])
+    event = decode_event(b'{"type": "succeed", "stage": "geo", "metadata": {"n": 1}}', "key-1")
+    assert event == SucceedStage(stage="geo", metadata={"n": 1}, event_id="key-1")
+    assert decode_event(b'{"type": "cancel", "event_id": "mine"}', None) == Cancel(event_id="mine")
+    assert decode_event(b'{"type": "cancel"}', None).event_id  # a fresh ULID, as kvstate.events gives
+    assert operation_method("operations/abc:wait", "GET") == ("abc", "wait")
+    assert operation_method("abc", "GET") == ("abc", "")
