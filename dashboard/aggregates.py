@@ -121,6 +121,9 @@ class LiveAggregates:
     def _note_failure(self, op: Operation, at: float) -> None:
         stage = failed_stage(op)  # the one rule (kvstate.derive)
         error = op.stage(stage).error if stage is not None else None
+        # The stage's own error text, not kvstate.derive.failure_message: the overview's table and
+        # /api/overview show the stage beside it, and "stage geo failed: ..." would say it twice.
+        # The operation resource's error.message (dashboard.resources) is failure_message.
         message = error.message[:200] if error is not None else "failed"
         self._failures.append(Failure(op.id, op.pipeline, stage, message, at))
         if len(self._failures) > 2 * FAILURES_KEPT:

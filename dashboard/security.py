@@ -2,7 +2,7 @@
 
 Reads are open (bind the dashboard to a trusted network or put it behind a proxy that
 authenticates). When DASHBOARD_AUTH_TOKEN is set, every write (the cancel form and the
-API's ``:cancel``) must present it: as ``Authorization: Bearer <token>``, as HTTP basic
+API's ``:cancel`` and ``:apply``) must present it: as ``Authorization: Bearer <token>``, as HTTP basic
 auth with the token as password (any user name), or in the cancel form's ``token`` field.
 CSRF (Litestar's CSRF middleware) protects every POST on top of that, except requests
 that carry ``Authorization: Bearer``: no browser sends that header on its own, so they
