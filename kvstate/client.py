@@ -67,6 +67,7 @@ from kvstate.events import (
     StartStage,
     SucceedStage,
 )
+from kvstate.feed import ChangeFeed
 from kvstate.keys import OPERATION_PREFIX, PIPELINE_PREFIX, operation_key, pipeline_key, validate_id
 from kvstate.machine import Decision, apply_event, new_operation
 from kvstate.metrics import ClientMetrics
@@ -415,7 +416,9 @@ class Client:
         """
 
         def mutation(op: Operation, pipeline: Pipeline) -> Decision:
-            if expected_revision is not None and op.revision != expected_revision:
+            # A retry of a conditional write that landed (its answer lost) is a duplicate,
+            # not a mismatch: the event id decides before the revision does.
+            if expected_revision is not None and op.revision != expected_revision and event.event_id not in op.events:
                 raise RevisionMismatch(op.id, expected_revision, op.revision)
             return apply_event(op, pipeline, event, utcnow())
 
@@ -632,6 +635,32 @@ class Client:
         )
         self._watchers.add(watcher)
         return watcher
+
+    def feed(
+        self,
+        name: str,
+        *,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 1000,
+        stall_after: float = 20.0,
+        on_stall: Callable[[str], None] | None = None,
+        description: str = "kvstate change feed",
+    ) -> ChangeFeed:
+        """The durable, shared change feed ``name``, as ``async with client.feed(name) as feed`` (kvstate.feed).
+
+        Every process opening a feed of the same name shares its deliveries; a message
+        not acknowledged within ``ack_wait`` seconds is delivered again.
+        """
+        validate_id(name, "feed name")
+        return ChangeFeed(
+            self._open_store(),
+            name,
+            ack_wait=ack_wait,
+            max_ack_pending=max_ack_pending,
+            stall_after=stall_after,
+            on_stall=on_stall,
+            description=description,
+        )
 
     async def wait(self, op_id: str, timeout: float | None = None) -> Operation:
         """Wait until the operation reaches a terminal status and return it.

@@ -241,6 +241,7 @@ def _finish(
         heartbeat_at=current.heartbeat_at if not implicit_start else None,
         error=error,
         metadata=metadata,
+        trace_id=current.trace_id if not implicit_start else None,  # the attempt's trace, for its link
     )
     return _apply_stage(op, pipeline, spec.name, current, new_state, event, now)
 

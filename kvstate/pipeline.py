@@ -147,22 +147,27 @@ def _validate(pipeline: Pipeline) -> None:
     seen: set[str] = set()
     names = {s.name for s in pipeline.stages}
     for spec in pipeline.stages:
-        if spec.name in seen:
-            raise InvalidPipeline(f"stage {spec.name!r} is defined twice")
-        if spec.max_attempts < 1:
-            raise InvalidPipeline(f"stage {spec.name!r}: max_attempts must be at least 1")
-        for field_name in ("deadline", "retry_after", "idle_after"):
-            value = getattr(spec, field_name)
-            if value is not None and not value > 0:
-                raise InvalidPipeline(f"stage {spec.name!r}: {field_name} must be positive")
-        for dep in spec.after:
-            if dep == spec.name:
-                raise InvalidPipeline(f"stage {spec.name!r} depends on itself")
-            if dep not in names:
-                raise InvalidPipeline(f"stage {spec.name!r} depends on unknown stage {dep!r}")
-            if dep not in seen:
-                raise InvalidPipeline(
-                    f"stage {spec.name!r} depends on {dep!r}, which is defined after it "
-                    "(list stages in dependency order; cycles are not allowed)"
-                )
+        _validate_stage(spec, seen, names)
         seen.add(spec.name)
+
+
+def _validate_stage(spec: StageSpec, seen: set[str], names: set[str]) -> None:
+    """One stage's fields, and its dependencies against the stages listed before it (``seen``)."""
+    if spec.name in seen:
+        raise InvalidPipeline(f"stage {spec.name!r} is defined twice")
+    if spec.max_attempts < 1:
+        raise InvalidPipeline(f"stage {spec.name!r}: max_attempts must be at least 1")
+    for field_name in ("deadline", "retry_after", "idle_after"):
+        value = getattr(spec, field_name)
+        if value is not None and not value > 0:
+            raise InvalidPipeline(f"stage {spec.name!r}: {field_name} must be positive")
+    for dep in spec.after:
+        if dep == spec.name:
+            raise InvalidPipeline(f"stage {spec.name!r} depends on itself")
+        if dep not in names:
+            raise InvalidPipeline(f"stage {spec.name!r} depends on unknown stage {dep!r}")
+        if dep not in seen:
+            raise InvalidPipeline(
+                f"stage {spec.name!r} depends on {dep!r}, which is defined after it "
+                "(list stages in dependency order; cycles are not allowed)"
+            )

@@ -604,3 +604,13 @@ async def test_conditional_updates_queued_together_do_not_share_one_write(client
         "first",
         *(f"c{i}" for i, r in enumerate(results[1:]) if isinstance(r, UpdateResult)),
     }
+
+
+async def test_a_retried_conditional_write_that_landed_is_a_duplicate_not_a_mismatch(client: Client) -> None:
+    op = await client.create("orders")
+    event = MergeMetadata(patch={"k": 1}, event_id="once")
+    first = await client.apply(op.id, event, expected_revision=op.revision)
+    again = await client.apply(op.id, event, expected_revision=op.revision)  # its answer was lost: retried as sent
+    assert first.outcome is Outcome.APPLIED and again.outcome is Outcome.DUPLICATE
+    with pytest.raises(RevisionMismatch):
+        await client.apply(op.id, MergeMetadata(patch={"k": 2}, event_id="other"), expected_revision=op.revision)

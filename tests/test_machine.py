@@ -512,3 +512,12 @@ def test_a_stage_metadata_patch_from_an_older_attempt_never_changes_the_stage(
     if attempt < op.stage(stage).attempt or op.status.terminal:
         assert decision is not None and decision.outcome is Outcome.STALE
         assert decision.operation.stage(stage).metadata == op.stage(stage).metadata
+
+
+def test_a_finished_attempt_keeps_the_trace_it_ran_in() -> None:
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    started, _ = run(fresh(), StartStage(stage="ingest", traceparent=f"00-{trace}-00f067aa0ba902b7-01"))
+    failed, _ = run(started, FailStage(stage="ingest", error="x", retryable=True))
+    assert failed.stage("ingest").trace_id == trace
+    done, _ = run(failed, SucceedStage(stage="ingest", attempt=2))  # an implicit new attempt: no trace of its own
+    assert done.stage("ingest").trace_id is None

@@ -71,9 +71,6 @@ async def test_without_a_trace_url_the_trace_id_is_shown_without_a_link(
     assert body["metadata"]["trace_id"] == OP_TRACE and "trace_url" not in body["metadata"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="kvstate.machine._finish builds the finished StageState without the attempt's trace_id"
-)
 async def test_a_finished_attempt_keeps_its_trace_link(client: Client, dashboard_settings: DashboardSettings) -> None:
     op = await client.create("orders")
     await client.start(op.id, "ingest", traceparent=traceparent(GEO_TRACE))
