@@ -65,7 +65,7 @@ from dashboard.resources import (
     summary_resource,
 )
 from dashboard.security import check_write_access
-from kvstate import Cancel, CorruptValue, Event, Operation, OperationNotFound, Outcome, RevisionMismatch, WaitTimeout
+from kvstate import Cancel, CorruptValue, Event, Operation, OperationNotFound, WaitTimeout
 
 __all__ = ["OperationsApi", "overview_resource"]
 
@@ -159,16 +159,9 @@ async def _post(request: Request[Any, Any, Any], dashboard: Dashboard, name: str
         event = (
             Cancel(reason=reason, worker="api") if key is None else Cancel(reason=reason, worker="api", event_id=key)
         )
-    try:
-        result = await dashboard.client.apply(op_id, event, expected_revision=expected)
-    except RevisionMismatch:
-        # A retry of a write that landed (its answer lost) names the revision it was decided on, which the
-        # write itself moved on: it is that write's duplicate, not a conflict. The event ids are the record.
-        current = await dashboard.client.get(op_id) if key is not None else None
-        if current is None or key not in current.events:
-            raise
-        found = _Found(_resource(dashboard, current), current.revision, waitable=False)
-        return _answer(found, {OUTCOME_HEADER: Outcome.DUPLICATE.value})
+    # A retry of a conditional write that landed comes back a duplicate (the client decides the event id
+    # before the revision); a real mismatch raises RevisionMismatch, which the error table makes a 412.
+    result = await dashboard.client.apply(op_id, event, expected_revision=expected)
     if method == "cancel":
         result.raise_for_stale()  # a cancel of a finished operation is a 409, not a silent no-op
     found = _Found(_resource(dashboard, result.operation), result.revision, waitable=False)
