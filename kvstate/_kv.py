@@ -237,6 +237,14 @@ class KvStore:
         entry = await self._last_message(key, direct=self.direct and not leader)
         return None if entry is None or entry.deleted else entry
 
+    async def last_revision(self, pattern: str) -> int:
+        """The stream sequence of the latest message on keys matching ``pattern`` (markers too); 0 if none.
+
+        A leader-routed read: a replica's direct get could answer with an older one.
+        """
+        entry = await self._last_message(pattern, direct=False)
+        return 0 if entry is None else entry.revision
+
     async def get_revision(self, key: str, revision: int) -> KvEntry | None:
         """Revision ``revision`` of ``key``; None when it is gone or belongs to another key."""
 

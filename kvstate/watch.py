@@ -37,7 +37,8 @@ class Change:
 
     ``operation`` is None when the key was removed (``deleted``) or holds a value that
     is not an operation (``error``, only delivered with ``include_corrupt=True``).
-    ``initial`` marks the changes that replay the bucket's state when the watch starts.
+    ``initial`` marks the changes that replay the bucket's state when the watch starts;
+    ``last_initial`` the last of them.
     """
 
     op_id: str
@@ -46,6 +47,7 @@ class Change:
     deleted: bool = False
     error: CorruptValue | None = None
     initial: bool = False
+    last_initial: bool = False
 
 
 class Watcher:
@@ -71,7 +73,14 @@ class Watcher:
         self._last_seq = 0
         self._sub: JetStreamContext.PushSubscription | None = None
         self._supervisor: asyncio.Task[None] | None = None
-        self._initial_pending = 0
+        self._replaying = include_existing
+        """True until the last replayed message has arrived"""
+        self._queued = 0
+        """changes put in the queue"""
+        self._taken = 0
+        """changes handed out by __anext__"""
+        self._replay_queued: int | None = None
+        """how many of the queued changes belong to the replay, once its last message arrived"""
         self._initial_done = asyncio.Event()
         self._closed = False
         self._on_stop = on_stop
@@ -79,7 +88,12 @@ class Watcher:
 
     @property
     def initial_done(self) -> asyncio.Event:
-        """Set once every existing key has been delivered (or at once without include_existing)."""
+        """Set once the consumer has taken the last replayed change (or at once when there is none).
+
+        Set as ``__anext__`` hands out the change marked ``last_initial``, so a task waiting
+        for it runs only after the consumer's next await: with ``async for`` that is once
+        the consumer applied the change and asked for the next one.
+        """
         return self._initial_done
 
     async def start(self) -> Self:
@@ -96,37 +110,46 @@ class Watcher:
     async def _subscribe(self, start_seq: int | None) -> None:
         sub = await self._store.subscribe(self._pattern, self._on_message, start_sequence=start_seq)
         self._sub = sub
-        if start_seq is None and not self._initial_done.is_set():
+        if start_seq is None and self._replaying:
             info = await sub.consumer_info()
             if info.num_pending == 0 and (info.delivered is None or info.delivered.consumer_seq == 0):
-                self._initial_done.set()  # nothing to replay: no message will come to say so
+                self._replay_ended()  # nothing to replay: no message will come to say so
 
     async def _on_message(self, msg: Msg) -> None:
         entry = self._store.decode_message(msg)
         if entry.revision <= self._last_seq:
             return  # already delivered before a resubscribe
-        initial = not self._initial_done.is_set()
-        change = self._change(entry, initial)
+        initial = self._replaying
+        last = initial and msg.metadata.num_pending == 0
+        change = self._change(entry, initial, last)
         if change is not None:
             # A resubscribe cancels a put blocked on a full queue: the sequence counts as
             # delivered only once the change is queued, so the new consumer sends it again.
             await self._queue.put(change)
+            self._queued += 1
         self._last_seq = entry.revision
-        if initial and msg.metadata.num_pending == 0:
-            self._initial_done.set()
+        if last:
+            self._replay_ended()
 
-    def _change(self, entry: KvEntry, initial: bool) -> Change | None:
+    def _replay_ended(self) -> None:
+        """The last replayed message arrived: ``initial_done`` waits until the consumer took every replayed change."""
+        self._replaying = False
+        self._replay_queued = self._queued
+        if self._taken >= self._queued:
+            self._initial_done.set()  # taken already (the last replayed value was skipped), or nothing to take
+
+    def _change(self, entry: KvEntry, initial: bool, last: bool) -> Change | None:
         op_id = operation_id_from_key(entry.key) or entry.key
         if entry.value is None:
-            return Change(op_id, entry.revision, None, deleted=True, initial=initial)
+            return Change(op_id, entry.revision, None, deleted=True, initial=initial, last_initial=last)
         try:
             op = decode_operation(entry.key, entry.revision, entry.value)
         except CorruptValue as exc:
             log.warning("skipping corrupt value in watch: %s", exc)
             if not self._include_corrupt:
                 return None
-            return Change(op_id, entry.revision, None, error=exc, initial=initial)
-        return Change(op_id, entry.revision, op, initial=initial)
+            return Change(op_id, entry.revision, None, error=exc, initial=initial, last_initial=last)
+        return Change(op_id, entry.revision, op, initial=initial, last_initial=last)
 
     async def _supervise(self) -> None:
         """Resubscribe from the last delivered sequence when the consumer is gone or stuck.
@@ -197,6 +220,9 @@ class Watcher:
         if isinstance(item, StopAsyncIteration):
             raise item
         assert isinstance(item, Change)
+        self._taken += 1
+        if self._replay_queued is not None and self._taken >= self._replay_queued:
+            self._initial_done.set()
         return item
 
     async def __aenter__(self) -> Self:
