@@ -11,7 +11,7 @@ from archiver_support import ROWS_PIPELINE
 from hypothesis import given
 from hypothesis import strategies as st
 
-from archiver.batch import needs_decoding, peek_status
+from archiver.classify import needs_decoding, peek_status
 from archiver.rows import failed_stage
 from kvstate import FailStage, OpStatus, StartStage, SucceedStage, apply_event, new_operation
 from kvstate._kv import is_removal_marker

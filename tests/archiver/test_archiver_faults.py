@@ -25,12 +25,11 @@ from archiver_support import (
     stop_child,
     succeed_all,
 )
-from nats.aio.msg import Msg
 
 from archiver.read import ArchiveReader
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver, ArchiverHooks
-from kvstate import BucketNotFound, Client, OpStatus, Settings
+from kvstate import BucketNotFound, Client, FeedMessage, OpStatus, Settings
 from kvstate.servers import NatsServer, PostgresServer
 
 pytestmark = pytest.mark.slow
@@ -73,7 +72,7 @@ async def test_crash_after_commit_before_ack_is_redelivered_as_duplicates(
     ids = await finished_ops(client, 250)
     committed: list[int] = []
 
-    async def crash_on_second_batch(messages: Sequence[Msg]) -> None:
+    async def crash_on_second_batch(messages: Sequence[FeedMessage]) -> None:
         committed.append(len(messages))
         if len(committed) == 2:
             raise SimulatedCrash("after commit, before ack")

@@ -10,11 +10,10 @@ from collections.abc import Awaitable, Callable, Sequence
 import httpx
 import pytest
 from archiver_support import assert_exactly_once, eventually, finished_ops, row_count
-from nats.aio.msg import Msg
 
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver, ArchiverHooks
-from kvstate import Client
+from kvstate import Client, FeedMessage
 from kvstate.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -69,7 +68,7 @@ async def test_healthz_says_stalled_while_messages_wait_and_nothing_progresses(
     settings = dataclasses.replace(archiver_settings, stall_after=1.0, metrics_port=free_port())
     release = asyncio.Event()
 
-    async def hold(messages: Sequence[Msg]) -> None:
+    async def hold(messages: Sequence[FeedMessage]) -> None:
         await release.wait()  # committed, not acknowledged: the messages wait
 
     ids = await finished_ops(client, 5)
@@ -130,7 +129,7 @@ async def test_an_ack_that_fails_after_the_commit_is_counted_and_the_archiver_ca
     ids = await finished_ops(client, 30)
     hooked: list[int] = []
 
-    async def lose_nats(messages: Sequence[Msg]) -> None:
+    async def lose_nats(messages: Sequence[FeedMessage]) -> None:
         if not hooked:
             hooked.append(len(messages))
             await archiver.client.store.nc.close()  # the connection is gone between commit and ack

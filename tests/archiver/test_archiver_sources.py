@@ -18,14 +18,13 @@ import asyncpg
 import msgspec
 import pytest
 from archiver_support import assert_exactly_once, eventually, live_ids, succeed_all
-from nats.aio.msg import Msg
 
 from archiver.read import ArchiveReader
 from archiver.rows import row_for
 from archiver.settings import ArchiverSettings
 from archiver.store import ArchiveStore
 from archiver.worker import Archiver, ArchiverHooks
-from kvstate import Client, OpStatus, Settings
+from kvstate import Client, FeedMessage, OpStatus, Settings
 from kvstate.servers import PostgresServer
 from tests.conftest import PIPELINE
 
@@ -142,7 +141,7 @@ async def test_a_commit_survives_a_postgres_crash_right_after_it_although_the_se
         await client.cancel(op.id, reason="test")
         crashed: list[int] = []
 
-        async def crash_postgres(messages: Sequence[Msg]) -> None:
+        async def crash_postgres(messages: Sequence[FeedMessage]) -> None:
             assert pg.proc is not None
             os.killpg(pg.proc.pid, signal.SIGKILL)  # the whole server, as a power cut would
             pg.proc.wait(10)
