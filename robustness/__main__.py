@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import pkgutil
 import shutil
 import sys
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the scenarios' work directories")
     parser.add_argument("--keep", action="store_true", help="keep the work directories (logs, recorded calls)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     names = list(scenarios) if args.scenario == ["all"] else args.scenario
     unknown = [name for name in names if name not in scenarios]
     if unknown:

@@ -140,29 +140,7 @@ def check(calls: Iterable[Call], chains: Mapping[str, Sequence[Stored]], *, wind
             continue
         attempted[call.key].add(call.token)
         where = introduced.get(call.key, {}).get(call.token)
-        if call.outcome == "ok":
-            report.acked += 1
-            if call.op == "cas" and call.revision is not None:
-                other = acked_revisions.setdefault((call.key, call.revision), call.token)
-                if other != call.token:
-                    report.forks += 1
-                    report.note(f"{call.key}@{call.revision} acknowledged to both {other} and {call.token}")
-            if where is None:
-                report.lost += 1
-                report.note(f"{call.key}: {call.op} {call.token} acknowledged at {call.revision}, not stored")
-            elif call.key in cas_keys and call.revision is not None and where != call.revision:
-                report.forks += 1
-                report.note(f"{call.key}: {call.token} acknowledged at {call.revision}, stored at {where}")
-        elif call.outcome == "conflict" and call.key in cas_keys:
-            if where is not None:  # a single refused compare-and-set must not be stored
-                report.refused_but_stored += 1
-                report.note(f"{call.key}: {call.token} refused as a conflict, stored at {where}")
-        else:  # unknown, error, and a kvstate update's conflict (its earlier attempts may have landed)
-            report.ambiguous += 1
-            if where is None:
-                report.ambiguous_absent += 1
-            else:
-                report.ambiguous_applied += 1
+        _check_call(call, where, call.key in cas_keys, acked_revisions, report)
 
     for key, tokens in introduced.items():
         for token, revision in tokens.items():
@@ -170,6 +148,36 @@ def check(calls: Iterable[Call], chains: Mapping[str, Sequence[Stored]], *, wind
                 report.phantom += 1
                 report.note(f"{key}@{revision}: {token} stored but never attempted")
     return report
+
+
+def _check_call(
+    call: Call, where: int | None, cas: bool, acked_revisions: dict[tuple[str, int], str], report: CheckReport
+) -> None:
+    """One call against the revision that introduced its token (``where``, None: not stored)."""
+    token = call.token
+    if call.outcome == "ok":
+        report.acked += 1
+        if call.op == "cas" and call.revision is not None and token is not None:
+            other = acked_revisions.setdefault((call.key, call.revision), token)
+            if other != token:
+                report.forks += 1
+                report.note(f"{call.key}@{call.revision} acknowledged to both {other} and {token}")
+        if where is None:
+            report.lost += 1
+            report.note(f"{call.key}: {call.op} {token} acknowledged at {call.revision}, not stored")
+        elif cas and call.revision is not None and where != call.revision:
+            report.forks += 1
+            report.note(f"{call.key}: {token} acknowledged at {call.revision}, stored at {where}")
+    elif call.outcome == "conflict" and cas:
+        if where is not None:  # a single refused compare-and-set must not be stored
+            report.refused_but_stored += 1
+            report.note(f"{call.key}: {token} refused as a conflict, stored at {where}")
+    else:  # unknown, error, and a kvstate update's conflict (its earlier attempts may have landed)
+        report.ambiguous += 1
+        if where is None:
+            report.ambiguous_absent += 1
+        else:
+            report.ambiguous_applied += 1
 
 
 @dataclass

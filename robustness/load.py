@@ -136,6 +136,8 @@ def call_figures(calls: Sequence[Call]) -> dict[str, int]:
         "errors": sum(c.outcome == "error" for c in calls),
         "bucket_errors": sum(c.error in ("BucketError", "BucketNotFound") for c in calls),
     }
+    for outcome, count in Counter(c.result for c in writes if c.op != "cas" and c.result).items():
+        figures[f"updates_{outcome}"] = count  # kvstate's applied / duplicate / stale
     codes = Counter(c.code for c in writes if c.outcome == "conflict")
     figures["conflicts_10071"] = codes.get(10071, 0)
     figures["conflicts_10164"] = codes.get(10164, 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import random
 import sys
@@ -304,6 +305,7 @@ def _write_spec(spec: WorkerSpec, workdir: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     """Entry of ``python -m robustness.worker SPEC.json``: prints the counts as JSON."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     spec = msgspec.json.decode(Path(argv[0]).read_bytes(), type=WorkerSpec)
     counts = asyncio.run(run_worker(spec))
     print(json.dumps(counts), flush=True)
