@@ -21,11 +21,10 @@ from typing import Any
 import msgspec
 
 from archiver import runtime
-from archiver.errors import InvalidQuery
+from archiver.errors import ArchiveUnavailable, InvalidQuery
 from archiver.read import ArchivedOperation, ArchivePage, ArchiveReader
 from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
-from archiver.store import DATABASE_ERRORS
 from archiver.worker import Archiver
 from kvstate.errors import ConfigurationError, KvstateError, ValidationError
 
@@ -218,7 +217,7 @@ def _cmd_archive(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     except (InvalidQuery, ValidationError) as exc:
         sys.stderr.write(f"kvstate archive: {exc}\n")
         return 2
-    except DATABASE_ERRORS as exc:
+    except ArchiveUnavailable as exc:
         sys.stderr.write(f"kvstate archive: cannot read the archive at {settings.database_url}: {exc}\n")
         return 1
 

@@ -12,6 +12,10 @@ shown, so pages never skip or repeat rows while new operations are archived.
 An id reused by a re-created bucket (or by another bucket archived into the same
 database) has one row per source: ``get`` returns the newest finished of them,
 ``snapshots`` all of them, and searches list each.
+
+Errors are the archiver's own: ``ArchiveUnavailable`` (with PostgreSQL's detail and hint)
+when PostgreSQL cannot be reached or fails, ``InvalidQuery`` / ``InvalidPageToken`` for
+arguments; asyncpg's and the socket's errors never leave this module.
 """
 
 from __future__ import annotations
@@ -26,12 +30,20 @@ import asyncpg
 import msgspec
 
 import kvstate
-from archiver._pg import init_connection
-from archiver.errors import InvalidPageToken, InvalidQuery
+from archiver._pg import database_errors, init_connection
+from archiver.errors import ArchiveUnavailable, InvalidPageToken, InvalidQuery
 from archiver.rows import operation_from_record
 from kvstate.keys import validate_id
 
-__all__ = ["MAX_LIMIT", "ArchivePage", "ArchiveReader", "ArchivedOperation", "InvalidPageToken", "InvalidQuery"]
+__all__ = [
+    "MAX_LIMIT",
+    "ArchivePage",
+    "ArchiveReader",
+    "ArchiveUnavailable",
+    "ArchivedOperation",
+    "InvalidPageToken",
+    "InvalidQuery",
+]
 
 MAX_LIMIT = 500
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -130,11 +142,12 @@ class ArchiveReader:
 
     @classmethod
     def connect(cls, dsn: str, *, max_size: int = 4) -> AbstractAsyncContextManager[ArchiveReader]:
-        """An async context manager that opens a pool on ``dsn`` and closes it on exit."""
+        """An async context manager that opens a pool on ``dsn`` and closes it on exit (else ArchiveUnavailable)."""
 
         @asynccontextmanager
         async def reader() -> AsyncIterator[ArchiveReader]:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=init_connection)
+            with database_errors("cannot connect to the archive"):
+                pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, init=init_connection)
             try:
                 yield cls(pool)
             finally:
@@ -151,11 +164,18 @@ class ArchiveReader:
         """Every archived snapshot of ``op_id``, newest finished first: one per bucket incarnation
         that used the id (usually one)."""
         validate_id(op_id)
-        async with self._pool.acquire() as conn:
-            records = await conn.fetch(
-                _SELECT + " WHERE id = $1 ORDER BY finished_at DESC, source DESC LIMIT $2", op_id, limit
-            )
+        records = await self._fetch(
+            "cannot read the archive",
+            _SELECT + " WHERE id = $1 ORDER BY finished_at DESC, source DESC LIMIT $2",
+            op_id,
+            limit,
+        )
         return [_archived(r) for r in records]
+
+    async def _fetch(self, what: str, query: str, *args: object) -> list[asyncpg.Record]:
+        with database_errors(what):
+            async with self._pool.acquire() as conn:
+                return await conn.fetch(query, *args)
 
     async def search(
         self,
@@ -180,53 +200,19 @@ class ArchiveReader:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise InvalidQuery(f"limit must be between 1 and {MAX_LIMIT}, got {limit!r}")
-        where: list[str] = []
-        args: list[object] = []
+        where, args = _filters(
+            status, failed_stage, pipeline, id_prefix, finished_after, finished_before, metadata, page_token
+        )
 
         def arg(value: object) -> str:
             args.append(value)
             return f"${len(args)}"
 
-        if status:
-            statuses = [str(s) for s in status]
-            unknown = sorted(set(statuses) - set(TERMINAL_STATUSES))
-            if unknown:
-                raise InvalidQuery(
-                    f"unknown status {', '.join(unknown)}: the archive holds {', '.join(TERMINAL_STATUSES)}"
-                )
-            where.append(f"status = ANY({arg(statuses)}::text[])")
-            if "succeeded" not in statuses:  # lets the planner use the partial status index
-                where.append("status <> 'succeeded'")
-        if failed_stage is not None:
-            where.append(f"failed_stage = {arg(failed_stage)}")
-        if pipeline is not None:
-            where.append(f"pipeline = {arg(pipeline)}")
-        if id_prefix:
-            validate_id(id_prefix, "id prefix")
-            where.append(f"id LIKE {arg(_like_prefix(id_prefix))}")
-        if finished_after is not None:
-            where.append(f"finished_at >= {arg(_aware(finished_after, 'finished_after'))}")
-        if finished_before is not None:
-            where.append(f"finished_at < {arg(_aware(finished_before, 'finished_before'))}")
-        if metadata:
-            if not isinstance(metadata, Mapping):
-                raise InvalidQuery("metadata must be a JSON object")
-            try:
-                encoded = msgspec.json.encode(dict(metadata))
-            except (TypeError, ValueError) as exc:
-                raise InvalidQuery(f"metadata is not JSON: {exc}") from exc
-            where.append(f"metadata @> {arg(encoded)}::jsonb")
-        if page_token is not None:
-            after = _decode_token(page_token)
-            where.append(
-                f"(finished_at, id, source) < ({arg(after.finished_at)}, {arg(after.id)}, {arg(after.source)})"
-            )
         query = _SELECT
         if where:
             query += " WHERE " + " AND ".join(where)
         query += f" ORDER BY finished_at DESC, id DESC, source DESC LIMIT {arg(limit + 1)}"
-        async with self._pool.acquire() as conn:
-            records = await conn.fetch(query, *args)
+        records = await self._fetch("cannot search the archive", query, *args)
         items = [_archived(r) for r in records[:limit]]
         next_token = None
         if len(records) > limit:
@@ -237,10 +223,61 @@ class ArchiveReader:
 
     async def dead_letters(self, limit: int = 50) -> list[dict[str, object]]:
         """The newest dead letters: key, revision, error, received_at and the first 512 raw bytes."""
-        async with self._pool.acquire() as conn:
-            records = await conn.fetch(
-                "SELECT key, revision, error, received_at, substring(raw FROM 1 FOR 512) AS raw "
-                "FROM archive_dead_letters ORDER BY received_at DESC, key LIMIT $1",
-                limit,
-            )
+        records = await self._fetch(
+            "cannot read the dead letters",
+            "SELECT key, revision, error, received_at, substring(raw FROM 1 FOR 512) AS raw "
+            "FROM archive_dead_letters ORDER BY received_at DESC, key LIMIT $1",
+            limit,
+        )
         return [dict(r) for r in records]
+
+
+def _filters(
+    status: Sequence[str] | None,
+    failed_stage: str | None,
+    pipeline: str | None,
+    id_prefix: str | None,
+    finished_after: datetime | None,
+    finished_before: datetime | None,
+    metadata: Mapping[str, object] | None,
+    page_token: str | None,
+) -> tuple[list[str], list[object]]:
+    """The WHERE conditions of a search and their arguments ($1, $2, ... in order)."""
+    where: list[str] = []
+    args: list[object] = []
+
+    def arg(value: object) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if status:
+        statuses = [str(s) for s in status]
+        unknown = sorted(set(statuses) - set(TERMINAL_STATUSES))
+        if unknown:
+            raise InvalidQuery(f"unknown status {', '.join(unknown)}: the archive holds {', '.join(TERMINAL_STATUSES)}")
+        where.append(f"status = ANY({arg(statuses)}::text[])")
+        if "succeeded" not in statuses:  # lets the planner use the partial status index
+            where.append("status <> 'succeeded'")
+    if failed_stage is not None:
+        where.append(f"failed_stage = {arg(failed_stage)}")
+    if pipeline is not None:
+        where.append(f"pipeline = {arg(pipeline)}")
+    if id_prefix:
+        validate_id(id_prefix, "id prefix")
+        where.append(f"id LIKE {arg(_like_prefix(id_prefix))}")
+    if finished_after is not None:
+        where.append(f"finished_at >= {arg(_aware(finished_after, 'finished_after'))}")
+    if finished_before is not None:
+        where.append(f"finished_at < {arg(_aware(finished_before, 'finished_before'))}")
+    if metadata:
+        if not isinstance(metadata, Mapping):
+            raise InvalidQuery("metadata must be a JSON object")
+        try:
+            encoded = msgspec.json.encode(dict(metadata))
+        except (TypeError, ValueError) as exc:
+            raise InvalidQuery(f"metadata is not JSON: {exc}") from exc
+        where.append(f"metadata @> {arg(encoded)}::jsonb")
+    if page_token is not None:
+        after = _decode_token(page_token)
+        where.append(f"(finished_at, id, source) < ({arg(after.finished_at)}, {arg(after.id)}, {arg(after.source)})")
+    return where, args

@@ -29,19 +29,10 @@ from typing import Self
 import asyncpg
 
 from archiver import migrations
-from archiver._pg import init_connection
-from archiver.errors import ArchiveUnavailable
+from archiver._pg import DATABASE_ERRORS, database_error, init_connection
 from archiver.rows import COLUMNS, ArchiveRow
 
 __all__ = ["DATABASE_ERRORS", "ArchiveStore", "DeadLetter", "WriteResult", "database_error"]
-
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
-"""What a lost, restarting or refusing PostgreSQL raises (caught by class, never by text)."""
 
 _STAGING = "archive_staging"
 _UPDATABLE = [c for c in COLUMNS if c not in ("id", "source")]
@@ -90,15 +81,6 @@ class WriteResult:
     """(id, source, revision) of every row the archive holds at exactly that revision after the
     commit: written now, or a replay of the revision already archived. Rows refused because a
     newer revision is archived are not in it."""
-
-
-def database_error(exc: BaseException, what: str) -> ArchiveUnavailable:
-    """``exc`` (one of DATABASE_ERRORS) as an ArchiveUnavailable carrying PostgreSQL's detail and hint."""
-    return ArchiveUnavailable(
-        f"{what}: {type(exc).__name__}: {exc}",
-        detail=getattr(exc, "detail", None),
-        hint=getattr(exc, "hint", None),
-    )
 
 
 async def _init_writer(conn: asyncpg.Connection) -> None:

@@ -3,8 +3,8 @@
 The archive is optional: without DATABASE_URL the archive pages say it is not
 configured; when PostgreSQL cannot be reached they say so and the dashboard tries to
 connect again on a later request (at most every ``retry_after`` seconds). The reader
-lets asyncpg's and the socket's errors through untranslated, so they are recognised
-here (by class) and become ``dashboard.errors.ArchiveUnavailable``.
+raises only archiver errors: its ``ArchiveUnavailable`` becomes
+``dashboard.errors.ArchiveUnavailable`` here.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
-
 from archiver import errors as archiver_errors
 from dashboard.errors import ArchiveUnavailable, BadQuery
 
@@ -30,10 +28,7 @@ __all__ = ["ArchiveAccess"]
 log = logging.getLogger("dashboard.archive")
 
 _UNREACHABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
+    TimeoutError,  # the connect timeout of this module
     archiver_errors.ArchiveUnavailable,
 )
 
@@ -82,7 +77,7 @@ class ArchiveAccess:
             self._problem = None
         except _UNREACHABLE as exc:
             self._reader = None
-            self._problem = f"PostgreSQL is unreachable ({type(exc).__name__}: {exc})"
+            self._problem = f"PostgreSQL is unreachable ({exc or type(exc).__name__})"
             log.warning("archive unavailable: %s", self._problem)
 
     async def close(self) -> None:
@@ -144,5 +139,5 @@ class ArchiveAccess:
             raise self._lost(exc) from exc
 
     def _lost(self, exc: BaseException) -> ArchiveUnavailable:
-        self._problem = f"PostgreSQL is unreachable ({type(exc).__name__}: {exc})"
+        self._problem = f"PostgreSQL is unreachable ({exc or type(exc).__name__})"
         return ArchiveUnavailable(self._problem)

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 from archiver_support import ROWS_PIPELINE
 
-from archiver.errors import InvalidPageToken, InvalidQuery
+from archiver.errors import ArchiveUnavailable, InvalidPageToken, InvalidQuery
 from archiver.read import ArchiveReader
 from archiver.rows import row_for
 from archiver.store import ArchiveStore
@@ -144,3 +144,31 @@ async def test_minority_status_searches_use_the_partial_status_index(archive: Ar
     assert {i.id for i in both.items} == {f"op{i:02d}" for i in range(25) if i % 3}
     succeeded = await archive.search(status=["succeeded"], limit=100)
     assert {i.id for i in succeeded.items} == {f"op{i:02d}" for i in range(0, 25, 3)} | {"tie-a", "tie-b"}
+
+
+async def test_an_unreachable_archive_raises_archive_unavailable_not_asyncpg_errors() -> None:
+    from kvstate.servers import free_port
+
+    with pytest.raises(ArchiveUnavailable) as info:
+        async with ArchiveReader.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/none"):
+            pass
+    assert isinstance(info.value.__cause__, OSError)  # the socket's error, chained
+    assert "cannot connect to the archive" in str(info.value)
+
+
+async def test_a_connection_lost_under_the_reader_raises_archive_unavailable(
+    archive: ArchiveReader, database_url: str
+) -> None:
+    admin = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    name = database_url.rsplit("/", 1)[1]
+    try:
+        # the reader's connections die and no new one is let in (a restarting or lost server)
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
+        with pytest.raises(ArchiveUnavailable) as info:
+            await archive.search(limit=5)
+        assert isinstance(info.value.__cause__, Exception)  # asyncpg's error, chained
+        assert "cannot search the archive" in str(info.value)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await admin.close()
