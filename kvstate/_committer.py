@@ -65,6 +65,8 @@ _LANDED = "applied by this call's earlier write, whose acknowledgement was lost"
 class RevisionCache:
     """The last operation (with its revision) this process saw per key, bounded, oldest evicted first.
 
+    Only operations still in flight are kept: a finished one is dropped as soon as it is seen.
+
     Updates start from the cached state instead of reading first; a stale entry costs one
     conflict and a re-read, never a lost update. Operations are immutable values (frozen
     Structs whose dicts are never mutated in place), so caching the decoded value is safe.
@@ -80,6 +82,11 @@ class RevisionCache:
     def remember(self, key: str, op: Operation) -> None:
         entries = self._entries
         entries.pop(key, None)
+        if op.done:
+            # A finished operation takes no more stage events (a late one is stale, and a
+            # stale answer from the cache is checked with the leader anyway): keeping it
+            # would only hold memory, about 3.5 KB per operation, until it is evicted.
+            return
         entries[key] = op
         if len(entries) > self.max_entries:
             del entries[next(iter(entries))]

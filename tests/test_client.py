@@ -614,3 +614,16 @@ async def test_a_retried_conditional_write_that_landed_is_a_duplicate_not_a_mism
     assert first.outcome is Outcome.APPLIED and again.outcome is Outcome.DUPLICATE
     with pytest.raises(RevisionMismatch):
         await client.apply(op.id, MergeMetadata(patch={"k": 2}, event_id="other"), expected_revision=op.revision)
+
+
+async def test_the_revision_cache_keeps_only_operations_in_flight(client: Client) -> None:
+    """A service's memory stays flat: a finished operation leaves the cache when it finishes."""
+    running = await client.create("orders")
+    done = await client.create("orders")
+    await client.start(running.id, "ingest")
+    assert client.stats["cached"] == 2
+    await client.cancel(done.id)
+    assert client.stats["cached"] == 1
+    late = await client.start(done.id, "ingest")  # read again, from the leader: still the right answer
+    assert late.outcome is Outcome.STALE
+    assert client.stats["cached"] == 1
