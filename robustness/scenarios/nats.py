@@ -298,12 +298,14 @@ async def t10(options: RunOptions) -> ScenarioResult:
             caught_up = await _caught_up(history, last, within=30.0)
             result.require(caught_up, f"a watcher did not reach the last revision {last} within 30 s")
             # A consumer a watcher left behind when it resubscribed lingers until the server's
-            # inactivity threshold (60 s) removes it: wait for that, then count.
+            # inactivity threshold (60 s) removes it: at full length wait for that, then count
+            # exactly; a short run waits 20 s and only requires a consumer for each watcher.
             waited = time.monotonic()
-            live = await _consumers(observer, want=2, within=90.0)
+            full = options.seconds is None
+            live = await _consumers(observer, want=2, within=90.0 if full else 20.0)
             result.figures["consumers_with_2_watchers"] = live
             result.figures["consumers_back_to_2_after_s"] = round(time.monotonic() - waited, 1)
-            result.require(live == 2, f"{live} consumers on the stream with 2 live watchers")
+            result.require(live == 2 if full else live >= 2, f"{live} consumers on the stream with 2 live watchers")
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -89,7 +89,7 @@ async def test_t5_whole_cluster_crash_loses_nothing_acknowledged(tmp_path: Path)
     assert result.passed, result.failures
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 async def test_t10_watchers_on_two_nodes_stay_ordered_without_gaps(tmp_path: Path) -> None:
     result = await scenarios.t10(options(tmp_path, 10))
     assert result.passed, result.failures
