@@ -477,6 +477,17 @@ class KvStore:
                 inactive_threshold=60.0,
             )
 
+    async def release_consumer(self, sub: JetStreamContext.PushSubscription, timeout: float = 2.0) -> None:
+        """Unsubscribe ``sub`` and delete its consumer on the server (gone already, or the server
+        unreachable: nothing to do; the consumer then expires after its inactivity threshold)."""
+        name = getattr(sub, "_consumer", None)  # nats-py keeps the current name as an ordered consumer resets
+        with contextlib.suppress(Exception):  # the subscription may already be gone
+            await sub.unsubscribe()
+        if not name or self.nc.is_closed:
+            return
+        with contextlib.suppress(Exception):  # best effort: the inactivity threshold is the fallback
+            await asyncio.wait_for(self.js.delete_consumer(self.config.stream, name), timeout)
+
     def decode_message(self, msg: Msg) -> KvEntry:
         """A watch message as an entry."""
         meta = msg.metadata

@@ -85,6 +85,7 @@ class Watcher:
         self._closed = False
         self._on_stop = on_stop
         self.resubscribes = 0
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def initial_done(self) -> asyncio.Event:
@@ -186,6 +187,11 @@ class Watcher:
         log.info("watch %s; resubscribing from sequence %d", reason, self._last_seq + 1)
         with contextlib.suppress(Exception):  # the old subscription may already be gone
             await sub.unsubscribe()
+        # Its consumer would stay on the server until its inactivity threshold; delete it in
+        # the background (its node may be the one that is down).
+        task = asyncio.get_running_loop().create_task(self._store.release_consumer(sub))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
         try:
             await self._subscribe(self._last_seq + 1)
             self.resubscribes += 1
@@ -203,8 +209,9 @@ class Watcher:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
         if self._sub is not None and not self._store.nc.is_closed:
-            with contextlib.suppress(Exception):  # closing anyway
-                await self._sub.unsubscribe()
+            await self._store.release_consumer(self._sub)  # not left for the inactivity threshold
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
         with contextlib.suppress(asyncio.QueueFull):  # __anext__ stops once the queue is drained
             self._queue.put_nowait(StopAsyncIteration())
 

@@ -11,7 +11,16 @@ import time
 import pytest
 from nats.js.api import PersistMode
 
-from kvstate import BucketError, BucketNotFound, Client, ConnectionLostError, Outcome, Settings, StageStatus
+from kvstate import (
+    BucketError,
+    BucketNotFound,
+    Client,
+    ConnectionLostError,
+    Outcome,
+    Settings,
+    StageStatus,
+    WaitTimeout,
+)
 from kvstate.servers import NatsServer
 from kvstate.watch import Watcher
 from tests.conftest import PIPELINE
@@ -211,3 +220,18 @@ async def test_a_write_whose_acknowledgement_was_lost_reports_applied_not_duplic
     assert [t.event for t in result.operation.history].count("only-once") >= 1
     again = await client.start(op.id, "ingest", event_id="only-once")
     assert again.outcome is Outcome.DUPLICATE  # a real redelivery is still a duplicate
+
+
+async def test_a_stopped_watcher_leaves_no_consumer_on_the_server(client: Client) -> None:
+    """Each wait() opens a watch: its consumer must go when it stops, not 60 s later."""
+    stream = client.store.config.stream
+    before = (await client.store.info()).state.consumer_count
+    op = await client.create("orders")
+    for _ in range(5):
+        async with client.watch(op.id) as changes:
+            async for _change in changes:
+                break
+    with pytest.raises(WaitTimeout):
+        await client.wait(op.id, timeout=0.2)
+    after = (await client.store.js.stream_info(stream)).state.consumer_count
+    assert after == before
