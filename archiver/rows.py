@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 import asyncpg
 import msgspec
 
-from kvstate.model import CancelInfo, JSONObject, Operation, OpStatus, StageState, StageStatus, Transition
+from kvstate.derive import failed_stage
+from kvstate.model import CancelInfo, JSONObject, Operation, OpStatus, StageState, Transition
 
 __all__ = [
     "COLUMNS",
@@ -20,7 +21,6 @@ __all__ = [
     "HistoryEntry",
     "decode_history",
     "encode_history",
-    "failed_stage",
     "operation_from_record",
     "row_for",
 ]
@@ -76,26 +76,6 @@ class ArchiveRow(NamedTuple):
 
 
 COLUMNS: tuple[str, ...] = ArchiveRow._fields
-
-
-def failed_stage(op: Operation) -> str | None:
-    """The stage whose failure failed the operation (None unless it failed).
-
-    That is the stage that failed in the same event as the operation: an optional stage
-    that failed earlier did not fail it. When the bounded history no longer holds that
-    event, the first failed stage in pipeline order stands in.
-    """
-    if op.status is not OpStatus.FAILED:
-        return None
-    ending = next((t.event for t in reversed(op.history) if t.stage is None and t.to == OpStatus.FAILED.value), None)
-    if ending is not None:
-        for t in op.history:
-            if t.stage is not None and t.event == ending and t.to == StageStatus.FAILED.value:
-                return t.stage
-    for name, state in op.stages.items():
-        if state.status is StageStatus.FAILED:
-            return name
-    return None
 
 
 def row_for(op: Operation, archived_at: datetime, source: int = 0) -> ArchiveRow:

@@ -12,8 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from archiver.classify import needs_decoding, peek_status
-from archiver.rows import failed_stage
-from kvstate import FailStage, OpStatus, StartStage, SucceedStage, apply_event, new_operation
+from kvstate import FailStage, OpStatus, StartStage, SucceedStage, apply_event, failed_stage, new_operation
 from kvstate._kv import is_removal_marker
 from kvstate.codec import encode_operation
 
