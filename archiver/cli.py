@@ -22,7 +22,7 @@ import msgspec
 
 from archiver import runtime
 from archiver.errors import ArchiveUnavailable, InvalidQuery
-from archiver.read import ArchivedOperation, ArchivePage, ArchiveReader
+from archiver.read import TERMINAL_STATUSES, ArchivedOperation, ArchivePage, ArchiveReader
 from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
@@ -231,7 +231,7 @@ def register_archive(subparsers: Any) -> None:
     get.add_argument("id")
 
     search = actions.add_parser("search", help="archived operations, newest finished first")
-    search.add_argument("--status", action="append", choices=["succeeded", "failed", "cancelled"], help="repeatable")
+    search.add_argument("--status", action="append", choices=list(TERMINAL_STATUSES), help="repeatable")
     search.add_argument("--failed-stage", help="operations whose stage X failed")
     search.add_argument("--pipeline")
     search.add_argument("--id-prefix")

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 MAX_LIMIT = 500
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = tuple(sorted(status.value for status in kvstate.TERMINAL_STATUSES))
+"""the statuses an archived operation can have (kvstate.derive's terminal statuses)"""
 
 _SELECT = (
     "SELECT id, pipeline, status, failed_stage, created_at, updated_at, finished_at, duration, revision, "
