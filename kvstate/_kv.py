@@ -457,9 +457,18 @@ class KvStore:
                     await self.js.delete_consumer(self.config.stream, consumer)
 
     async def subscribe(
-        self, pattern: str, cb: Callable[[Msg], Awaitable[None]], *, start_sequence: int | None
+        self,
+        pattern: str,
+        cb: Callable[[Msg], Awaitable[None]],
+        *,
+        start_sequence: int | None,
+        timeout: float | None = None,
     ) -> JetStreamContext.PushSubscription:
-        """An ordered push consumer on ``pattern``: from ``start_sequence``, or each key's latest value."""
+        """An ordered push consumer on ``pattern``: from ``start_sequence``, or each key's latest value.
+
+        ``timeout``: seconds to wait for the consumer's creation (the store's timeout when None).
+        """
+        js = self.js if timeout is None else self.nc.jetstream(timeout=timeout)
         if start_sequence is None:
             config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
         else:
@@ -467,7 +476,7 @@ class KvStore:
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_sequence
             )
         with nats_errors(pattern, bucket_known=True):
-            return await self.js.subscribe(
+            return await js.subscribe(
                 self._prefix + pattern,
                 stream=self.config.stream,
                 cb=cb,
@@ -476,6 +485,15 @@ class KvStore:
                 idle_heartbeat=2.0,
                 inactive_threshold=60.0,
             )
+
+    async def consumer_alive(self, sub: JetStreamContext.PushSubscription, timeout: float) -> api.ConsumerInfo:
+        """The server's info on ``sub``'s current consumer, within ``timeout`` (kvstate errors otherwise)."""
+        name = getattr(sub, "_consumer", None)
+        with nats_errors(self.config.stream, bucket_known=True):
+            if not name:
+                return await sub.consumer_info()
+            info: api.ConsumerInfo = await self.js.consumer_info(self.config.stream, name, timeout=timeout)
+            return info
 
     async def release_consumer(self, sub: JetStreamContext.PushSubscription, timeout: float = 2.0) -> None:
         """Unsubscribe ``sub`` and delete its consumer on the server (gone already, or the server

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from kvstate._kv import KvEntry, KvStore
+from kvstate.backoff import Backoff
 from kvstate.codec import decode_operation
 from kvstate.errors import ClientClosedError, CorruptValue, KvstateError
 from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
@@ -29,6 +31,10 @@ from kvstate.model import Operation
 __all__ = ["Change", "Watcher"]
 
 log = logging.getLogger("kvstate.watch")
+
+_PROBE_TIMEOUT = 2.0
+"""seconds the supervisor waits for the consumer's info, or for a new consumer, before trying again"""
+_RESUBSCRIBE_BACKOFF = Backoff(first=0.2, cap=2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,7 @@ class Watcher:
         self._on_stop = on_stop
         self.resubscribes = 0
         self._releases: set[asyncio.Task[None]] = set()
+        self._probe_timeout = min(_PROBE_TIMEOUT, store.timeout)
 
     @property
     def initial_done(self) -> asyncio.Event:
@@ -108,8 +115,8 @@ class Watcher:
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         return self
 
-    async def _subscribe(self, start_seq: int | None) -> None:
-        sub = await self._store.subscribe(self._pattern, self._on_message, start_sequence=start_seq)
+    async def _subscribe(self, start_seq: int | None, timeout: float | None = None) -> None:
+        sub = await self._store.subscribe(self._pattern, self._on_message, start_sequence=start_seq, timeout=timeout)
         self._sub = sub
         if start_seq is None and self._replaying:
             info = await sub.consumer_info()
@@ -171,7 +178,7 @@ class Watcher:
             if sub is None:
                 continue
             try:
-                info = await sub.consumer_info()
+                info = await self._store.consumer_alive(sub, self._probe_timeout)
             except Exception as exc:  # noqa: BLE001 - any failure means: resubscribe
                 await self._resubscribe(sub, f"consumer lost ({exc})")
                 progress = -1
@@ -192,11 +199,21 @@ class Watcher:
         task = asyncio.get_running_loop().create_task(self._store.release_consumer(sub))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
-        try:
-            await self._subscribe(self._last_seq + 1)
+        # While a replicated stream elects its leader (4-9 s after one died) no consumer can be
+        # created: try again at once with short timeouts, not only at the next check, so changes
+        # flow again within a second or two of the election.
+        for tries in itertools.count(1):
+            if self._closed or self._store.nc.is_closed:
+                return
+            try:
+                await self._subscribe(self._last_seq + 1, timeout=self._probe_timeout)
+            except KvstateError as again:
+                if tries == 1 or tries % 10 == 0:
+                    log.warning("watch resubscribe failed (try %d), trying again: %s", tries, again)
+                await asyncio.sleep(_RESUBSCRIBE_BACKOFF.delay(tries))
+                continue
             self.resubscribes += 1
-        except KvstateError as again:
-            log.warning("watch resubscribe failed, will retry: %s", again)
+            return
 
     async def stop(self) -> None:
         """Stop delivering changes and release the consumer."""
