@@ -27,6 +27,7 @@ from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
 from kvstate.errors import ConfigurationError, KvstateError, ValidationError
+from kvstate.settings import environ_with
 
 __all__ = ["main", "register", "register_archive"]
 
@@ -34,12 +35,8 @@ log = logging.getLogger("archiver")
 
 
 def _environment(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
-    env = dict(environ)
-    for option, variable in (("nats_url", "NATS_URL"), ("bucket", "KVSTATE_BUCKET"), ("database_url", "DATABASE_URL")):
-        value = getattr(args, option, None)
-        if value:
-            env[variable] = value
-    return env
+    options = {"NATS_URL": "nats_url", "KVSTATE_BUCKET": "bucket", "DATABASE_URL": "database_url"}
+    return environ_with(environ, {variable: getattr(args, option, None) for variable, option in options.items()})
 
 
 def _configure_logging(verbose: bool) -> None:

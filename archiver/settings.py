@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
-from kvstate.settings import Settings, env_value, non_negative_float, positive_float, positive_int, tcp_port
+from kvstate.settings import (
+    Settings,
+    from_environ,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    setting,
+    tcp_port,
+)
 
 __all__ = ["ArchiverSettings"]
 
@@ -34,58 +41,52 @@ def _consumer(raw: str) -> str:
 class ArchiverSettings:
     """Settings of one archiver process (the kvstate ones are in ``kv``).
 
-    ========================= ============================================ ==========================================
-    variable                  default                                      meaning
-    ========================= ============================================ ==========================================
-    DATABASE_URL              postgresql://postgres@127.0.0.1:5432/kvstate the archive database
-    ARCHIVER_BATCH_SIZE       500                                          most rows per PostgreSQL transaction
-    ARCHIVER_BATCH_TIMEOUT    0.2                                          seconds a batch waits to fill up
-    ARCHIVER_GRACE_PERIOD     120                                          seconds a finished operation stays in
-                                                                           the bucket after it finished
-    ARCHIVER_CONSUMER         archiver                                     durable JetStream consumer (shared by
-                                                                           every archiver instance)
-    ARCHIVER_MARKER_TTL       300                                          seconds a removal marker stays
-    ARCHIVER_ACK_WAIT         30                                           seconds before an unacknowledged message
-                                                                           is delivered again
-    ARCHIVER_SWEEP_INTERVAL   60                                           seconds between sweeps of the bucket for
-                                                                           archived operations left behind
-    ARCHIVER_METRICS_PORT     9101                                         /metrics and /healthz port (0 = off)
-    ARCHIVER_METRICS_HOST     127.0.0.1                                    address the endpoint listens on
-    ARCHIVER_STALL_AFTER      60                                           seconds with messages pending and no
-                                                                           commit or ack before /healthz says not
-                                                                           ok (the consumer's own stall guard
-                                                                           restarts the pull sooner)
-    ========================= ============================================ ==========================================
-
-    Plus every variable of ``kvstate.Settings`` (NATS_URL, KVSTATE_BUCKET, ...).
+    Each field is declared once with ``kvstate.settings.setting`` (variable, default, parser,
+    meaning); docs/operations.md#configuration holds the table rendered from them. Plus every
+    variable of ``kvstate.Settings`` (NATS_URL, KVSTATE_BUCKET, ...) in ``kv``.
     """
 
     kv: Settings = field(default_factory=Settings)
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/kvstate"
-    batch_size: int = 500
-    batch_timeout: float = 0.2
-    grace_period: float = 120.0
-    consumer: str = "archiver"
-    marker_ttl: float = 300.0
-    ack_wait: float = 30.0
-    sweep_interval: float = 60.0
-    metrics_port: int = 9101
-    metrics_host: str = "127.0.0.1"
-    stall_after: float = 60.0
-
-    ENV: ClassVar[dict[str, str]] = {
-        "database_url": "DATABASE_URL",
-        "batch_size": "ARCHIVER_BATCH_SIZE",
-        "batch_timeout": "ARCHIVER_BATCH_TIMEOUT",
-        "grace_period": "ARCHIVER_GRACE_PERIOD",
-        "consumer": "ARCHIVER_CONSUMER",
-        "marker_ttl": "ARCHIVER_MARKER_TTL",
-        "ack_wait": "ARCHIVER_ACK_WAIT",
-        "sweep_interval": "ARCHIVER_SWEEP_INTERVAL",
-        "metrics_port": "ARCHIVER_METRICS_PORT",
-        "metrics_host": "ARCHIVER_METRICS_HOST",
-        "stall_after": "ARCHIVER_STALL_AFTER",
-    }
+    database_url: str = setting(
+        "DATABASE_URL",
+        "postgresql://postgres@127.0.0.1:5432/kvstate",
+        _database_url,
+        "PostgreSQL of the archive (archiver: must reach a PostgreSQL, it waits until it can; dashboard: "
+        "optional, enables archive pages; `kvstate up`: use this server instead of starting one)",
+    )
+    batch_size: int = setting("ARCHIVER_BATCH_SIZE", 500, positive_int, "rows per archive transaction, at most")
+    batch_timeout: float = setting("ARCHIVER_BATCH_TIMEOUT", 0.2, positive_float, "seconds a batch waits to fill")
+    grace_period: float = setting(
+        "ARCHIVER_GRACE_PERIOD",
+        120.0,
+        non_negative_float,
+        "seconds a finished operation stays in the bucket after archiving",
+    )
+    consumer: str = setting(
+        "ARCHIVER_CONSUMER",
+        "archiver",
+        _consumer,
+        "durable consumer name (archivers with the same name share the work)",
+    )
+    marker_ttl: float = setting("ARCHIVER_MARKER_TTL", 300.0, positive_float, "seconds before a removal marker expires")
+    ack_wait: float = setting(
+        "ARCHIVER_ACK_WAIT", 30.0, positive_float, "seconds before an unacknowledged message is redelivered"
+    )
+    sweep_interval: float = setting(
+        "ARCHIVER_SWEEP_INTERVAL",
+        60.0,
+        positive_float,
+        "seconds between sweeps for finished operations still in the bucket",
+    )
+    metrics_port: int = setting("ARCHIVER_METRICS_PORT", 9101, tcp_port, "port of /metrics and /healthz (0: off)")
+    metrics_host: str = setting("ARCHIVER_METRICS_HOST", "127.0.0.1", str, "address of /metrics and /healthz")
+    stall_after: float = setting(
+        "ARCHIVER_STALL_AFTER",
+        60.0,
+        positive_float,
+        "seconds with messages waiting (pending or unacknowledged) and no commit or ack before /healthz "
+        "reports `stalled` (503); the consumer's stall guard acts after a third of it",
+    )
 
     def __post_init__(self) -> None:
         if self.batch_size > 10_000:
@@ -98,17 +99,4 @@ class ArchiverSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ArchiverSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
-        return cls(
-            kv=Settings.from_env(environ),
-            database_url=env_value(environ, "DATABASE_URL", cls.database_url, _database_url),
-            batch_size=env_value(environ, "ARCHIVER_BATCH_SIZE", cls.batch_size, positive_int),
-            batch_timeout=env_value(environ, "ARCHIVER_BATCH_TIMEOUT", cls.batch_timeout, positive_float),
-            grace_period=env_value(environ, "ARCHIVER_GRACE_PERIOD", cls.grace_period, non_negative_float),
-            consumer=env_value(environ, "ARCHIVER_CONSUMER", cls.consumer, _consumer),
-            marker_ttl=env_value(environ, "ARCHIVER_MARKER_TTL", cls.marker_ttl, positive_float),
-            ack_wait=env_value(environ, "ARCHIVER_ACK_WAIT", cls.ack_wait, positive_float),
-            sweep_interval=env_value(environ, "ARCHIVER_SWEEP_INTERVAL", cls.sweep_interval, positive_float),
-            metrics_port=env_value(environ, "ARCHIVER_METRICS_PORT", cls.metrics_port, tcp_port),
-            metrics_host=env_value(environ, "ARCHIVER_METRICS_HOST", cls.metrics_host, str),
-            stall_after=env_value(environ, "ARCHIVER_STALL_AFTER", cls.stall_after, positive_float),
-        )
+        return from_environ(cls, environ, kv=Settings.from_env(environ))

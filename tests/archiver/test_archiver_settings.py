@@ -6,7 +6,7 @@ import pytest
 
 from archiver.settings import ArchiverSettings
 from kvstate.errors import ConfigurationError
-from kvstate.settings import env_variables
+from kvstate.settings import env_variables, setting_specs, settings_table
 
 
 def test_defaults_and_every_variable_parsed() -> None:
@@ -42,9 +42,9 @@ def test_defaults_and_every_variable_parsed() -> None:
 
 def test_the_documented_variables_are_the_ones_read() -> None:
     names = env_variables(ArchiverSettings)
-    assert names == set(ArchiverSettings.ENV.values())
-    doc = ArchiverSettings.__doc__ or ""
-    assert all(name in doc for name in names)
+    assert names == {spec.env for spec in setting_specs(ArchiverSettings).values()}
+    table = settings_table(ArchiverSettings)
+    assert all(f"`{name}`" in table for name in names)
 
 
 @pytest.mark.parametrize(
