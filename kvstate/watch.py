@@ -35,6 +35,8 @@ log = logging.getLogger("kvstate.watch")
 _PROBE_TIMEOUT = 2.0
 """seconds the supervisor waits for the consumer's info, or for a new consumer, before trying again"""
 _RESUBSCRIBE_BACKOFF = Backoff(first=0.2, cap=2.0)
+_RELEASE_WAIT = 3.0
+"""seconds stop() waits for the consumers it deletes (the server may be down)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +228,13 @@ class Watcher:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
         if self._sub is not None and not self._store.nc.is_closed:
-            await self._store.release_consumer(self._sub)  # not left for the inactivity threshold
+            # Not left for the inactivity threshold; but stopping never waits on the server
+            # for long (asyncio.wait returns at its timeout, whatever the task does).
+            release = asyncio.get_running_loop().create_task(self._store.release_consumer(self._sub))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
         if self._releases:
-            await asyncio.gather(*self._releases, return_exceptions=True)
+            await asyncio.wait(set(self._releases), timeout=_RELEASE_WAIT)
         with contextlib.suppress(asyncio.QueueFull):  # __anext__ stops once the queue is drained
             self._queue.put_nowait(StopAsyncIteration())
 
