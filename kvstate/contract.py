@@ -239,7 +239,11 @@ def write_contract(directory: Path) -> list[Path]:
 
 
 def _any_json(tp: type) -> dict[str, Any]:
-    """Metadata values are any JSON (``object`` in the model)."""
+    """msgspec's ``schema_hook``: metadata values are any JSON (``object`` in the model).
+
+    Raising NotImplementedError is the hook's protocol for "not mine": msgspec then reports
+    the type as unsupported, so a new custom type in the model fails loudly here.
+    """
     if tp is object:
         return {"description": "any JSON value"}
     raise NotImplementedError(f"no JSON Schema for {tp!r}")
