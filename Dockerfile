@@ -2,8 +2,10 @@
 # nats-server and PostgreSQL come from their official images (docker-compose.yml).
 FROM python:3.11-slim
 
+# The kvstate wheel is the client only; the server components run from /app (README "Packaging").
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONPATH=/app \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

@@ -56,11 +56,11 @@ from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.worker import ArchiveCounts, Archiver
 from bench.compare_servers import process_tree_cpu
+from devstack.servers import NatsServer, PostgresServer
 from kvstate import Client, Operation, Pipeline, Settings, StageSpec, apply_event, new_operation
 from kvstate.codec import encode_operation
 from kvstate.events import Event, FailStage, Heartbeat, MergeMetadata, SkipStage, StartStage, SucceedStage
 from kvstate.keys import operation_key
-from kvstate.servers import NatsServer, PostgresServer
 
 PIPELINE = Pipeline(
     name="orders",

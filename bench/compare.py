@@ -53,8 +53,8 @@ from bench.compare_servers import (
 )
 from bench.compare_systems import CarefulBaseline, KvstateSystem, NaiveBaseline, operation_view
 from bench.workload import OperationPlan, RunRecord, View, WorkloadOptions, load_pipeline, plan_workload, run_workload
+from devstack.servers import find_nats_server, find_postgres_bin
 from kvstate import Client, Pipeline, Settings
-from kvstate.servers import find_nats_server, find_postgres_bin
 
 __all__ = ["CompareOptions", "SystemResult", "evaluate_targets", "main", "run_comparison", "wait_until_archived"]
 

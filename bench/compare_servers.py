@@ -24,7 +24,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from kvstate.servers import NatsServer, PostgresServer, free_port
+from devstack.servers import NatsServer, PostgresServer, free_port
 
 __all__ = [
     "PAIRS",

@@ -35,11 +35,11 @@ from dashboard.query import parse_filter
 from dashboard.settings import DashboardSettings
 from dashboard.templating import Renderer, make_environment
 from dashboard.views import DashboardState, banner_context, operations_context, overview_context
+from devstack.servers import NatsServer
 from kvstate import Change, Client, Operation, Pipeline, Settings
 from kvstate.codec import decode_operation, encode_operation
 from kvstate.events import FailStage, Heartbeat, SkipStage, StartStage, SucceedStage
 from kvstate.machine import apply_event, new_operation
-from kvstate.servers import NatsServer
 
 PIPELINE = Pipeline.from_toml(Path(__file__).resolve().parents[1] / "demo" / "pipeline.toml")
 RARE_WORKER = "gpu-7"

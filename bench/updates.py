@@ -32,8 +32,8 @@ from pathlib import Path
 import asyncpg
 import nats
 
+from devstack.servers import NatsServer, PostgresServer
 from kvstate import Client, Pipeline, Settings
-from kvstate.servers import NatsServer, PostgresServer
 
 PIPELINE = Pipeline.from_toml(Path(__file__).resolve().parent.parent / "demo" / "pipeline.toml")
 STAGE_ORDER = [s for layer in PIPELINE.layers() for s in layer]

@@ -1,13 +1,12 @@
-"""Errors of the demo and the local stack, in one tree.
+"""Errors of the demo, in one tree.
 
 DemoError            base of everything below
-├── QueueError       the JetStream work queue could not be used (stream, consumer, publish)
-└── StackError       ``kvstate up`` could not start or keep a component running
+└── QueueError       the JetStream work queue could not be used (stream, consumer, publish)
 """
 
 from __future__ import annotations
 
-__all__ = ["DemoError", "QueueError", "StackError"]
+__all__ = ["DemoError", "QueueError"]
 
 
 class DemoError(Exception):
@@ -16,7 +15,3 @@ class DemoError(Exception):
 
 class QueueError(DemoError):
     """The work queue could not be opened, read or written; the NATS error is the cause."""
-
-
-class StackError(DemoError):
-    """A component of the local stack failed to start or stopped unexpectedly."""

@@ -47,6 +47,7 @@ __all__ = ["ENTRY_POINT_GROUP", "build_parser", "main"]
 
 ENTRY_POINT_GROUP = "kvstate.commands"
 _EXTRA_FOR = {"archiver": "archiver", "archive": "archiver", "dashboard": "dashboard", "demo": "demo", "up": "dev"}
+_SERVER_PACKAGES = frozenset({"archiver", "dashboard", "demo", "devstack"})
 
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
@@ -380,11 +381,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _missing_extra(name: str, error: Exception) -> Handler:
     extra = _EXTRA_FOR.get(name, name)
+    package = getattr(error, "name", None) or ""
+    if package.split(".")[0] in _SERVER_PACKAGES:
+        # the component itself is absent: the client wheel does not ship it (README "Packaging")
+        advice = (
+            "the server components are not part of the kvstate wheel; run them from the container image "
+            f"or a checkout (pip install -e '.[{extra}]')"
+        )
+    else:
+        advice = f"install its dependencies with pip install -e '.[{extra}]' in a checkout"
 
     def handler(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-        sys.stderr.write(
-            f"kvstate {name}: not available in this install ({error}); install it with pip install 'kvstate[{extra}]'\n"
-        )
+        sys.stderr.write(f"kvstate {name}: not available in this install ({error}); {advice}\n")
         return 2
 
     return handler
@@ -464,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
             register = ep.load()
             register(sub)
         except ImportError as exc:  # the plug-in's extra is not installed
-            missing = sub.add_parser(ep.name, help=f"(needs pip install 'kvstate[{_EXTRA_FOR.get(ep.name, ep.name)}]')")
+            extra = _EXTRA_FOR.get(ep.name, ep.name)
+            missing = sub.add_parser(
+                ep.name, help=f"(needs the server components: pip install -e '.[{extra}]' in a checkout)"
+            )
             missing.set_defaults(handler=_missing_extra(ep.name, exc))
     return parser
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import asyncpg
 
+from devstack.servers import NatsServer, PostgresServer, free_port, parent_death_signal
 from kvstate import Client, KvstateError, Pipeline, Settings, StageSpec
 from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
-from kvstate.servers import NatsServer, PostgresServer, free_port, parent_death_signal
 
 __all__ = [
     "PIPELINE",

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import asyncpg
 
+from devstack.servers import PostgresServer, free_port, parent_death_signal
 from kvstate import Client, KvstateError, Settings
-from kvstate.servers import PostgresServer, free_port, parent_death_signal
 from robustness.archive_harness import (
     ArchiverConfig,
     ArchiverProcess,

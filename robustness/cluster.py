@@ -11,7 +11,7 @@
 own per node, each node's store in its own directory); ``size=1`` a single node (for R1
 scenarios) with the same API. Every configuration written states ``sync_interval``.
 
-Nodes are ``kvstate.servers.NatsServer`` subclasses whose start does not block the event
+Nodes are ``devstack.servers.NatsServer`` subclasses whose start does not block the event
 loop: the process is started from the loop's thread (so ``die_with_parent`` ties it to the
 thread that lives as long as the run) and its log is polled with ``asyncio.sleep``.
 Only this module's own processes are ever signalled, by pid; a paused node is sent SIGCONT
@@ -35,8 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from devstack.servers import NatsServer, ServerStartError, free_port, parent_death_signal
 from kvstate import Settings
-from kvstate.servers import NatsServer, ServerStartError, free_port, parent_death_signal
 
 __all__ = ["Cluster", "ClusterError", "Node", "StreamState"]
 

@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from devstack.servers import NatsServer, PostgresServer
 from kvstate import Client, Pipeline, Settings, StageSpec
-from kvstate.servers import NatsServer, PostgresServer
 
 # Property tests share two cores with the servers: a slow example is load, not a bug, so
 # no per-example deadline (hypothesis would otherwise report a rerun under it as flaky).

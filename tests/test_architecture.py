@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTSIDE_KVSTATE = ("archiver", "dashboard", "demo", "bench", "robustness")
+OUTSIDE_KVSTATE = ("archiver", "dashboard", "demo", "devstack", "bench", "robustness")
 
 
 def imports(package: str) -> Iterator[tuple[Path, int, str]]:

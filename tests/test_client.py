@@ -10,6 +10,7 @@ import msgspec
 import nats
 import pytest
 
+from devstack.servers import NatsServer
 from kvstate import (
     BucketError,
     Client,
@@ -36,7 +37,6 @@ from kvstate import (
     ValueTooLarge,
     WaitTimeout,
 )
-from kvstate.servers import NatsServer
 from tests.conftest import PIPELINE
 
 
@@ -484,8 +484,8 @@ async def test_bucket_init_is_idempotent_and_configured(settings: Settings) -> N
 
 
 async def test_unreachable_server_is_a_clear_error() -> None:
+    from devstack.servers import free_port
     from kvstate import ConnectionLostError
-    from kvstate.servers import free_port
 
     with pytest.raises(ConnectionLostError, match="cannot connect"):
         async with Client(Settings(nats_url=f"nats://127.0.0.1:{free_port()}", timeout=1.0)):
@@ -495,8 +495,8 @@ async def test_unreachable_server_is_a_clear_error() -> None:
 async def test_server_without_jetstream_is_refused_at_connect(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import subprocess
 
+    from devstack.servers import find_nats_server, free_port
     from kvstate import ConnectionLostError, ServerVersionError
-    from kvstate.servers import find_nats_server, free_port
 
     port = free_port()
     proc = subprocess.Popen(

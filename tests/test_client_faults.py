@@ -11,6 +11,7 @@ import time
 import pytest
 from nats.js.api import PersistMode
 
+from devstack.servers import NatsServer
 from kvstate import (
     BucketError,
     BucketNotFound,
@@ -21,7 +22,6 @@ from kvstate import (
     StageStatus,
     WaitTimeout,
 )
-from kvstate.servers import NatsServer
 from kvstate.watch import Watcher
 from tests.conftest import PIPELINE
 

@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from devstack.servers import NatsServer
 from kvstate import (
     Cancel,
     Client,
@@ -64,7 +65,6 @@ from kvstate import (
 from kvstate.codec import decode_operation
 from kvstate.events import Event
 from kvstate.keys import operation_key
-from kvstate.servers import NatsServer
 from tests.conftest import PIPELINE
 
 STAGES = PIPELINE.stage_names

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.servers import NatsServer, free_port
 from kvstate import Client, ConflictError, ConnectionLostError, KvstateError, Outcome, Settings, StageStatus
-from kvstate.servers import NatsServer, free_port
 from tests.conftest import PIPELINE
 
 pytestmark = pytest.mark.slow

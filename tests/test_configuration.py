@@ -12,12 +12,12 @@ import yaml
 from archiver.settings import ArchiverSettings
 from dashboard.settings import DashboardSettings
 from demo.settings import DemoSettings
-from demo.stack import StackSettings
+from devstack.up import StackSettings
 from kvstate import ConfigurationError, Settings
 from kvstate.settings import env_variables, setting_specs, settings_table
 
 SETTINGS = (Settings, ArchiverSettings, DashboardSettings, DemoSettings, StackSettings)
-HARNESS = {"NATS_SERVER_BIN", "PG_BIN"}  # paths read by kvstate.servers, documented beside the settings
+HARNESS = {"NATS_SERVER_BIN", "PG_BIN"}  # paths read by devstack.servers, documented beside the settings
 NAMES_NOT_VARIABLES = {"DEMO_WORK"}  # the demo's stream name
 NOT_OURS = {
     "PYTHONASYNCIODEBUG",

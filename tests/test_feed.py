@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
+from devstack.servers import NatsServer
 from kvstate import (
     ChangeFeed,
     Client,
@@ -26,7 +27,6 @@ from kvstate import (
     KvstateError,
     Settings,
 )
-from kvstate.servers import NatsServer
 from tests.conftest import PIPELINE
 
 

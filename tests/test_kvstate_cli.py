@@ -90,7 +90,7 @@ async def test_errors_have_exit_codes_and_messages(
 
 
 def test_unreachable_server_is_exit_1_without_traceback(settings: Settings) -> None:
-    from kvstate.servers import free_port
+    from devstack.servers import free_port
 
     result = kvstate(Settings(nats_url=f"nats://127.0.0.1:{free_port()}", bucket="x"), "ls")
     assert result.returncode == 1
@@ -99,7 +99,7 @@ def test_unreachable_server_is_exit_1_without_traceback(settings: Settings) -> N
 
 
 def test_bucket_init_waits_for_a_server_that_starts_later(tmp_path: Path) -> None:
-    from kvstate.servers import NatsServer, free_port
+    from devstack.servers import NatsServer, free_port
 
     port = free_port()
     env = {
@@ -138,10 +138,10 @@ def test_a_plug_in_without_its_extra_is_listed_with_the_extra_to_install() -> No
     script = "import sys; sys.modules['uvicorn'] = None; from kvstate.cli import main; sys.exit(main(sys.argv[1:]))"
     listed = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0
-    assert "(needs pip install 'kvstate[dashboard]')" in " ".join(listed.stdout.split())
+    assert "pip install -e '.[dashboard]' in a checkout)" in " ".join(listed.stdout.split())
     run = subprocess.run([sys.executable, "-c", script, "dashboard"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
-    assert "pip install 'kvstate[dashboard]'" in run.stderr and "Traceback" not in run.stderr
+    assert "pip install -e '.[dashboard]'" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_plugged_in_subcommands_are_listed() -> None:

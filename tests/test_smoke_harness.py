@@ -3,8 +3,8 @@ from pathlib import Path
 
 import asyncpg
 
+from devstack.servers import PostgresServer
 from kvstate import Client
-from kvstate.servers import PostgresServer
 
 
 async def test_client_reaches_real_nats(client: Client) -> None:

@@ -25,8 +25,8 @@ import time
 
 import asyncpg
 
+from devstack.servers import PostgresServer
 from kvstate import Client, KvstateError, OperationNotFound, Settings
-from kvstate.servers import PostgresServer
 from robustness.archive_harness import (
     STAGES,
     ArchiverConfig,
@@ -47,7 +47,7 @@ __all__ = ["SCENARIOS"]
 
 BUCKET = "operations"
 POSTGRES_AS_KVSTATE_UP = {"synchronous_commit": "off"}
-"""PostgreSQL as ``kvstate up`` runs it (demo/stack.py)"""
+"""PostgreSQL as ``kvstate up`` runs it (devstack/up.py)"""
 _BATCH = b"batch messages="
 _T13_BATCH = 10
 _FULL_BATCH = b"batch messages=%d " % _T13_BATCH

@@ -10,8 +10,8 @@ import pytest
 from archiver_support import archiver_env, finished_ops
 
 from archiver.settings import ArchiverSettings
+from devstack.servers import free_port
 from kvstate import Client
-from kvstate.servers import free_port
 
 
 def kvstate(settings: ArchiverSettings, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:

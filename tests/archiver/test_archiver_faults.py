@@ -29,8 +29,8 @@ from archiver_support import (
 from archiver.read import ArchiveReader
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver, ArchiverHooks
+from devstack.servers import NatsServer, PostgresServer
 from kvstate import BucketNotFound, Client, FeedMessage, OpStatus, Settings
-from kvstate.servers import NatsServer, PostgresServer
 
 pytestmark = pytest.mark.slow
 
@@ -331,7 +331,7 @@ async def test_an_archiver_stopped_while_it_waits_for_the_bucket_exits_cleanly(
 async def test_sigterm_stops_the_archiver_with_exit_0(
     client: Client, archiver_settings: ArchiverSettings, tmp_path: Path
 ) -> None:
-    from kvstate.servers import free_port
+    from devstack.servers import free_port
 
     port = free_port()
     settings = dataclasses.replace(archiver_settings, metrics_port=port)
@@ -390,7 +390,7 @@ async def test_stream_stays_bounded_while_operations_keep_flowing(
 async def test_metrics_and_health_endpoint(client: Client, archiver_settings: ArchiverSettings) -> None:
     import httpx
 
-    from kvstate.servers import free_port
+    from devstack.servers import free_port
 
     settings = dataclasses.replace(archiver_settings, metrics_port=free_port())
     await finished_ops(client, 7)

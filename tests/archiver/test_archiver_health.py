@@ -13,8 +13,8 @@ from archiver_support import assert_exactly_once, eventually, finished_ops, row_
 
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver, ArchiverHooks
+from devstack.servers import free_port
 from kvstate import Client, FeedMessage
-from kvstate.servers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -24,8 +24,8 @@ from archiver.rows import row_for
 from archiver.settings import ArchiverSettings
 from archiver.store import ArchiveStore
 from archiver.worker import Archiver, ArchiverHooks
+from devstack.servers import PostgresServer
 from kvstate import Client, FeedMessage, OpStatus, Settings
-from kvstate.servers import PostgresServer
 from tests.conftest import PIPELINE
 
 pytestmark = pytest.mark.slow

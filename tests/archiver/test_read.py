@@ -147,7 +147,7 @@ async def test_minority_status_searches_use_the_partial_status_index(archive: Ar
 
 
 async def test_an_unreachable_archive_raises_archive_unavailable_not_asyncpg_errors() -> None:
-    from kvstate.servers import free_port
+    from devstack.servers import free_port
 
     with pytest.raises(ArchiveUnavailable) as info:
         async with ArchiveReader.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/none"):

@@ -44,7 +44,7 @@ async def live_server(client: Client, dashboard_settings: DashboardSettings) -> 
     """The dashboard served by uvicorn on a free loopback port, in this test's event loop."""
     import uvicorn
 
-    from kvstate.servers import free_port
+    from devstack.servers import free_port
 
     app = create_app(dashboard_settings)
     port = free_port()

@@ -10,8 +10,8 @@ from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
 from dashboard.app import create_app
 from dashboard.settings import DashboardSettings
+from devstack.servers import free_port
 from kvstate import Client, OperationNotFound
-from kvstate.servers import free_port
 
 
 async def archived_operations(client: Client, database_url: str) -> dict[str, str]:

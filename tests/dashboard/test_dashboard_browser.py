@@ -14,8 +14,8 @@ import pytest
 from dashboard_support import populate
 from playwright.async_api import expect
 
+from devstack.servers import NatsServer
 from kvstate import Client, Settings
-from kvstate.servers import NatsServer
 
 pytestmark = pytest.mark.browser
 

@@ -15,8 +15,8 @@ from dashboard.feed import Broadcaster, IndexFeed, running
 from dashboard.index import OperationIndex
 from dashboard.planner import OperationFilter
 from dashboard.settings import DashboardSettings
+from devstack.servers import NatsServer
 from kvstate import Client, Pipeline, Settings, StageSpec
-from kvstate.servers import NatsServer
 
 pytestmark = pytest.mark.slow
 

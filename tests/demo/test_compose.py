@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from demo.settings import DemoSettings
-from demo.stack import StackSettings
+from devstack.servers import NatsServer
+from devstack.up import StackSettings
 from kvstate import Settings
-from kvstate.servers import NatsServer
 from kvstate.settings import env_variables
 
 ROOT = Path(__file__).resolve().parents[2]

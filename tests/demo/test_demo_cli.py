@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstate.servers import NatsServer, free_port
+from devstack.servers import NatsServer, free_port
 
 
 def demo_env(nats_url: str, bucket: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from demo.settings import DemoSettings
-from demo.stack import StackSettings
+from devstack.up import StackSettings
 from kvstate import ConfigurationError
 from kvstate.settings import env_variables
 

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from kvstate.servers import free_port
+from devstack.servers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -24,8 +24,8 @@ from demo.services import SERVICES, Service
 from demo.settings import DemoSettings
 from demo.stats import DemoStats
 from demo.worker import Router, StageWorker
+from devstack.servers import NatsServer
 from kvstate import Client, KvstateError, Operation, Settings, StageStatus
-from kvstate.servers import NatsServer
 
 PIPELINE = load_pipeline()
 

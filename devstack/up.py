@@ -38,10 +38,10 @@ from typing import IO
 
 import asyncpg
 
-from demo.errors import StackError
 from demo.runner import load_pipeline
+from devstack.errors import StackError
+from devstack.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
 from kvstate import Client, KvstateError, Settings
-from kvstate.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
 from kvstate.settings import environ_with, from_environ, setting, setting_specs
 
 __all__ = ["StackSettings", "register"]
