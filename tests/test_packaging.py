@@ -38,7 +38,7 @@ def test_the_wheel_installs_only_the_kvstate_package(wheel: Path) -> None:
 def test_a_server_command_in_a_client_only_install_says_where_the_component_lives(wheel: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    # -S: no .pth files, so the checkout (the editable install) is not on the path; the
+    # -I -S: no PYTHONPATH and no .pth files, so the checkout (the editable install) is not on the path; the
     # environment's site-packages gives nats-py and msgspec only
     script = (
         "import sys; "
@@ -46,11 +46,11 @@ def test_a_server_command_in_a_client_only_install_says_where_the_component_live
         "from kvstate.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     listed = subprocess.run(
-        [sys.executable, "-S", "-c", script, "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [sys.executable, "-I", "-S", "-c", script, "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert listed.returncode == 0, listed.stderr
     run = subprocess.run(
-        [sys.executable, "-S", "-c", script, "archiver"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [sys.executable, "-I", "-S", "-c", script, "archiver"], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert run.returncode == 2
     assert "not part of the kvstate wheel" in run.stderr and "Traceback" not in run.stderr
