@@ -7,12 +7,11 @@ import importlib.util
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from dashboard.settings import DashboardSettings
 from kvstate import ConfigurationError
-from kvstate.settings import Settings
+from kvstate.settings import environ_with
 
 __all__ = ["main", "register", "serve"]
 
@@ -27,23 +26,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> DashboardSettings:
-    """Environment settings with the command-line options applied on top."""
-    settings = DashboardSettings.from_env(environ)
-    kv_changes: dict[str, Any] = {}
-    if args.nats_url:
-        kv_changes["nats_url"] = args.nats_url
-    if args.bucket:
-        kv_changes["bucket"] = Settings.from_env({"KVSTATE_BUCKET": args.bucket}).bucket
-    changes: dict[str, Any] = {"kv": replace(settings.kv, **kv_changes)} if kv_changes else {}
-    if args.host:
-        changes["host"] = args.host
-    if args.port is not None:
-        if not 0 <= args.port <= 65535:
-            raise ConfigurationError(f"--port {args.port}: must be a TCP port (0-65535)")
-        changes["port"] = args.port
-    if args.database_url:
-        changes["database_url"] = args.database_url
-    return replace(settings, **changes) if changes else settings
+    """Environment settings with the command-line options laid over them (``environ_with``)."""
+    options = {
+        "NATS_URL": args.nats_url,
+        "KVSTATE_BUCKET": args.bucket,
+        "DASHBOARD_HOST": args.host,
+        "DASHBOARD_PORT": args.port,
+        "DATABASE_URL": args.database_url,
+    }
+    return DashboardSettings.from_env(environ_with(environ, options))
 
 
 def serve(settings: DashboardSettings, log_level: str = "info") -> int:

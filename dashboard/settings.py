@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
 from urllib.parse import urlsplit
 
 from kvstate.errors import ConfigurationError
-from kvstate.settings import Settings, env_value, positive_float, positive_int, tcp_port
+from kvstate.settings import Settings, from_environ, positive_float, positive_int, setting, tcp_port
 
 __all__ = ["TRACE_ID_PLACEHOLDER", "DashboardSettings", "trace_url_problem"]
 
@@ -55,47 +54,50 @@ def trace_url_problem(template: str) -> str | None:
 class DashboardSettings:
     """Settings of one dashboard process (the NATS/bucket ones come from ``kvstate.Settings``).
 
-    ======================== ============== ==================================================
-    variable                 default        meaning
-    ======================== ============== ==================================================
-    DASHBOARD_HOST           127.0.0.1      interface to listen on
-    DASHBOARD_PORT           8000           TCP port
-    DASHBOARD_AUTH_TOKEN     (unset)        when set, required for cancel and API writes
-    DATABASE_URL             (unset)        PostgreSQL archive; archive pages off when unset
-    DASHBOARD_STATS_WINDOW   900            seconds of history for p50/p95 and throughput
-    DASHBOARD_PAGE_SIZE      50             rows per page in lists
-    DASHBOARD_MAX_BODY       16384          largest accepted request body, in bytes
-    DASHBOARD_SECRET         (random)       CSRF signing secret (set it when running replicas)
-    DASHBOARD_DEBOUNCE       0.25           seconds between two live-update signals
-    DASHBOARD_TRACE_URL      (unset)        trace link template with {trace_id}, e.g.
-                                            https://jaeger.example/trace/{trace_id}
-    ======================== ============== ==================================================
+    Each field is declared once with ``kvstate.settings.setting`` (variable, default, parser,
+    meaning); docs/operations.md#configuration holds the table rendered from them. Plus every
+    variable of ``kvstate.Settings`` (NATS_URL, KVSTATE_BUCKET, ...) in ``kv``.
     """
 
     kv: Settings = field(default_factory=Settings)
-    host: str = "127.0.0.1"
-    port: int = 8000
-    auth_token: str | None = None
-    database_url: str | None = None
-    stats_window: float = 900.0
-    page_size: int = 50
-    max_body: int = 16384
-    secret: str | None = None
-    debounce: float = 0.25
-    trace_url: str | None = None
-
-    ENV: ClassVar[dict[str, str]] = {
-        "host": "DASHBOARD_HOST",
-        "port": "DASHBOARD_PORT",
-        "auth_token": "DASHBOARD_AUTH_TOKEN",
-        "database_url": "DATABASE_URL",
-        "stats_window": "DASHBOARD_STATS_WINDOW",
-        "page_size": "DASHBOARD_PAGE_SIZE",
-        "max_body": "DASHBOARD_MAX_BODY",
-        "secret": "DASHBOARD_SECRET",
-        "debounce": "DASHBOARD_DEBOUNCE",
-        "trace_url": "DASHBOARD_TRACE_URL",
-    }
+    host: str = setting("DASHBOARD_HOST", "127.0.0.1", str, "address the dashboard listens on")
+    port: int = setting("DASHBOARD_PORT", 8000, tcp_port, "port the dashboard listens on")
+    auth_token: str | None = setting(
+        "DASHBOARD_AUTH_TOKEN",
+        _NONE,
+        _optional,
+        "when set, required (bearer token or basic-auth password) for cancel and API writes",
+    )
+    database_url: str | None = setting(
+        "DATABASE_URL",
+        _NONE,
+        _optional,
+        "PostgreSQL of the archive the dashboard reads (optional: unset, no archive pages)",
+    )
+    stats_window: float = setting(
+        "DASHBOARD_STATS_WINDOW", 900.0, positive_float, "seconds of history behind the p50/p95 and throughput figures"
+    )
+    page_size: int = setting("DASHBOARD_PAGE_SIZE", 50, positive_int, "rows per page in lists (1-500)")
+    max_body: int = setting(
+        "DASHBOARD_MAX_BODY", 16384, positive_int, "largest request body accepted, bytes (at least 1024)"
+    )
+    secret: str | None = setting(
+        "DASHBOARD_SECRET",
+        _NONE,
+        _secret,
+        "CSRF signing secret, at least 16 characters (random per process when unset; set it when several "
+        "dashboards share a load balancer)",
+    )
+    debounce: float = setting(
+        "DASHBOARD_DEBOUNCE", 0.25, positive_float, "seconds change signals are coalesced before pages re-fetch"
+    )
+    trace_url: str | None = setting(
+        "DASHBOARD_TRACE_URL",
+        _NONE,
+        _trace_url,
+        "link template of a tracing backend with `{trace_id}` (`https://jaeger.example/trace/{trace_id}`); the "
+        "detail page and the API link each operation's and attempt's trace; an http(s) URL, unset: no links",
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 500:
@@ -110,16 +112,4 @@ class DashboardSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DashboardSettings:
         """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
-        return cls(
-            kv=Settings.from_env(environ),
-            host=env_value(environ, "DASHBOARD_HOST", cls.host, str),
-            port=env_value(environ, "DASHBOARD_PORT", cls.port, tcp_port),
-            auth_token=env_value(environ, "DASHBOARD_AUTH_TOKEN", _NONE, _optional),
-            database_url=env_value(environ, "DATABASE_URL", _NONE, _optional),
-            stats_window=env_value(environ, "DASHBOARD_STATS_WINDOW", cls.stats_window, positive_float),
-            page_size=env_value(environ, "DASHBOARD_PAGE_SIZE", cls.page_size, positive_int),
-            max_body=env_value(environ, "DASHBOARD_MAX_BODY", cls.max_body, positive_int),
-            secret=env_value(environ, "DASHBOARD_SECRET", _NONE, _secret),
-            debounce=env_value(environ, "DASHBOARD_DEBOUNCE", cls.debounce, positive_float),
-            trace_url=env_value(environ, "DASHBOARD_TRACE_URL", _NONE, _trace_url),
-        )
+        return from_environ(cls, environ, kv=Settings.from_env(environ))

@@ -82,6 +82,13 @@ def test_cli_registers_the_subcommand_with_nats_url() -> None:
     settings = settings_from(args, {"DASHBOARD_HOST": "0.0.0.0"})
     assert settings.kv.nats_url == "nats://a:1" and settings.port == 8123 and settings.host == "0.0.0.0"
     assert callable(args.handler)
+    # an option is parsed and checked like its variable: the same error, naming the variable
+    bad = parser.parse_args(["dashboard", "--port", "70000"])
+    with pytest.raises(ConfigurationError, match="DASHBOARD_PORT"):
+        settings_from(bad, {})
+    bucket = parser.parse_args(["dashboard", "--bucket", "a.b"])
+    with pytest.raises(ConfigurationError, match="KVSTATE_BUCKET"):
+        settings_from(bucket, {})
 
 
 def test_filters_round_trip_through_the_url() -> None:
