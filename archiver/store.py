@@ -32,7 +32,14 @@ from archiver import migrations
 from archiver._pg import DATABASE_ERRORS, database_error, init_connection
 from archiver.rows import COLUMNS, ArchiveRow
 
-__all__ = ["DATABASE_ERRORS", "ArchiveStore", "DeadLetter", "WriteResult", "database_error"]
+__all__ = [
+    "DATABASE_ERRORS",
+    "ArchiveStore",
+    "DeadLetter",
+    "WriteResult",
+    "database_error",
+    "init_connection",  # the archive's json/jsonb codecs, for anything that reads or copies its rows
+]
 
 _STAGING = "archive_staging"
 _UPDATABLE = [c for c in COLUMNS if c not in ("id", "source")]

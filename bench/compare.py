@@ -258,7 +258,7 @@ async def _sample_stream(client: Client, peak: list[int]) -> None:
     """Keep the largest size of the bucket's stream in ``peak[0]`` until cancelled."""
     while True:
         with contextlib.suppress(Exception):  # a reading lost under load is only a missing sample
-            peak[0] = max(peak[0], int((await client.store.info()).state.bytes))
+            peak[0] = max(peak[0], (await client.bucket_info()).bytes)
         await asyncio.sleep(STREAM_SAMPLE_INTERVAL)
 
 
@@ -318,7 +318,7 @@ async def run_kvstate(
                     with contextlib.suppress(asyncio.CancelledError):
                         await sampler
                 kv_stats = system.kv_stats()
-            result.nats_stream_bytes = int((await producer.store.info()).state.bytes)
+            result.nats_stream_bytes = (await producer.bucket_info()).bytes
             result.nats_stream_peak_bytes = max(peak[0], result.nats_stream_bytes)
         archiver.stop()  # its pool closes: the backends exit and flush their statistics
         result.archived = archiver.counts()

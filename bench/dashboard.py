@@ -95,7 +95,9 @@ async def fill(client: Client, count: int) -> None:
     now = datetime.now(UTC)
     shapes = templates(now)
     rare = [with_worker(shape, RARE_WORKER) for shape in shapes]
-    js, store = client.store.js, client.store
+    # seeded below the client (values built in memory), as a foreign writer would
+    store = client._open_store()
+    js = store.js
     batch: list[asyncio.Future[Any]] = []
     for i in range(count):
         shape = (rare if i % RARE_EVERY == 0 else shapes)[i % len(shapes)]
@@ -126,7 +128,7 @@ def timings(fn: Any, rounds: int) -> dict[str, float]:
 async def index_memory(client: Client) -> dict[str, float]:
     """Bytes the index retains per operation: decode every stored value anew under tracemalloc."""
     raw = []
-    async for entry in client.store.scan("op.*"):
+    async for entry in client._open_store().scan("op.*"):
         raw.append((entry.key, entry.revision, entry.value or b""))
     gc.collect()
     tracemalloc.start()

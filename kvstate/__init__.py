@@ -61,6 +61,7 @@ from kvstate.feed import ChangeFeed, FeedMessage, FeedState
 from kvstate.machine import Decision, apply_event, derive_status, new_operation, ready_stages
 from kvstate.merge import merge_patch
 from kvstate.model import (
+    BucketInfo,
     CancelInfo,
     Operation,
     OpStatus,
@@ -83,6 +84,7 @@ __all__ = [
     "Attempt",
     "BucketConfig",
     "BucketError",
+    "BucketInfo",
     "BucketNotFound",
     "Cancel",
     "CancelInfo",

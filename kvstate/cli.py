@@ -138,20 +138,19 @@ def _settings(environ: Mapping[str, str], args: argparse.Namespace) -> Settings:
 
 def _cmd_bucket(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     async def body(client: Client) -> int:
-        info = await client.store.info()
-        cfg = info.config
+        info = await client.bucket_info()
         data = {
-            "bucket": client.settings.bucket,
-            "stream": cfg.name,
-            "storage": str(getattr(cfg.storage, "value", cfg.storage)),
-            "replicas": cfg.num_replicas,
-            "history": cfg.max_msgs_per_subject,
-            "max_value_size": cfg.max_msg_size,
-            "direct_get": cfg.allow_direct,
-            "msg_ttl": cfg.allow_msg_ttl,
-            "messages": info.state.messages,
-            "bytes": info.state.bytes,
-            "last_revision": info.state.last_seq,
+            "bucket": info.bucket,
+            "stream": info.stream,
+            "storage": info.storage,
+            "replicas": info.replicas,
+            "history": info.history,
+            "max_value_size": info.max_value_size,
+            "direct_get": info.direct_get,
+            "msg_ttl": info.msg_ttl,
+            "messages": info.values,
+            "bytes": info.bytes,
+            "last_revision": info.last_revision,
         }
         if args.json:
             _print_json(data, sys.stdout)

@@ -71,7 +71,7 @@ from kvstate.feed import ChangeFeed
 from kvstate.keys import OPERATION_PREFIX, PIPELINE_PREFIX, operation_key, pipeline_key, validate_id
 from kvstate.machine import Decision, apply_event, new_operation
 from kvstate.metrics import ClientMetrics
-from kvstate.model import JSONObject, Operation, OpStatus, Outcome, StageStatus, UpdateResult
+from kvstate.model import BucketInfo, JSONObject, Operation, OpStatus, Outcome, StageStatus, UpdateResult
 from kvstate.pipeline import Pipeline
 from kvstate.settings import Settings
 from kvstate.tracing import trace_id_from
@@ -259,10 +259,25 @@ class Client:
             raise ClientClosedError(f"the kvstate Client is {self._state.value}; use it inside `async with`")
         return self._store
 
-    @property
-    def store(self) -> KvStore:
-        """The bucket access layer (for the archiver and the dashboard)."""
-        return self._open_store()
+    async def bucket_info(self) -> BucketInfo:
+        """The bucket's configuration and size (``kvstate bucket info``)."""
+        store = self._open_store()
+        info = await store.info()
+        cfg, state = info.config, info.state
+        return BucketInfo(
+            bucket=self.settings.bucket,
+            stream=str(cfg.name),
+            storage=str(getattr(cfg.storage, "value", cfg.storage)),
+            replicas=int(cfg.num_replicas or 1),
+            history=int(cfg.max_msgs_per_subject or 1),
+            max_value_size=int(cfg.max_msg_size or -1),
+            direct_get=bool(cfg.allow_direct),
+            msg_ttl=bool(cfg.allow_msg_ttl),
+            values=int(state.messages),
+            bytes=int(state.bytes),
+            last_revision=int(state.last_seq),
+            consumers=int(state.consumer_count),
+        )
 
     @property
     def connected(self) -> bool:

@@ -18,6 +18,7 @@ __all__ = [
     "EVENT_WINDOW",
     "HISTORY_LIMIT",
     "SCHEMA_VERSION",
+    "BucketInfo",
     "CancelInfo",
     "JSONObject",
     "OpStatus",
@@ -217,3 +218,23 @@ class UpdateResult:
         if self.outcome is Outcome.STALE:
             raise StaleUpdate(self.operation.id, self.reason or "stale")
         return self
+
+
+@dataclass(frozen=True, slots=True)
+class BucketInfo:
+    """The bucket's configuration and size, as its stream reports them (``Client.bucket_info``)."""
+
+    bucket: str
+    stream: str
+    storage: str
+    replicas: int
+    history: int
+    max_value_size: int
+    direct_get: bool
+    msg_ttl: bool
+    values: int
+    """Messages in the stream: current values, older revisions kept by history, delete markers."""
+    bytes: int
+    last_revision: int
+    """The stream's last sequence: the revision the next write gets is above it."""
+    consumers: int

@@ -134,7 +134,7 @@ class WriteService:
         return (f"{self._prefix}.apply.*", f"{self._prefix}.create.*")
 
     async def __aenter__(self) -> WriteService:
-        nc = self._client.store.nc
+        nc = self._client._open_store().nc
         apply_subject, create_subject = self.subjects
         self._subs = [
             await nc.subscribe(apply_subject, queue=self._queue, cb=self._on_apply),
@@ -218,7 +218,7 @@ class WriteService:
         if not msg.reply:
             return  # a plain publish: nobody to answer
         try:
-            await self._client.store.nc.publish(msg.reply, body, headers={STATUS_HEADER: code})
+            await self._client._open_store().nc.publish(msg.reply, body, headers={STATUS_HEADER: code})
         except Exception as exc:  # noqa: BLE001 - the caller sees a timeout and retries with the same event id
             log.warning("cannot answer the write request on %s: %s", msg.subject, exc)
 

@@ -455,7 +455,7 @@ async def bucket_states(client: Client, attempts: int = 5, timeout: float = 30.0
         removed: dict[str, int] = {}
         try:
             async with asyncio.timeout(timeout):
-                async for entry in client.store.scan(OPERATION_PREFIX + "*", history=True, headers_only=True):
+                async for entry in client._open_store().scan(OPERATION_PREFIX + "*", history=True, headers_only=True):
                     op_id = operation_id_from_key(entry.key)
                     if op_id is None:
                         continue

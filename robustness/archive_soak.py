@@ -268,7 +268,7 @@ async def soak(options: RunOptions) -> ScenarioResult:
                 workdir / "service.log",
             )
             async with Client(settings, name="robust-soak") as client:
-                stream = client.store.config.stream
+                stream = client._open_store().config.stream
                 end = started + seconds * 2 + 120
                 while time.monotonic() < end and service.poll() is None:
                     at = time.monotonic() - started
@@ -281,7 +281,7 @@ async def soak(options: RunOptions) -> ScenarioResult:
                         if kib is not None:
                             rss[name].append((at, kib))
                     with contextlib.suppress(Exception):  # a busy cluster: the next sample counts
-                        info = await client.store.js.stream_info(stream)
+                        info = await client._open_store().js.stream_info(stream)
                         consumers.append((at, int(info.state.consumer_count)))
                     await asyncio.sleep(sample_every)
                 service_exit = _end(service, timeout=60.0)

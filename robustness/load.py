@@ -42,7 +42,7 @@ async def prepare_bucket(cluster: Cluster, bucket: str, result: ScenarioResult, 
         client = await open_client(settings, name="setup", create=True)
         try:
             await client.set_pipeline(PIPELINE)
-            info = await client.store.info()
+            info = await client._open_store().info()
             break
         except KvstateError:
             if time.monotonic() > deadline:
@@ -192,7 +192,7 @@ async def verify(
     client = await open_client(settings, name="checker")
     try:
         stored = await read_stored(client)
-        persist = persist_problems((await client.store.info()).config)
+        persist = persist_problems((await client._open_store().info()).config)
     finally:
         await client.close()
     report = check(calls, stored.chains, window=EVENT_WINDOW)

@@ -51,7 +51,7 @@ async def read_stored(client: Client) -> StoredState:
     """Read every message of the client's bucket into StoredState."""
     state = StoredState()
     chains: dict[str, list[Stored]] = defaultdict(list)
-    async for entry in client.store.scan(">", history=True):
+    async for entry in client._open_store().scan(">", history=True):
         state.last_seq = max(state.last_seq, entry.revision)
         if entry.value is None:
             continue

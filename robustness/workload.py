@@ -175,7 +175,7 @@ async def _cas_writer(
     client: Client, history: History, name: str, spec: WorkerSpec, budget: _Budget, window: _HotWindow, seed: int
 ) -> None:
     rng = random.Random(seed)
-    store = client.store
+    store = client._open_store()
     pad = "x" * spec.value_size
     count = 0
     while not budget.spent():

@@ -254,13 +254,13 @@ async def test_a_value_from_a_newer_schema_is_refused_not_overwritten(client: Cl
     newer = msgspec.json.decode(msgspec.json.encode(await client.get(op.id)))
     newer["schema"] = 2
     newer["added_later"] = {"kept": True}
-    revision = await client.store.update(f"op.{op.id}", msgspec.json.encode(newer), op.revision)
+    revision = await client._open_store().update(f"op.{op.id}", msgspec.json.encode(newer), op.revision)
     async with Client(settings) as fresh:
         with pytest.raises(CorruptValue, match="newer kvstate"):
             await fresh.get(op.id)
         with pytest.raises(CorruptValue):
             await fresh.merge_metadata(op.id, {"a": 1})
-    entry = await client.store.get(f"op.{op.id}", leader=True)
+    entry = await client._open_store().get(f"op.{op.id}", leader=True)
     assert entry is not None and entry.revision == revision  # nothing written over it
 
 
@@ -472,9 +472,9 @@ async def test_bucket_with_wrong_config_is_refused(nats_server: NatsServer) -> N
 
 async def test_bucket_init_is_idempotent_and_configured(settings: Settings) -> None:
     async with Client(settings, create_bucket=True) as kv:
-        first = await kv.store.info()
+        first = await kv._open_store().info()
     async with Client(settings, create_bucket=True) as kv:
-        info = await kv.store.info()
+        info = await kv._open_store().info()
     assert info.created == first.created
     assert info.config.allow_direct
     assert info.config.allow_msg_ttl
@@ -536,8 +536,18 @@ async def test_scans_leave_no_consumer_behind(client: Client) -> None:
         await client.create("orders")
     assert len(await client.list()) == 3
     await client.history((await client.list())[0].id)
-    info = await client.store.info()
-    assert info.state.consumer_count == 0
+    assert (await client.bucket_info()).consumers == 0
+
+
+async def test_bucket_info_reports_the_configuration_and_size(client: Client, settings: Settings) -> None:
+    empty = await client.bucket_info()
+    op = await client.create("orders")
+    info = await client.bucket_info()
+    assert (info.bucket, info.stream) == (settings.bucket, f"KV_{settings.bucket}")
+    assert (info.history, info.replicas) == (settings.history, settings.replicas)
+    assert info.direct_get and info.msg_ttl and info.storage == "file"
+    assert info.values == empty.values + 1 and info.bytes > empty.bytes
+    assert info.last_revision == op.revision
 
 
 async def test_scan_finishes_while_keys_are_purged_under_it(client: Client) -> None:

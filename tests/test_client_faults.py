@@ -118,7 +118,7 @@ async def test_remove_many_reports_no_stream_leader_for_each_pair(nats_server: N
     async with Client(settings, create_bucket=True) as kv:
         await kv.set_pipeline(PIPELINE)
         ops = [await kv.create("orders") for _ in range(3)]
-        await kv.store.js.delete_stream(kv.store.config.stream)
+        await kv._open_store().js.delete_stream(kv._open_store().config.stream)
         results = await kv.remove_many([(op.id, op.revision) for op in ops])
     assert [type(r).__name__ for r in results] == ["ConnectionLostError"] * 3
 
@@ -133,7 +133,9 @@ async def test_a_write_with_no_stream_leader_retries_until_the_deadline_then_con
     ) as kv:
         await kv.set_pipeline(PIPELINE)
         op = await kv.create("orders")
-        await kv.store.js.delete_stream(kv.store.config.stream)  # now nobody answers the bucket's subjects
+        await kv._open_store().js.delete_stream(
+            kv._open_store().config.stream
+        )  # now nobody answers the bucket's subjects
         started = time.monotonic()
         with pytest.raises(ConnectionLostError, match="KVSTATE_DEADLINE"):
             await kv.start(op.id, "ingest")
@@ -148,12 +150,12 @@ async def test_a_bucket_missing_when_the_client_opens_is_still_a_bucket_error(se
 
 async def test_a_stream_that_acknowledges_before_disk_is_refused(settings: Settings) -> None:
     async with Client(settings, create_bucket=True) as kv:
-        config = (await kv.store.info()).config
+        config = (await kv._open_store().info()).config
     name = settings.bucket + "async"
     async with Client(Settings(nats_url=settings.nats_url, bucket=name), create_bucket=True) as other:
-        stream = other.store.config.stream
-        await other.store.js.delete_stream(stream)
-        await other.store.js.add_stream(
+        stream = other._open_store().config.stream
+        await other._open_store().js.delete_stream(stream)
+        await other._open_store().js.add_stream(
             config.evolve(name=stream, subjects=[f"$KV.{name}.>"], persist_mode=PersistMode.ASYNC)
         )
     with pytest.raises(BucketError, match="persist_mode"):
@@ -173,14 +175,16 @@ async def test_a_watcher_blocked_on_a_full_queue_loses_no_change_when_it_resubsc
 
 async def _watch_through_a_resubscribe(client: Client) -> None:
     op = await client.create("orders")
-    watcher = Watcher(client.store, op_id=op.id, include_existing=False, queue_size=1, check_interval=0.2)
+    watcher = Watcher(client._open_store(), op_id=op.id, include_existing=False, queue_size=1, check_interval=0.2)
     async with watcher:
         revisions = [(await client.merge_metadata(op.id, {f"k{i}": i})).revision for i in range(4)]
         await asyncio.sleep(0.5)  # one change queued, the next one's put waits for room
         sub = watcher._sub
         assert sub is not None
         info = await sub.consumer_info()
-        await client.store.js.delete_consumer(client.store.config.stream, info.name)  # as a server restart would
+        await client._open_store().js.delete_consumer(
+            client._open_store().config.stream, info.name
+        )  # as a server restart would
         for _ in range(100):  # the supervisor notices within a few checks and subscribes again
             if watcher.resubscribes:
                 break
@@ -199,7 +203,7 @@ async def test_a_write_whose_acknowledgement_was_lost_reports_applied_not_duplic
     """The write lands but its ack never comes (a timeout): the re-read finds the event applied.
     That was this call's own write, so the caller hears "applied", not "duplicate"."""
     op = await client.create("orders")
-    store = client.store
+    store = client._open_store()
     real_update = store.update
     lost: list[int] = []
 
@@ -224,8 +228,8 @@ async def test_a_write_whose_acknowledgement_was_lost_reports_applied_not_duplic
 
 async def test_a_stopped_watcher_leaves_no_consumer_on_the_server(client: Client) -> None:
     """Each wait() opens a watch: its consumer must go when it stops, not 60 s later."""
-    stream = client.store.config.stream
-    before = (await client.store.info()).state.consumer_count
+    stream = client._open_store().config.stream
+    before = (await client._open_store().info()).state.consumer_count
     op = await client.create("orders")
     for _ in range(5):
         async with client.watch(op.id) as changes:
@@ -233,5 +237,5 @@ async def test_a_stopped_watcher_leaves_no_consumer_on_the_server(client: Client
                 break
     with pytest.raises(WaitTimeout):
         await client.wait(op.id, timeout=0.2)
-    after = (await client.store.js.stream_info(stream)).state.consumer_count
+    after = (await client._open_store().js.stream_info(stream)).state.consumer_count
     assert after == before

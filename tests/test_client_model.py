@@ -373,7 +373,7 @@ class ClientModel(RuleBasedStateMachine):
 
     async def _close(self) -> None:
         try:
-            await self.main.store.js.delete_key_value(self.bucket)
+            await self.main._open_store().js.delete_key_value(self.bucket)
         finally:
             for client in reversed(self.opened):
                 await client.close()
@@ -801,7 +801,7 @@ class ClientModel(RuleBasedStateMachine):
     def server_holds_the_model(self) -> None:
         async def stored() -> dict[str, Operation | None]:
             found: dict[str, Operation | None] = {}
-            store = self.main.store
+            store = self.main._open_store()
             for op_id in [*self.live, *self.removed]:
                 key = operation_key(op_id)
                 entry = await store.get(key, leader=True)

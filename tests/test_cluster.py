@@ -65,7 +65,7 @@ def on_node(settings: Settings, node: NatsServer) -> Settings:
 async def test_clients_on_different_nodes_lose_nothing(cluster: list[NatsServer]) -> None:
     settings = await replicated_bucket(cluster, "clusterrace")
     async with Client(on_node(settings, cluster[0])) as a, Client(on_node(settings, cluster[2])) as b:
-        info = await a.store.info()
+        info = await a._open_store().info()
         assert info.config.num_replicas == 3
         op = await a.create("orders")
         await b.get(op.id)  # both start from the same revision, so the race below must happen
@@ -112,7 +112,7 @@ async def test_updates_ride_out_the_stream_leader_being_killed(cluster: list[Nat
     a transient the client retries within its deadline, never a BucketError for the caller."""
     settings = await replicated_bucket(cluster, "clusterelection")
     async with Client(Settings(nats_url=settings.nats_url, bucket=settings.bucket, deadline=30.0)) as kv:
-        info = await kv.store.info()
+        info = await kv._open_store().info()
         assert info.cluster is not None and info.cluster.leader
         victim = leader_node(cluster, info.cluster.leader)
         survivors = [node for node in cluster if node is not victim]
@@ -144,5 +144,5 @@ async def test_updates_ride_out_the_stream_leader_being_killed(cluster: list[Nat
                 victim.start()
             assert errors == []
             assert applied > 0
-            after = await writer.store.info()
+            after = await writer._open_store().info()
             assert after.cluster is not None and after.cluster.leader != victim.server_name

@@ -119,8 +119,8 @@ async def test_the_stall_guard_restarts_the_pull_then_recreates_the_consumer(cli
         (first,) = await _fetch_all(feed, 1)
         await first.ack()
         # The consumer stops delivering while messages are pending: paused on the server.
-        stream = client.store.config.stream
-        assert (await client.store.js.pause_consumer(stream, "stalled", "2099-01-01T00:00:00Z")).paused
+        stream = client._open_store().config.stream
+        assert (await client._open_store().js.pause_consumer(stream, "stalled", "2099-01-01T00:00:00Z")).paused
         later = await client.create("orders")
         got: list[FeedMessage] = []
         deadline = time.monotonic() + 15
@@ -131,7 +131,7 @@ async def test_the_stall_guard_restarts_the_pull_then_recreates_the_consumer(cli
         # re-created: the stream is delivered from the start, the old message included
         ids = [m.op_id for m in got] + [m.op_id for m in await feed.fetch(10, timeout=0.5)]
         assert later.id in ids
-        assert not (await client.store.js.consumer_info(stream, "stalled")).paused
+        assert not (await client._open_store().js.consumer_info(stream, "stalled")).paused
 
 
 async def test_the_replay_ends_once_what_was_pending_is_acknowledged_not_when_it_arrives(client: Client) -> None:
@@ -167,7 +167,7 @@ async def test_live_revisions_lists_current_keys_without_values_and_leaves_no_co
     await client.remove(gone.id, gone.revision)
     feed = client.feed("lister")  # the listing needs no open feed
     assert await feed.live_revisions() == {kept.id: kept.revision, moved.id: moved_now.revision}
-    assert [c.name for c in await client.store.js.consumers_info(client.store.config.stream)] == []
+    assert [c.name for c in await client._open_store().js.consumers_info(client._open_store().config.stream)] == []
 
 
 async def test_misuse_and_a_lost_connection_raise_kvstate_errors(private_nats: NatsServer) -> None:
@@ -182,7 +182,7 @@ async def test_misuse_and_a_lost_connection_raise_kvstate_errors(private_nats: N
             await feed.fetch(1, timeout=0.1)  # never opened
         await feed.open()
         (message,) = await _fetch_all(feed, 1)
-        await kv.store.nc.close()
+        await kv._open_store().nc.close()
         with pytest.raises(ConnectionLostError) as lost:
             await message.ack()
         assert lost.value.__cause__ is not None  # the nats error, chained

@@ -13,6 +13,7 @@ EXPECTED = {
     "Attempt",
     "BucketConfig",
     "BucketError",
+    "BucketInfo",
     "BucketNotFound",
     "Cancel",
     "CancelInfo",

@@ -56,7 +56,7 @@ _FULL_BATCH = b"batch messages=%d " % _T13_BATCH
 async def _consumer_redelivered(client: Client, consumer: str = "archiver") -> int:
     """The archiver consumer's num_redelivered now (0 while it does not exist)."""
     with contextlib.suppress(Exception):  # not created yet, or NATS busy: the next sample counts
-        info = await client.store.js.consumer_info(client.store.config.stream, consumer)
+        info = await client._open_store().js.consumer_info(client._open_store().config.stream, consumer)
         return int(info.num_redelivered or 0)
     return 0
 

@@ -267,7 +267,7 @@ async def t10(options: RunOptions) -> ScenarioResult:
             await open_client(cluster.settings(settings.bucket, history=64, on=i), name=f"watch{i}") for i in (0, 1)
         ]
         try:
-            after = (await observer.store.info()).state.last_seq
+            after = (await observer._open_store().info()).state.last_seq
             tasks = [asyncio.create_task(_watch(client, f"w{i}", history)) for i, client in enumerate(watchers)]
             await asyncio.sleep(1.0)
             load = await Load.start(
@@ -294,7 +294,7 @@ async def t10(options: RunOptions) -> ScenarioResult:
             calls = await load.finish(within=120)
             _finished(result, load)
             await cluster.wait_streams_equal(f"KV_{settings.bucket}", timeout=60)
-            last = (await observer.store.info()).state.last_seq
+            last = (await observer._open_store().info()).state.last_seq
             caught_up = await _caught_up(history, last, within=30.0)
             result.require(caught_up, f"a watcher did not reach the last revision {last} within 30 s")
             # A consumer a watcher left behind when it resubscribed lingers until the server's
@@ -372,7 +372,7 @@ async def _consumers(client: Client, *, want: int, within: float) -> int:
     deadline = time.monotonic() + within
     while True:
         try:
-            count = len(await client.store.js.consumers_info(client.store.config.stream))
+            count = len(await client._open_store().js.consumers_info(client._open_store().config.stream))
         except Exception:  # noqa: BLE001 - an answer that does not come is a count we do not know
             count = -1
         if count == want or time.monotonic() >= deadline:

@@ -59,14 +59,14 @@ async def test_archived_snapshot_reads_back_as_the_final_operation(
 async def test_the_sweep_leaves_no_consumer_behind(client: Client, archiver_settings: ArchiverSettings) -> None:
     """A lingering last-per-subject consumer makes nats-server recount every key on each purge."""
     ids = await finished_ops(client, 20)
-    stream = client.store.config.stream
+    stream = client._open_store().config.stream
     async with Archiver(dataclasses.replace(archiver_settings, grace_period=3600)) as archiver:
         await archiver.run(burst=True)  # archived, not removed: the grace period is not over
-        consumers = {c.name for c in await client.store.js.consumers_info(stream)}
+        consumers = {c.name for c in await client._open_store().js.consumers_info(stream)}
         assert consumers == {archiver_settings.consumer}
         assert await archiver.sweep() == 0  # still within the grace period
         archiver.settings = dataclasses.replace(archiver.settings, grace_period=0)
         assert await archiver.sweep() == 20
-        consumers = {c.name for c in await client.store.js.consumers_info(stream)}
+        consumers = {c.name for c in await client._open_store().js.consumers_info(stream)}
         assert consumers == {archiver_settings.consumer}
     await assert_exactly_once(client, archiver_settings.database_url, ids)

@@ -144,7 +144,7 @@ async def test_duplicate_delivery_changes_nothing(client: Client, archiver_setti
     before = {r["id"]: r["archived_at"] for r in await fetch_rows(settings.database_url)}
 
     # Forget the consumer: every message is delivered again from the start of the stream.
-    await client.store.js.delete_consumer(client.store.config.stream, settings.consumer)
+    await client._open_store().js.delete_consumer(client._open_store().config.stream, settings.consumer)
     async with Archiver(settings) as archiver:
         replay = await archiver.run(burst=True)
     assert replay.archived == 0 and replay.duplicates == 60
@@ -162,7 +162,7 @@ async def test_a_consumer_deleted_under_a_running_archiver_is_created_again(
         ids = await finished_ops(client, 20)
         await eventually(lambda: _at_least(settings.database_url, 20), 20, "the first rows")
 
-        await client.store.js.delete_consumer(client.store.config.stream, settings.consumer)
+        await client._open_store().js.delete_consumer(client._open_store().config.stream, settings.consumer)
         ids += await finished_ops(client, 20)
         await eventually(lambda: _at_least(settings.database_url, 40), 30, "archiving with the new consumer")
         await eventually(_bucket_without(client, ids), 20, "removal with the new consumer")
@@ -177,7 +177,7 @@ async def test_garbage_values_are_dead_lettered_and_the_archiver_goes_on(
     client: Client, archiver_settings: ArchiverSettings
 ) -> None:
     ids = await finished_ops(client, 30)
-    js, subject = client.store.js, client.store.subject
+    js, subject = client._open_store().js, client._open_store().subject
     stored = await client.raw(ids[0])
     assert stored is not None
     garbage = await js.publish(subject("op.garbage"), b"\x00\x01 not json at all")
@@ -371,12 +371,12 @@ async def test_stream_stays_bounded_while_operations_keep_flowing(
         until = loop.time() + 6.0
         while loop.time() < until and total < 3000:
             total += len(await finished_ops(client, 40, concurrency=40))
-            counts.append((await client.store.info()).state.messages)
+            counts.append((await client._open_store().info()).state.messages)
             await asyncio.sleep(0.05)
 
         async def drained() -> bool:
             # only the pipeline definition is left once the last markers expired
-            return (await client.store.info()).state.messages <= 1
+            return (await client._open_store().info()).state.messages <= 1
 
         await eventually(drained, 15, "the removal markers to expire")
         archiver.stop()

@@ -47,8 +47,8 @@ async def test_a_consumer_that_stops_delivering_is_restarted_and_then_recreated(
         await eventually(_rows(settings.database_url, 10), 20, "the first rows")
 
         # Deliveries stop while messages are pending: the consumer is paused on the server.
-        stream = client.store.config.stream
-        paused = await client.store.js.pause_consumer(stream, settings.consumer, "2099-01-01T00:00:00Z")
+        stream = client._open_store().config.stream
+        paused = await client._open_store().js.pause_consumer(stream, settings.consumer, "2099-01-01T00:00:00Z")
         assert paused.paused
         ids += await finished_ops(client, 10)
         await eventually(_rows(settings.database_url, 20), 20, "archiving once the guard acted")
@@ -57,7 +57,7 @@ async def test_a_consumer_that_stops_delivering_is_restarted_and_then_recreated(
     stalls = "kvstate_archiver_consumer_stalls_total"
     assert _sample(archiver, stalls, {"action": "restart_pull"}) >= 1  # a new pull did not help here
     assert _sample(archiver, stalls, {"action": "recreate_consumer"}) >= 1
-    info = await client.store.js.consumer_info(stream, settings.consumer)
+    info = await client._open_store().js.consumer_info(stream, settings.consumer)
     assert not info.paused
     await assert_exactly_once(client, settings.database_url, ids)
 
@@ -132,7 +132,7 @@ async def test_an_ack_that_fails_after_the_commit_is_counted_and_the_archiver_ca
     async def lose_nats(messages: Sequence[FeedMessage]) -> None:
         if not hooked:
             hooked.append(len(messages))
-            await archiver.client.store.nc.close()  # the connection is gone between commit and ack
+            await archiver.client._open_store().nc.close()  # the connection is gone between commit and ack
 
     archiver = Archiver(archiver_settings, hooks=ArchiverHooks(after_commit=lose_nats))
     async with archiver:

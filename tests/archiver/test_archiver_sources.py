@@ -50,7 +50,7 @@ async def test_an_id_reused_by_a_recreated_bucket_is_archived_as_a_row_of_its_ow
     assert counts.archived == 1 and counts.removed == 1
 
     # The bucket is deleted and created again; the same id comes back at a lower revision.
-    await client.store.js.delete_stream(client.store.config.stream)
+    await client._open_store().js.delete_stream(client._open_store().config.stream)
     async with Client(settings, create_bucket=True) as fresh:
         await fresh.set_pipeline(PIPELINE)
         await fresh.create("orders", op_id="reused", metadata={"incarnation": 2})
@@ -110,7 +110,7 @@ async def test_a_snapshot_the_guarded_upsert_refused_is_not_removed_from_the_buc
     live = (await client.cancel(op.id, reason="test")).operation
     # The archive holds a newer revision of this very id from this very bucket (written by
     # another archiver, a restored backup...): the live snapshot is refused, so it must stay.
-    info = await client.store.info()
+    info = await client._open_store().info()
     assert info.created is not None
     async with ArchiveStore.open(archiver_settings.database_url) as store:
         source = await store.register_source(client.settings.bucket, info.created)

@@ -218,7 +218,7 @@ async def test_apply_on_a_missing_or_corrupt_operation(client: Client, http: Htt
     event = {"type": "start", "stage": "ingest"}
     missing = await http.post("/api/operations/nothere:apply", json=event, headers=writer)
     assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
-    await client.store.js.publish(client.store.subject("op.broken"), b"not json")
+    await client._open_store().js.publish(client._open_store().subject("op.broken"), b"not json")
     corrupt = await http.post("/api/operations/broken:apply", json=event, headers=writer)
     assert corrupt.status_code == 409 and corrupt.json()["error"]["status"] == "DATA_LOSS"
     bad_id = await http.post("/api/operations/bad%20id:apply", json=event, headers=writer)
@@ -333,7 +333,7 @@ async def test_wait_on_a_finished_missing_or_corrupt_operation_answers_at_once(c
     assert finished.status_code == 200 and finished.json()["done"] is True
     missing = await http.get("/api/operations/nothere:wait")
     assert missing.status_code == 404 and missing.json()["error"]["status"] == "NOT_FOUND"
-    await client.store.js.publish(client.store.subject("op.broken"), b"not json")
+    await client._open_store().js.publish(client._open_store().subject("op.broken"), b"not json")
     corrupt = await http.get("/api/operations/broken:wait", params={"timeout": "30s"})
     assert corrupt.status_code == 200 and corrupt.json()["error"]["code"] == 15  # it will not become done
     assert time.monotonic() - began < 5

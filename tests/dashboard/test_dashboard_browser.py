@@ -178,10 +178,10 @@ async def test_stored_xss_payloads_never_run(client: Client, live_server: str, b
     stored["stages"][XSS] = {"status": "running", "worker": IMG}
     stored["pipeline"] = ATTR
     stored["history"].append({"at": stored["created_at"], "to": XSS, "stage": IMG, "worker": ATTR})
-    await client.store.js.publish(client.store.subject(f"op.{op.id}"), json.dumps(stored).encode())
+    await client._open_store().js.publish(client._open_store().subject(f"op.{op.id}"), json.dumps(stored).encode())
     evil_id = dict(stored, id=XSS)
-    await client.store.js.publish(client.store.subject("op.evil"), json.dumps(evil_id).encode())
-    await client.store.js.publish(client.store.subject("op.raw"), (XSS + ATTR).encode())
+    await client._open_store().js.publish(client._open_store().subject("op.evil"), json.dumps(evil_id).encode())
+    await client._open_store().js.publish(client._open_store().subject("op.raw"), (XSS + ATTR).encode())
 
     page = await browser.new_page()
     dialogs: list[str] = []

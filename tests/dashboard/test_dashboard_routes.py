@@ -466,7 +466,7 @@ async def test_openapi_healthz_and_metrics(client: Client, app: Litestar, http: 
 
 
 async def test_corrupt_value_is_shown_as_corrupt_not_a_crash(client: Client, app: Litestar, http: Http) -> None:
-    await client.store.js.publish(client.store.subject("op.broken"), b"\x00\x01not json <b>bold</b>")
+    await client._open_store().js.publish(client._open_store().subject("op.broken"), b"\x00\x01not json <b>bold</b>")
     await eventually(lambda: "broken" in state_of(app).index)
     listing = (await http.get("/operations", params={"status": "corrupt"})).text
     assert "broken" in listing
@@ -480,7 +480,7 @@ async def test_corrupt_value_is_shown_as_corrupt_not_a_crash(client: Client, app
 
 
 async def test_api_reports_a_corrupt_value_as_data_loss_and_refuses_to_cancel_it(client: Client, http: Http) -> None:
-    await client.store.js.publish(client.store.subject("op.broken"), b"\x00\x01not json")
+    await client._open_store().js.publish(client._open_store().subject("op.broken"), b"\x00\x01not json")
     response = await http.get("/api/operations/broken")
     assert response.status_code == 200, response.text
     body = response.json()
