@@ -22,6 +22,8 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -48,6 +50,39 @@ __all__ = ["SCENARIOS"]
 BUCKET = "operations"
 POSTGRES_AS_KVSTATE_UP = {"synchronous_commit": "off"}
 """PostgreSQL as ``kvstate up`` runs it (devstack/up.py)"""
+
+
+@dataclass
+class _Stack:
+    """What an archive scenario runs on: one nats-server, one PostgreSQL, a client and the archiver process."""
+
+    pg: PostgresServer
+    dsn: str
+    settings: Settings
+    client: Client
+    archiver: ArchiverProcess
+
+
+@contextlib.asynccontextmanager
+async def _archiving(
+    options: RunOptions, config: ArchiverConfig, *, wait_started: bool = True
+) -> AsyncIterator[_Stack]:
+    """The servers (PostgreSQL as ``kvstate up`` runs it), the archive database, a client and a
+    started archiver; the archiver is killed and the servers stopped, by pid, on the way out."""
+    with servers(options.workdir, options.sync_interval, pg_settings=POSTGRES_AS_KVSTATE_UP) as (nats, pg):
+        dsn = await create_database(pg)
+        settings = Settings(nats_url=nats.url, bucket=BUCKET)
+        async with opened_client(settings) as client:
+            archiver = ArchiverProcess(config, settings, dsn, options.workdir / "archiver")
+            archiver.start()
+            try:
+                if wait_started and not await archiver.wait_started():
+                    raise RuntimeError(f"the archiver did not start: see {archiver.log_path}")
+                yield _Stack(pg, dsn, settings, client, archiver)
+            finally:
+                archiver.kill()
+
+
 _BATCH = b"batch messages="
 _T13_BATCH = 10
 _FULL_BATCH = b"batch messages=%d " % _T13_BATCH
@@ -74,36 +109,29 @@ async def archiver_killed_every_5s(options: RunOptions) -> ScenarioResult:
     result.figures.update(
         operations=count, updates=count * 2 * len(STAGES), workload_seconds_planned=seconds, **config.figures()
     )
-    with servers(options.workdir, options.sync_interval, pg_settings=POSTGRES_AS_KVSTATE_UP) as (nats, pg):
-        dsn = await create_database(pg)
-        settings = Settings(nats_url=nats.url, bucket=BUCKET)
-        async with opened_client(settings) as client:
-            archiver = ArchiverProcess(config, settings, dsn, options.workdir / "archiver")
-            archiver.start()
-            try:
-                workload = Workload(client, count, seconds)
-                started = time.monotonic()
-                work = asyncio.create_task(workload.run())
-                redelivered = 0
-                max_kills = int((seconds * 2 + 120) / kill_every)
-                # every 5 s while the workload runs, and once more the moment its last operation
-                # finished, so that the last kill hits batches in flight
-                while archiver.kills < max_kills and not work.done():
-                    next_kill = time.monotonic() + kill_every
-                    while time.monotonic() < next_kill and not work.done():
-                        redelivered = max(redelivered, await _consumer_redelivered(client))
-                        await asyncio.wait({work}, timeout=min(0.5, max(0.0, next_kill - time.monotonic())))
-                    archiver.kill()
-                    archiver.start()
-                last_kill = time.monotonic()
-                await work
-                result.figures.update(workload_seconds=round(last_kill - started, 1))
-                drained_after = await _wait_drained(client, dsn, workload, timeout=90.0)
+    async with _archiving(options, config, wait_started=False) as stack:
+        client, dsn, archiver = stack.client, stack.dsn, stack.archiver
+        workload = Workload(client, count, seconds)
+        started = time.monotonic()
+        work = asyncio.create_task(workload.run())
+        redelivered = 0
+        max_kills = int((seconds * 2 + 120) / kill_every)
+        # every 5 s while the workload runs, and once more the moment its last operation
+        # finished, so that the last kill hits batches in flight
+        while archiver.kills < max_kills and not work.done():
+            next_kill = time.monotonic() + kill_every
+            while time.monotonic() < next_kill and not work.done():
                 redelivered = max(redelivered, await _consumer_redelivered(client))
-                rows, row_count = await archived_revisions(dsn)
-                bucket = await bucket_states(client)
-            finally:
-                archiver.kill()
+                await asyncio.wait({work}, timeout=min(0.5, max(0.0, next_kill - time.monotonic())))
+            archiver.kill()
+            archiver.start()
+        last_kill = time.monotonic()
+        await work
+        result.figures.update(workload_seconds=round(last_kill - started, 1))
+        drained_after = await _wait_drained(client, dsn, workload, timeout=90.0)
+        redelivered = max(redelivered, await _consumer_redelivered(client))
+        rows, row_count = await archived_revisions(dsn)
+        bucket = await bucket_states(client)
     totals = archiver.batch_totals()
     done = workload.done
     lost = [i for i in done if i not in rows]
@@ -179,28 +207,19 @@ async def postgres_killed_and_stopped(options: RunOptions) -> ScenarioResult:
         sigstop_s=stop_seconds,
         **config.figures(),
     )
-    with servers(options.workdir, options.sync_interval, pg_settings=POSTGRES_AS_KVSTATE_UP) as (nats, pg):
-        dsn = await create_database(pg)
-        settings = Settings(nats_url=nats.url, bucket=BUCKET)
-        async with opened_client(settings) as client:
-            archiver = ArchiverProcess(config, settings, dsn, options.workdir / "archiver")
-            archiver.start()
-            try:
-                if not await archiver.wait_started():
-                    raise RuntimeError(f"the archiver did not start: see {archiver.log_path}")
-                workload = Workload(client, count, seconds, concurrency=64, burst=max(20, round(100 * options.scale)))
-                work = asyncio.create_task(workload.run())
-                supervisor = asyncio.create_task(_supervise(archiver))
-                faults = await _postgres_faults(pg, archiver, stop_seconds, gap, result)
-                await work
-                # every finished operation archived and removed, or for ever lost: wait until
-                # none is left in the bucket (grace 0), bounded
-                quiet = await _wait_bucket_empty(client, workload, timeout=120.0 if full else 45.0)
-                supervisor.cancel()
-                rows, row_count = await archived_revisions(dsn)
-                bucket = await bucket_states(client)
-            finally:
-                archiver.kill()
+    async with _archiving(options, config) as stack:
+        client, dsn, archiver, pg = stack.client, stack.dsn, stack.archiver, stack.pg
+        workload = Workload(client, count, seconds, concurrency=64, burst=max(20, round(100 * options.scale)))
+        work = asyncio.create_task(workload.run())
+        supervisor = asyncio.create_task(_supervise(archiver))
+        faults = await _postgres_faults(pg, archiver, stop_seconds, gap, result)
+        await work
+        # every finished operation archived and removed, or for ever lost: wait until
+        # none is left in the bucket (grace 0), bounded
+        quiet = await _wait_bucket_empty(client, workload, timeout=120.0 if full else 45.0)
+        supervisor.cancel()
+        rows, row_count = await archived_revisions(dsn)
+        bucket = await bucket_states(client)
     done = workload.done
     lost = [i for i in done if rows.get(i) != done[i].revision]
     removed_without_row = [i for i in bucket.removed if i in done and rows.get(i) != done[i].revision]
@@ -313,42 +332,33 @@ async def update_between_snapshot_and_removal(options: RunOptions) -> ScenarioRe
     grace = 2.0
     config = ArchiverConfig(grace_period=grace)
     result.figures.update(operations=count, **config.figures())
-    with servers(options.workdir, options.sync_interval, pg_settings=POSTGRES_AS_KVSTATE_UP) as (nats, pg):
-        dsn = await create_database(pg)
-        settings = Settings(nats_url=nats.url, bucket=BUCKET)
-        async with opened_client(settings) as client:
-            archiver = ArchiverProcess(config, settings, dsn, options.workdir / "archiver")
-            archiver.start()
-            try:
-                if not await archiver.wait_started():
-                    raise RuntimeError(f"the archiver did not start: see {archiver.log_path}")
-                changes: dict[str, list[tuple[int, bool]]] = {}
-                async with client.watch(include_existing=False) as watch:
+    async with _archiving(options, config) as stack:
+        client, dsn, archiver = stack.client, stack.dsn, stack.archiver
+        changes: dict[str, list[tuple[int, bool]]] = {}
+        async with client.watch(include_existing=False) as watch:
 
-                    async def record() -> None:
-                        async for change in watch:
-                            changes.setdefault(change.op_id, []).append((change.revision, change.deleted))
+            async def record() -> None:
+                async for change in watch:
+                    changes.setdefault(change.op_id, []).append((change.revision, change.deleted))
 
-                    recorder = asyncio.create_task(record())
-                    race = _Race(client, dsn, grace)
-                    sem = asyncio.Semaphore(20)
+            recorder = asyncio.create_task(record())
+            race = _Race(client, dsn, grace)
+            sem = asyncio.Semaphore(20)
 
-                    async def one(i: int) -> None:
-                        async with sem:
-                            await race.run_one(i)
+            async def one(i: int) -> None:
+                async with sem:
+                    await race.run_one(i)
 
-                    async with asyncio.timeout(max(120.0, count * 2.0)):
-                        await asyncio.gather(*(one(i) for i in range(count)))
-                    drained = await _wait_rows_and_removals(client, dsn, race.final, timeout=60.0)
-                    await asyncio.sleep(0.5)  # the last markers reach the watch
-                    recorder.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await recorder
-                rows, row_count = await archived_revisions(dsn)
-                exit_code = archiver.terminate()
-                counts = archiver.final_counts()
-            finally:
-                archiver.kill()
+            async with asyncio.timeout(max(120.0, count * 2.0)):
+                await asyncio.gather(*(one(i) for i in range(count)))
+            drained = await _wait_rows_and_removals(client, dsn, race.final, timeout=60.0)
+            await asyncio.sleep(0.5)  # the last markers reach the watch
+            recorder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recorder
+        rows, row_count = await archived_revisions(dsn)
+        exit_code = archiver.terminate()
+        counts = archiver.final_counts()
     at_newer = [i for i, r in race.final.items() if rows.get(i) == r]
     early = _removed_while_newer(changes, race.final)
     markers_seen = sum(1 for i in race.final if any(deleted for _, deleted in changes.get(i, [])))

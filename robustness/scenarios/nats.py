@@ -15,7 +15,7 @@ import logging
 import random
 import time
 
-from kvstate import Client
+from kvstate import Client, Settings
 from robustness.base import RunOptions, Scenario, ScenarioResult
 from robustness.checker import check_watch
 from robustness.cluster import Cluster, ClusterError
@@ -30,6 +30,20 @@ log = logging.getLogger("robustness")
 
 def _writers(options: RunOptions, full: int = 32) -> int:
     return max(4, round(full * options.scale))
+
+
+async def _mixed_load(options: RunOptions, settings: Settings, *, seconds: float) -> Load:
+    """The load of the crash scenarios (T2-T5): two writer processes, each with CAS writers on
+    shared keys and two writers running operations through their stages, for ``seconds``."""
+    return await Load.start(
+        settings,
+        options.workdir / "load",
+        processes=2,
+        cas_tasks=_writers(options) // 2 - 2,
+        ops_tasks=2,
+        seconds=seconds,
+        seed=options.seed,
+    )
 
 
 def _cluster(options: RunOptions, size: int = 3) -> Cluster:
@@ -102,22 +116,12 @@ async def _crashes(options: RunOptions, name: str, *, leader: bool) -> ScenarioR
     period, down = (20.0, 2.0) if leader else (10.0, 2.0)
     phase = options.seconds if options.seconds is not None else 120.0  # T2: 12 kills, T3: 6
     kills = max(1, int(phase // period))
-    writers = _writers(options)
-    per_process = writers // 2
     kill_times: list[float] = []
     last_restart = 0.0
     async with _cluster(options) as cluster:
         settings = await prepare_bucket(cluster, name.lower(), result)
         stream = f"KV_{settings.bucket}"
-        load = await Load.start(
-            settings,
-            options.workdir / "load",
-            processes=2,
-            cas_tasks=per_process - 2,
-            ops_tasks=2,
-            seconds=kills * period + 5,
-            seed=options.seed,
-        )
+        load = await _mixed_load(options, settings, seconds=kills * period + 5)
         start = time.monotonic()
         for i in range(kills):
             await _sleep_until(start + i * period + period / 2)
@@ -166,16 +170,7 @@ async def t4(options: RunOptions) -> ScenarioResult:
     async with _cluster(options) as cluster:
         settings = await prepare_bucket(cluster, "t4", result)
         stream = f"KV_{settings.bucket}"
-        writers = _writers(options)
-        load = await Load.start(
-            settings,
-            options.workdir / "load",
-            processes=2,
-            cas_tasks=writers // 2 - 2,
-            ops_tasks=2,
-            seconds=cycles * (pause + settle + 3) + 5,
-            seed=options.seed,
-        )
+        load = await _mixed_load(options, settings, seconds=cycles * (pause + settle + 3) + 5)
         for _ in range(cycles):
             await asyncio.sleep(2.0)
             old = await cluster.stream_leader(stream)
@@ -220,16 +215,7 @@ async def t5(options: RunOptions) -> ScenarioResult:
     async with _cluster(options) as cluster:
         settings = await prepare_bucket(cluster, "t5", result)
         stream = f"KV_{settings.bucket}"
-        writers = _writers(options)
-        load = await Load.start(
-            settings,
-            options.workdir / "load",
-            processes=2,
-            cas_tasks=writers // 2 - 2,
-            ops_tasks=2,
-            seconds=crashes * period + 5,
-            seed=options.seed,
-        )
+        load = await _mixed_load(options, settings, seconds=crashes * period + 5)
         start = time.monotonic()
         for i in range(crashes):
             await _sleep_until(start + i * period + 8.0)
