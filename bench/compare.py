@@ -91,9 +91,9 @@ class SystemResult:
     elapsed: float = 0.0
     """wall time of the measured run: the workload, and for kvstate the archive tail after it"""
     workload_seconds: float = 0.0
-    """wall time of the workload alone (creations and status updates)"""
+    """wall time of the workload alone (creations, status updates and metadata patches)"""
     updates_per_second: float = 0.0
-    """status updates / ``elapsed``"""
+    """updates (status messages and metadata patches) / ``elapsed``"""
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     errors: int = 0
@@ -387,6 +387,7 @@ HEADER = (
     "p99 ms",
     "lost",
     "stale",
+    "stale meta",
     "bad final",
     "errors",
     "CAS conflicts",
@@ -416,6 +417,7 @@ def table_rows(results: Sequence[SystemResult]) -> list[tuple[str, ...]]:
                 _fmt(r.p99_ms, 2),
                 f"{r.check.lost_updates:,}",
                 f"{r.check.stale_writes:,}",
+                f"{r.check.stale_metadata:,}",
                 f"{r.check.wrong_final + r.check.missing:,}",
                 f"{r.errors:,}",
                 _fmt(r.conflicts),
@@ -473,7 +475,7 @@ def evaluate_targets(results: Sequence[SystemResult]) -> list[tuple[str, TargetS
         kv = systems.get("kvstate")
         if kv is None:
             continue
-        target = f"{pair}: kvstate 0 lost updates, 0 stale writes, 0 wrong final states"
+        target = f"{pair}: kvstate 0 lost updates, 0 stale writes, 0 stale metadata, 0 wrong final states"
         if not _measured(kv):
             found.append((target, "not measured", "the run failed" if kv.failed else "not checked"))
         else:
@@ -482,6 +484,7 @@ def evaluate_targets(results: Sequence[SystemResult]) -> list[tuple[str, TargetS
                     target,
                     "met" if kv.check.clean and kv.errors == 0 else "missed",
                     f"lost {kv.check.lost_updates}, stale {kv.check.stale_writes}, "
+                    f"stale metadata {kv.check.stale_metadata}, "
                     f"wrong {kv.check.wrong_final + kv.check.missing}, errors {kv.errors}",
                 )
             )
@@ -598,7 +601,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return
         print(
             f"  {r.pair:6} {r.system:8} {r.updates_per_second:8.0f} upd/s  lost {r.check.lost_updates}  "
-            f"stale {r.check.stale_writes}  bad final {r.check.wrong_final + r.check.missing}  errors {r.errors}"
+            f"stale {r.check.stale_writes}  stale metadata {r.check.stale_metadata}  "
+            f"bad final {r.check.wrong_final + r.check.missing}  errors {r.errors}"
             + (f"  conflicts {r.conflicts}" if r.conflicts is not None else "")
             + (f"  ({r.note})" if r.note else ""),
             flush=True,

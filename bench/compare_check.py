@@ -1,12 +1,22 @@
 """The checker: every operation's writes and final state against what the workers really did.
 
-- **lost update**: a stage's successful attempt wrote metadata (acknowledged) and the
-  final state does not hold exactly that metadata;
+- **lost update**: an acknowledged metadata write that left no trace in the final state: a
+  stage's result (the members its successful attempt wrote with ``succeed``) missing or
+  changed, or a stage or the shared metadata holding none of its patches although the
+  newest one was acknowledged (each such write counts once);
 - **stale write**: an acknowledged write that moved a stage backwards (to an older attempt,
   or from finished back to running or retrying) or the operation from a terminal status
   back to a live one, compared with the write committed just before it;
+- **stale metadata**: final metadata that holds an older patch than the newest applicable
+  one: a stage's namespace holding the patch of a superseded attempt instead of its final
+  attempt's, or the shared metadata holding a patch that a newer acknowledged one replaced
+  (one count per stage, one per operation's shared metadata). The newest applicable patch
+  is the last acknowledged one in the order the plan meant them to apply (attempts in
+  order; each shared patch after the one it expects).
 - **wrong final**: an operation whose final stage statuses, attempts or status differ from
   the last real event of each stage (or that is missing altogether).
+
+A patch counts as held when every member it sets has that value in the final metadata.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bench.workload import MessageKind, OperationPlan, RunRecord, StageView, View
+from bench.workload import Expected, Message, MessageKind, OperationPlan, RunRecord, StageView, View
 
 __all__ = ["TERMINAL_STATUSES", "CheckResult", "check_run"]
 
@@ -31,16 +41,19 @@ class CheckResult:
 
     operations: int = 0
     results_checked: int = 0
+    metadata_checked: int = 0
+    """stage namespaces and shared metadata whose newest patch was acknowledged"""
     lost_updates: int = 0
     stale_writes: int = 0
+    stale_metadata: int = 0
     wrong_final: int = 0
     missing: int = 0
     examples: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
-        """True when nothing was lost, moved backwards or ended wrong."""
-        return not (self.lost_updates or self.stale_writes or self.wrong_final or self.missing)
+        """True when nothing was lost, moved backwards, left stale or ended wrong."""
+        return not (self.lost_updates or self.stale_writes or self.stale_metadata or self.wrong_final or self.missing)
 
     def note(self, text: str) -> None:
         if len(self.examples) < 10:
@@ -59,6 +72,55 @@ def _went_backwards(before: View, after: View) -> str | None:
         if new is None or _rank(new) < _rank(old):
             where = f"{new.status} attempt {new.attempt}" if new else "gone"
             return f"stage {name} {old.status} attempt {old.attempt} -> {where}"
+    return None
+
+
+def _holds(metadata: Mapping[str, object] | None, patch: Mapping[str, object] | None) -> bool:
+    """Every member ``patch`` sets has that value in ``metadata``."""
+    found = metadata or {}
+    return all(name in found and found[name] == value for name, value in (patch or {}).items())
+
+
+def _patch_found(
+    result: CheckResult, where: str, metadata: Mapping[str, object] | None, patches: Sequence[Message], newest: Message
+) -> None:
+    """Count the final ``metadata`` against the ``newest`` applicable patch of ``patches`` (oldest first)."""
+    result.metadata_checked += 1
+    at = patches.index(newest)
+    # a later patch whose write landed although its call failed is not older: nothing went stale
+    if any(_holds(metadata, p.metadata) for p in patches[at:]):
+        return
+    older = [p for p in patches[:at] if _holds(metadata, p.metadata)]
+    if older:
+        result.stale_metadata += 1
+        result.note(f"{where} holds the patch of {older[-1].event_id}, not of {newest.event_id}")
+    else:
+        result.lost_updates += 1
+        result.note(f"{where} lost the patch {newest.event_id} (final {dict(metadata or {})})")
+
+
+def _check_stage(
+    result: CheckResult,
+    plan: OperationPlan,
+    name: str,
+    expected: Expected,
+    got: StageView | None,
+    acknowledged: set[str],
+) -> str | None:
+    """Count the final stage's lost result and stale or lost patch; what is wrong with its status, if anything."""
+    patches = plan.stage_patches(name)
+    newest = [p for p in patches if p.event_id in acknowledged]
+    if newest:
+        _patch_found(result, f"{plan.key}: {name}", got.metadata if got else None, patches, newest[-1])
+    if expected.metadata is not None:
+        succeed_ids = {m.event_id for m in plan.stages[name].messages if m.kind is MessageKind.SUCCEED} & acknowledged
+        result.results_checked += bool(succeed_ids)
+        if succeed_ids and (got is None or not _holds(got.metadata, expected.metadata)):
+            result.lost_updates += 1
+            result.note(f"{plan.key}: metadata of {name} lost (final {got.metadata if got else None})")
+    if got is None or (got.status, got.attempt) != (expected.status, expected.attempt):
+        seen = f"{got.status} attempt {got.attempt}" if got else "absent"
+        return f"{name} {seen}, expected {expected.status} attempt {expected.attempt}"
     return None
 
 
@@ -90,19 +152,13 @@ def check_run(plans: Sequence[OperationPlan], record: RunRecord, finals: Mapping
         if final.status != "succeeded":
             wrong.append(f"status {final.status}")
         for name, expected in plan.expected.items():
-            got = final.stages.get(name)
-            if got is None or (got.status, got.attempt) != (expected.status, expected.attempt):
-                seen = f"{got.status} attempt {got.attempt}" if got else "absent"
-                wrong.append(f"{name} {seen}, expected {expected.status} attempt {expected.attempt}")
-            if expected.metadata is None:
-                continue
-            succeed_ids = {
-                m.event_id for m in plan.stages[name].messages if m.kind is MessageKind.SUCCEED
-            } & acknowledged
-            result.results_checked += bool(succeed_ids)
-            if succeed_ids and (got is None or got.metadata != expected.metadata):
-                result.lost_updates += 1
-                result.note(f"{plan.key}: metadata of {name} lost (final {got.metadata if got else None})")
+            wrong_stage = _check_stage(result, plan, name, expected, final.stages.get(name), acknowledged)
+            if wrong_stage is not None:
+                wrong.append(wrong_stage)
+        shared = plan.shared_patches
+        newest = [p for p in shared if p.event_id in acknowledged]
+        if newest:
+            _patch_found(result, f"{plan.key}: shared metadata", final.metadata, shared, newest[-1])
         if wrong:
             result.wrong_final += 1
             result.note(f"{plan.key}: final state wrong: {'; '.join(wrong)}")

@@ -1,9 +1,14 @@
 """The three systems under comparison, each behind the workload's ``System`` protocol.
 
-- ``NaiveBaseline``: a worker GETs the whole operation, applies its event and PUTs it back.
-- ``CarefulBaseline``: a worker POSTs the event; the service applies it under ``SELECT ... FOR UPDATE``.
+- ``NaiveBaseline``: a worker GETs the whole operation, applies its event and PUTs it back;
+  a metadata patch is one blind ``jsonb ||`` UPDATE.
+- ``CarefulBaseline``: a worker POSTs the event; the service applies it under ``SELECT ... FOR
+  UPDATE``; a metadata patch too, refused when its attempt is older than the stage's in the row
+  or its ``expect`` does not hold.
 - ``KvstateSystem``: a worker calls its stage service's own kvstate client (compare-and-set
-  on the KV bucket, event ids, forward-only state machine, group commit within one client).
+  on the KV bucket, event ids, forward-only state machine, group commit within one client);
+  a metadata patch is ``merge_metadata`` with the stage's ``attempt`` or the shared patch's
+  ``expect``.
 
 Each returns, for every acknowledged write, the state that write produced as a ``View``.
 """
@@ -16,7 +21,17 @@ from collections.abc import Mapping
 import asyncpg
 import msgspec
 
-from bench.baseline.document import CreateOperation, OperationDocument, StageEvent, WriteResult, apply_stage_event
+from bench.baseline.document import (
+    CreateOperation,
+    EventKind,
+    MetadataPatch,
+    MetadataResult,
+    OperationDocument,
+    StageEvent,
+    WriteResult,
+    apply_stage_event,
+    shared_metadata,
+)
 from bench.compare_http import HttpPool
 from bench.workload import Message, MessageKind, StageView, View
 from kvstate import Client, Operation, OperationNotFound, Outcome, Pipeline, UpdateResult
@@ -25,6 +40,15 @@ __all__ = ["CarefulBaseline", "KvstateSystem", "NaiveBaseline", "document_view",
 
 _document_decoder = msgspec.json.Decoder(OperationDocument)
 _write_decoder = msgspec.json.Decoder(WriteResult)
+_metadata_decoder = msgspec.json.Decoder(MetadataResult)
+_METADATA_KINDS = (MessageKind.STAGE_METADATA, MessageKind.SHARED_METADATA)
+_EVENT_KINDS: dict[MessageKind, EventKind] = {
+    MessageKind.START: "start",
+    MessageKind.FAIL: "fail",
+    MessageKind.SUCCEED: "succeed",
+    MessageKind.SKIP: "skip",
+}
+"""the stage event each status message becomes (metadata patches go to their own endpoints)"""
 
 
 def document_view(doc: OperationDocument) -> View:
@@ -33,7 +57,7 @@ def document_view(doc: OperationDocument) -> View:
     for name, row in doc.stages.items():
         metadata = doc.metadata.get(name)
         stages[name] = StageView(row.status, row.attempt, metadata if isinstance(metadata, dict) else None)
-    return View(doc.revision, doc.status, stages)
+    return View(doc.revision, doc.status, stages, shared_metadata(doc))
 
 
 def operation_view(op: Operation) -> View:
@@ -42,7 +66,7 @@ def operation_view(op: Operation) -> View:
         name: StageView(state.status.value, state.attempt, dict(state.metadata) or None)
         for name, state in op.stages.items()
     }
-    return View(op.revision, op.status.value, stages)
+    return View(op.revision, op.status.value, stages, dict(op.metadata))
 
 
 class _HttpBaseline:
@@ -85,10 +109,26 @@ class _HttpBaseline:
         return views
 
 
+def _patch(message: Message, *, guarded: bool) -> bytes:
+    """The body of a metadata patch; only a guarded service gets the attempt and the expectation."""
+    assert message.metadata is not None  # every metadata message carries its patch
+    stage = message.stage if message.kind is MessageKind.STAGE_METADATA else None
+    body = MetadataPatch(patch=message.metadata, stage=stage)
+    if guarded:
+        attempt = message.attempt if stage is not None else None
+        body = msgspec.structs.replace(body, attempt=attempt, expect=message.expect)
+    return msgspec.json.encode(body)
+
+
+def _written(result: MetadataResult, counters: Counter[str]) -> View | None:
+    counters["written" if result.applied else "stale_metadata"] += 1
+    return document_view(result.document) if result.applied else None
+
+
 def _event(message: Message) -> StageEvent:
     return StageEvent(
         stage=message.stage,
-        kind=message.kind.value,
+        kind=_EVENT_KINDS[message.kind],
         attempt=message.attempt,
         worker=message.worker,
         metadata=message.metadata,
@@ -96,11 +136,15 @@ def _event(message: Message) -> StageEvent:
 
 
 class NaiveBaseline(_HttpBaseline):
-    """GET the whole state, change it, PUT it back: the last writer wins."""
+    """GET the whole state, change it, PUT it back: the last writer wins. A metadata patch is
+    merged blindly in one UPDATE (``jsonb ||``), whatever attempt it came from."""
 
     name = "naive"
 
     async def deliver(self, key: str, message: Message) -> View | None:
+        if message.kind in _METADATA_KINDS:
+            body = await self._http.request("PATCH", f"/operations/{key}/metadata", _patch(message, guarded=False))
+            return _written(_metadata_decoder.decode(body), self.counters)
         current = _document_decoder.decode(await self._http.request("GET", f"/operations/{key}"))
         doc = apply_stage_event(current, _event(message))
         written = _write_decoder.decode(await self._http.request("PUT", f"/operations/{key}", msgspec.json.encode(doc)))
@@ -109,11 +153,15 @@ class NaiveBaseline(_HttpBaseline):
 
 
 class CarefulBaseline(_HttpBaseline):
-    """POST the event; the service locks the row, applies it and writes it back in one transaction."""
+    """POST the event; the service locks the row, applies it and writes it back in one transaction.
+    A metadata patch likewise, unless the row shows it stale (then nothing is written)."""
 
     name = "careful"
 
     async def deliver(self, key: str, message: Message) -> View | None:
+        if message.kind in _METADATA_KINDS:
+            body = await self._http.request("POST", f"/operations/{key}/metadata", _patch(message, guarded=True))
+            return _written(_metadata_decoder.decode(body), self.counters)
         body = await self._http.request("POST", f"/operations/{key}/events", msgspec.json.encode(_event(message)))
         self.counters["written"] += 1
         return document_view(_document_decoder.decode(body))
@@ -169,6 +217,16 @@ class KvstateSystem:
             elif message.kind is MessageKind.SUCCEED:
                 result = await client.succeed(
                     key, stage, metadata=message.metadata, attempt=attempt, worker=worker, event_id=event_id
+                )
+            elif message.kind is MessageKind.STAGE_METADATA:
+                assert message.metadata is not None  # every metadata message carries its patch
+                result = await client.merge_metadata(
+                    key, message.metadata, stage=stage, attempt=attempt, worker=worker, event_id=event_id
+                )
+            elif message.kind is MessageKind.SHARED_METADATA:
+                assert message.metadata is not None
+                result = await client.merge_metadata(
+                    key, message.metadata, expect=message.expect, worker=worker, event_id=event_id
                 )
             else:
                 result = await client.skip(key, stage, reason="not needed", worker=worker, event_id=event_id)

@@ -4,6 +4,8 @@
     GET  /operations/{id}            the whole document
     PUT  /operations/{id}            replace the whole document (naive: last writer wins)
     POST /operations/{id}/events     apply one stage event under SELECT ... FOR UPDATE (careful)
+    PATCH /operations/{id}/metadata  merge a metadata patch blindly, in one UPDATE (naive)
+    POST /operations/{id}/metadata   merge it under SELECT ... FOR UPDATE unless it is stale (careful)
 
 Built the way a competent team builds it: a connection pool, statements prepared once per
 connection (asyncpg's statement cache), a primary key and an index on ``status`` (the
@@ -19,16 +21,20 @@ from typing import Any, TypeAlias
 import asyncpg
 import msgspec
 from asyncpg.pool import PoolConnectionProxy
-from litestar import Litestar, Request, Response, get, post, put
+from litestar import Litestar, Request, Response, get, patch, post, put
 from litestar.datastructures import State
 from litestar.status_codes import HTTP_400_BAD_REQUEST, HTTP_404_NOT_FOUND, HTTP_409_CONFLICT
 
 from bench.baseline.document import (
     CreateOperation,
+    MetadataPatch,
+    MetadataResult,
     OperationDocument,
     StageEvent,
     WriteResult,
     apply_stage_event,
+    guard_metadata_patch,
+    merge_metadata_patch,
     new_document,
 )
 from bench.baseline.settings import BaselineSettings
@@ -60,6 +66,14 @@ _SELECT_FOR_UPDATE = f"SELECT {_COLUMNS} FROM operations WHERE id = $1 FOR UPDAT
 _UPDATE = (
     "UPDATE operations SET status = $2, stage = $3, stages = $4, metadata = $5, "
     "revision = revision + 1, updated_at = now() WHERE id = $1 RETURNING revision"
+)
+
+# jsonb || replaces the target's top-level members with the patch's: the shared metadata's, or
+# (jsonb_set) those of the stage's namespace.
+_MERGE_BLINDLY = (
+    "UPDATE operations SET metadata = CASE WHEN $3::text IS NULL THEN metadata || $2::jsonb "
+    "ELSE jsonb_set(metadata, ARRAY[$3::text], coalesce(metadata -> $3::text, '{}'::jsonb) || $2::jsonb) END, "
+    f"revision = revision + 1, updated_at = now() WHERE id = $1 RETURNING {_COLUMNS}"
 )
 
 
@@ -138,6 +152,33 @@ async def apply_event(op_id: str, data: StageEvent, state: State) -> OperationDo
     return msgspec.structs.replace(doc, revision=revision)
 
 
+@patch("/operations/{op_id:str}/metadata")
+async def merge_metadata_blindly(op_id: str, data: MetadataPatch, state: State) -> MetadataResult:
+    """Merge a metadata patch in one UPDATE, whatever attempt or expectation it names (the naive service)."""
+    async with _pool(state).acquire() as conn:
+        row = await conn.fetchrow(_MERGE_BLINDLY, op_id, data.patch, data.stage)
+    if row is None:
+        raise OperationMissing(op_id)
+    return MetadataResult(applied=True, document=_document(row))
+
+
+@post("/operations/{op_id:str}/metadata", status_code=200)
+async def merge_metadata_guarded(op_id: str, data: MetadataPatch, state: State) -> MetadataResult:
+    """Merge a metadata patch with the row locked, unless its attempt is older than the stage's
+    or its ``expect`` does not hold (the careful service: then nothing is written)."""
+    async with _pool(state).acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(_SELECT_FOR_UPDATE, op_id)
+        if row is None:
+            raise OperationMissing(op_id)
+        doc = _document(row)
+        reason = guard_metadata_patch(doc, data)
+        if reason is not None:
+            return MetadataResult(applied=False, document=doc, reason=reason)
+        doc = merge_metadata_patch(doc, data)
+        revision = await _write(conn, doc)
+    return MetadataResult(applied=True, document=msgspec.structs.replace(doc, revision=revision))
+
+
 @get("/health")
 async def health() -> dict[str, bool]:
     """Liveness."""
@@ -166,7 +207,15 @@ def create_app(settings: BaselineSettings) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[create_operation, read_operation, replace_operation, apply_event, health],
+        route_handlers=[
+            create_operation,
+            read_operation,
+            replace_operation,
+            apply_event,
+            merge_metadata_blindly,
+            merge_metadata_guarded,
+            health,
+        ],
         lifespan=[lifespan],
         exception_handlers={
             OperationMissing: _error_response,
