@@ -29,12 +29,12 @@ from typing import Any
 import msgspec
 
 from dashboard.archive import ArchiveAccess
+from dashboard.contexts import DashboardState, banner_context, operations_context, overview_context
 from dashboard.feed import Broadcaster, IndexFeed
 from dashboard.index import OperationIndex
 from dashboard.query import parse_filter
 from dashboard.settings import DashboardSettings
 from dashboard.templating import Renderer, make_environment
-from dashboard.contexts import DashboardState, banner_context, operations_context, overview_context
 from devstack.servers import NatsServer
 from kvstate import Change, Client, Operation, Pipeline, Settings
 from kvstate.codec import decode_operation, encode_operation
