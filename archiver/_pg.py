@@ -15,6 +15,7 @@ Connection URLs go to asyncpg as given, so libpq's TLS parameters (``sslmode``,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import parse_qs, urlsplit
@@ -49,6 +50,7 @@ _ACCESS_DENIED = (
     asyncpg.InsufficientPrivilegeError,  # 42501 permission denied
 )
 
+_SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 """libpq's sslmode values (asyncpg's default is prefer: TLS when the server offers it)"""
 
@@ -62,9 +64,14 @@ def dsn_problem(dsn: str) -> str | None:
         parts.port  # noqa: B018  (raises on a port that is not a number)
     except ValueError as exc:
         return f"not a URL ({exc})"
-    for mode in parse_qs(parts.query).get("sslmode", []):
+    query = parse_qs(parts.query)
+    for mode in query.get("sslmode", []):
         if mode not in SSL_MODES:
             return f"sslmode={mode} is not one of {', '.join(SSL_MODES)}"
+    for parameter in _SSL_FILES:
+        for path in query.get(parameter, []):
+            if not os.path.isfile(path):
+                return f"{parameter}={path}: no such file"
     return None
 
 
