@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from archiver._pg import dsn_problem
+from archiver._pg import dsn_problem, shown_dsn
 from archiver.grants import DEFAULT_READER_ROLE
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
@@ -121,5 +121,10 @@ class ArchiverSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ArchiverSettings:
-        """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
+        """Settings from an environment mapping (pass ``os.environ`` at the process edge).
+
+        A DATABASE_URL it rejects is quoted without its password."""
+        url = environ.get("DATABASE_URL", "").strip()
+        if url and (problem := dsn_problem(url)) is not None:
+            raise ConfigurationError(f"DATABASE_URL={shown_dsn(url)!r} is not valid: {problem}")
         return from_environ(cls, environ, kv=Settings.from_env(environ))

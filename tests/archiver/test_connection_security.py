@@ -141,6 +141,9 @@ def test_an_unknown_sslmode_or_a_missing_certificate_file_is_a_configuration_err
     missing = tmp_path / "ca.pem"
     with pytest.raises(ConfigurationError, match=f"sslrootcert={missing}: no such file"):
         ArchiverSettings.from_env({"DATABASE_URL": f"postgresql://a@h/db?sslmode=verify-ca&sslrootcert={missing}"})
+    with pytest.raises(ConfigurationError) as quoted:
+        ArchiverSettings.from_env({"DATABASE_URL": "postgresql://a:s3cr3t-pw@h/db?sslmode=bogus"})
+    assert "s3cr3t-pw" not in str(quoted.value) and "postgresql://a:***@h/db" in str(quoted.value)
     missing.write_text("a certificate")
     url = f"postgresql://a@h/db?sslmode=verify-ca&sslrootcert={missing}"
     assert ArchiverSettings.from_env({"DATABASE_URL": url}).database_url == url  # unchanged
