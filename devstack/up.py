@@ -98,8 +98,8 @@ class StackSettings:
         "DATABASE_URL",
         None,
         _optional,
-        "PostgreSQL of the archive (archiver: required; dashboard: optional, enables archive pages; "
-        "`kvstate up`: use this server instead of starting one)",
+        "PostgreSQL of the archive (archiver: required; dashboard: read when `DASHBOARD_DATABASE_URL` is unset; "
+        "`kvstate up`: use this server instead of starting one with passwords in `$KVSTATE_STATE_DIR/pgpass`)",
         shown_default="unset",
     )
     nats_port: int = setting(
