@@ -401,7 +401,8 @@ class PostgresServer(_ServerProcess):
 
     def _write_for_postgres(self, path: Path, text: str) -> None:
         """Write ``path`` readable by the server's user only (mode 0600 from its creation)."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        path.unlink(missing_ok=True)  # a file left by a run cut short may have another mode
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if os.geteuid() == 0:
                 entry = pwd.getpwnam("postgres")

@@ -302,6 +302,11 @@ class Stack:
         try:
             server.start()
             asyncio.run(provision(server, DATABASE, passwords[ARCHIVER_ROLE], passwords[DASHBOARD_ROLE]))
+        except asyncpg.InvalidPasswordError as exc:
+            raise StackError(
+                f"PostgreSQL in {server.directory} refuses the postgres password of {self.state_dir / 'pgpass'}: "
+                "that file was replaced or edited (restore it, or remove both to start a new archive)"
+            ) from exc
         except (ServerStartError, OSError, asyncpg.PostgresError) as exc:
             raise StackError(f"PostgreSQL did not start: {exc}") from exc
         self.dashboard_database_url = server.dsn(DATABASE, user=DASHBOARD_ROLE, password=passwords[DASHBOARD_ROLE])

@@ -325,3 +325,16 @@ def test_kvstate_up_converts_a_state_folder_an_earlier_version_made_with_trust(t
     hba = (state / "postgres" / "data" / "pg_hba.conf").read_text()
     assert "trust" not in hba.split("\n", 1)[1] and "scram-sha-256" in hba
     assert "Traceback" not in out.read_text()
+
+
+def test_kvstate_up_says_so_when_the_password_file_does_not_match_the_cluster(tmp_path: Path) -> None:
+    pytest.importorskip("archiver.cli")
+    state = tmp_path / "state"
+    PostgresServer(state / "postgres", password="a-password-since-lost").init()  # pgpass gone, cluster kept
+    out = tmp_path / "mismatch.out"
+    with kvstate_up(stack_env(state), out, "--no-demo") as proc:
+        assert proc.wait(90) == 1
+    text = out.read_text()
+    assert f"refuses the postgres password of {state / 'pgpass'}" in text and "Traceback" not in text
+    assert not any(password in text for password in passwords(state).values())
+    assert processes_mentioning(state) == []
