@@ -5,20 +5,35 @@ text). Writes accept JSON already encoded by msgspec (bytes) or any value msgspe
 encode; reads return the raw JSON bytes, which the caller decodes into the type it
 expects. What a lost, restarting or refusing PostgreSQL raises (``DATABASE_ERRORS``,
 caught by class) leaves the archiver as ``ArchiveUnavailable`` with PostgreSQL's detail
-and hint, the original chained.
+and hint, the original chained; a refused login or a missing privilege as its subclass
+``ArchiveAccessDenied``.
+
+Connection URLs go to asyncpg as given, so libpq's TLS parameters (``sslmode``,
+``sslrootcert``, ``sslcert``, ``sslkey``, ...) reach the connection unchanged;
+``dsn_problem`` rejects what asyncpg could only refuse later, at every connection attempt.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import msgspec
 
-from archiver.errors import ArchiveUnavailable
+from archiver.errors import ArchiveAccessDenied, ArchiveUnavailable
 
-__all__ = ["DATABASE_ERRORS", "database_error", "database_errors", "init_connection"]
+__all__ = [
+    "DATABASE_ERRORS",
+    "SSL_MODES",
+    "database_error",
+    "database_errors",
+    "dsn_problem",
+    "init_connection",
+    "shown_dsn",
+]
 
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -30,9 +45,53 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 """What a lost, restarting or refusing PostgreSQL raises (caught by class, never by text)."""
 
 
+_ACCESS_DENIED = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # 28000 no such role, 28P01 wrong password
+    asyncpg.InsufficientPrivilegeError,  # 42501 permission denied
+)
+
+_SSL_FILES = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+"""libpq's sslmode values (asyncpg's default is prefer: TLS when the server offers it)"""
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why ``dsn`` cannot be a PostgreSQL URL of the archive (None when it can)."""
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        return "must be a postgresql:// URL"
+    try:
+        parts = urlsplit(dsn)
+        parts.port  # noqa: B018  (raises on a port that is not a number)
+    except ValueError as exc:
+        return f"not a URL ({exc})"
+    query = parse_qs(parts.query)
+    for mode in query.get("sslmode", []):
+        if mode not in SSL_MODES:
+            return f"sslmode={mode} is not one of {', '.join(SSL_MODES)}"
+    for parameter in _SSL_FILES:
+        for path in query.get(parameter, []):
+            if not os.path.isfile(path):
+                return f"{parameter}={path}: no such file"
+    return None
+
+
+def shown_dsn(dsn: str) -> str:
+    """``dsn`` without its password: what may be printed or logged."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "(a URL that cannot be parsed)"
+    if parts.password is None:
+        return dsn
+    user, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}").geturl()
+
+
 def database_error(exc: BaseException, what: str) -> ArchiveUnavailable:
-    """``exc`` (one of DATABASE_ERRORS) as an ArchiveUnavailable carrying PostgreSQL's detail and hint."""
-    return ArchiveUnavailable(
+    """``exc`` (one of DATABASE_ERRORS) as an ArchiveUnavailable carrying PostgreSQL's detail and hint
+    (ArchiveAccessDenied when PostgreSQL refused the role)."""
+    error_type = ArchiveAccessDenied if isinstance(exc, _ACCESS_DENIED) else ArchiveUnavailable
+    return error_type(
         f"{what}: {type(exc).__name__}: {exc}",
         detail=getattr(exc, "detail", None),
         hint=getattr(exc, "hint", None),

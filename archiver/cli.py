@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from archiver import runtime
+from archiver._pg import shown_dsn
 from archiver.errors import ArchiveUnavailable, InvalidQuery
 from archiver.read import TERMINAL_STATUSES, ArchivedOperation, ArchivePage, ArchiveReader
 from archiver.runtime import freeze_heap
@@ -215,7 +216,7 @@ def _cmd_archive(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         sys.stderr.write(f"kvstate archive: {exc}\n")
         return 2
     except ArchiveUnavailable as exc:
-        sys.stderr.write(f"kvstate archive: cannot read the archive at {settings.database_url}: {exc}\n")
+        sys.stderr.write(f"kvstate archive: cannot read the archive at {shown_dsn(settings.database_url)}: {exc}\n")
         return 1
 
 

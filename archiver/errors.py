@@ -3,6 +3,7 @@
 kvstate.KvstateError
 ├── ArchiverError                 base of the archiver's own errors
 │   ├── ArchiveUnavailable        PostgreSQL could not be reached or refused the batch
+│   │   └── ArchiveAccessDenied   PostgreSQL refused this role: a wrong password or user, or a missing grant
 │   └── MigrationError            the archive schema is newer than this archiver, or a migration failed
 └── kvstate.ValidationError
     ├── InvalidPageToken          a page token that this archive did not hand out
@@ -13,7 +14,14 @@ from __future__ import annotations
 
 from kvstate.errors import KvstateError, ValidationError
 
-__all__ = ["ArchiveUnavailable", "ArchiverError", "InvalidPageToken", "InvalidQuery", "MigrationError"]
+__all__ = [
+    "ArchiveAccessDenied",
+    "ArchiveUnavailable",
+    "ArchiverError",
+    "InvalidPageToken",
+    "InvalidQuery",
+    "MigrationError",
+]
 
 
 class ArchiverError(KvstateError):
@@ -28,6 +36,11 @@ class ArchiveUnavailable(ArchiverError):
         self.hint = hint
         extra = "".join(f" ({label}: {text})" for label, text in (("detail", detail), ("hint", hint)) if text)
         super().__init__(message + extra)
+
+
+class ArchiveAccessDenied(ArchiveUnavailable):
+    """PostgreSQL refused this role: a wrong password or user name, or a privilege it lacks (a reader
+    that is not a member of the reader role, a write through a read-only role)."""
 
 
 class MigrationError(ArchiverError):

@@ -6,9 +6,12 @@ Nothing in ``archiver`` reads ``os.environ``: the CLI passes it to
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from archiver._pg import dsn_problem, shown_dsn
+from archiver.grants import DEFAULT_READER_ROLE
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
 from kvstate.settings import (
@@ -25,8 +28,18 @@ __all__ = ["ArchiverSettings"]
 
 
 def _database_url(raw: str) -> str:
-    if not raw.startswith(("postgresql://", "postgres://")):
-        raise ValueError("must be a postgresql:// URL")
+    problem = dsn_problem(raw)
+    if problem is not None:
+        raise ValueError(problem)
+    return raw
+
+
+_ROLE_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _role(raw: str) -> str:
+    if _ROLE_RE.fullmatch(raw) is None:
+        raise ValueError("a PostgreSQL role name: lower-case letters, digits and _, at most 63, no leading digit")
     return raw
 
 
@@ -51,8 +64,18 @@ class ArchiverSettings:
         "DATABASE_URL",
         "postgresql://postgres@127.0.0.1:5432/kvstate",
         _database_url,
-        "PostgreSQL of the archive (archiver: must reach a PostgreSQL, it waits until it can; dashboard: "
-        "optional, enables archive pages; `kvstate up`: use this server instead of starting one)",
+        "PostgreSQL of the archive, as the role that owns its tables (archiver: must reach a PostgreSQL, it "
+        "waits until it can; dashboard: read when `DASHBOARD_DATABASE_URL` is unset; `kvstate up`: use this server "
+        "instead of starting one); `?sslmode=verify-full&sslrootcert=...` and libpq's other TLS parameters pass "
+        "through",
+    )
+    reader_role: str = setting(
+        "ARCHIVER_READER_ROLE",
+        DEFAULT_READER_ROLE,
+        _role,
+        "NOLOGIN group role that may only read the archive: created if missing (when the archiver's role "
+        "has CREATEROLE) and granted SELECT on the archive tables at each start; the dashboard's login "
+        "role is its member ([security](security.md#postgresql))",
     )
     batch_size: int = setting("ARCHIVER_BATCH_SIZE", 500, positive_int, "rows per archive transaction, at most")
     batch_timeout: float = setting("ARCHIVER_BATCH_TIMEOUT", 0.2, positive_float, "seconds a batch waits to fill")
@@ -98,5 +121,10 @@ class ArchiverSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ArchiverSettings:
-        """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
+        """Settings from an environment mapping (pass ``os.environ`` at the process edge).
+
+        A DATABASE_URL it rejects is quoted without its password."""
+        url = environ.get("DATABASE_URL", "").strip()
+        if url and (problem := dsn_problem(url)) is not None:
+            raise ConfigurationError(f"DATABASE_URL={shown_dsn(url)!r} is not valid: {problem}")
         return from_environ(cls, environ, kv=Settings.from_env(environ))

@@ -28,7 +28,7 @@ from typing import Self
 
 import asyncpg
 
-from archiver import migrations
+from archiver import grants, migrations
 from archiver._pg import DATABASE_ERRORS, database_error, init_connection
 from archiver.rows import COLUMNS, ArchiveRow
 
@@ -101,21 +101,34 @@ async def _init_writer(conn: asyncpg.Connection) -> None:
 class ArchiveStore:
     """The archive tables, for writing. Open with ``async with ArchiveStore.open(dsn) as store``."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, reader_access: grants.ReaderAccess | None = None) -> None:
         self._pool = pool
+        self.reader_access = reader_access
+        """what the start did for the reader role (``archiver.grants``), None when no role was asked for"""
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, dsn: str, *, max_size: int = 4, timeout: float = 10.0) -> AsyncIterator[Self]:
-        """Apply the migrations, then open a pool; ArchiveUnavailable when PostgreSQL cannot be reached."""
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        max_size: int = 4,
+        timeout: float = 10.0,
+        reader_role: str | None = grants.DEFAULT_READER_ROLE,
+    ) -> AsyncIterator[Self]:
+        """Apply the migrations, let ``reader_role`` read the tables (``archiver.grants``; None: leave
+        grants alone), then open a pool; ArchiveUnavailable when PostgreSQL cannot be reached."""
         try:
             conn = await asyncpg.connect(dsn, timeout=timeout)
         except DATABASE_ERRORS as exc:
             raise database_error(exc, "cannot connect to PostgreSQL") from exc
+        reader_access = None
         try:
             await migrations.apply(conn)
+            if reader_role is not None:
+                reader_access = await grants.grant_reader(conn, reader_role)
         except DATABASE_ERRORS as exc:
-            raise database_error(exc, "cannot apply the archive migrations") from exc
+            raise database_error(exc, "cannot prepare the archive (migrations, reader grants)") from exc
         finally:
             await conn.close()
         try:
@@ -131,7 +144,7 @@ class ArchiveStore:
         except DATABASE_ERRORS as exc:
             raise database_error(exc, "cannot open a PostgreSQL pool") from exc
         try:
-            yield cls(pool)
+            yield cls(pool, reader_access)
         finally:
             await pool.close()
 

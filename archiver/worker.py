@@ -157,7 +157,9 @@ class Archiver:
             if self._stopping.is_set():
                 break
             try:
-                store = await self._stack.enter_async_context(ArchiveStore.open(self.settings.database_url))
+                store = await self._stack.enter_async_context(
+                    ArchiveStore.open(self.settings.database_url, reader_role=self.settings.reader_role)
+                )
             except ArchiveUnavailable as exc:
                 self.accounting.database_up(False)
                 delay = RETRY.delay(tries)

@@ -344,7 +344,8 @@ class OperationsApi(Controller):
             "filters: status (succeeded, failed, cancelled; repeatable or comma-separated), failed_stage, "
             "pipeline, id (a prefix), finished_after / finished_before (ISO 8601, UTC without offset), "
             "meta (key=value, JSON containment: tier=2). Keyset pagination: page_size (1-500), page_token. "
-            "503 UNAVAILABLE when no archive is configured (DATABASE_URL unset) or PostgreSQL is unreachable."
+            "503 UNAVAILABLE when no archive is configured (DASHBOARD_DATABASE_URL and DATABASE_URL unset), "
+            "PostgreSQL is unreachable or it refuses the dashboard's role."
         ),
         tags=["archive"],
     )

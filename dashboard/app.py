@@ -26,7 +26,7 @@ from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from dashboard.api import OperationsApi
-from dashboard.archive import ArchiveAccess
+from dashboard.archive import READER_FALLBACK_WARNING, ArchiveAccess
 from dashboard.contexts import DashboardState
 from dashboard.errors import exception_to_response
 from dashboard.feed import Broadcaster, IndexFeed, running
@@ -102,6 +102,8 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
         async with Client(settings.kv, create_bucket=False, name="kvstate-dashboard") as client:
             feed = IndexFeed(client, index, broadcaster, clock=clock)
             archive = ArchiveAccess(settings.database_url)
+            if settings.database_url_fallback:
+                log.warning(READER_FALLBACK_WARNING)
             app_metrics = DashboardMetrics(index, feed, broadcaster, lambda: client.connected)
             renderer.observe = lambda view, seconds: app_metrics.render_seconds.labels(view).observe(seconds)
             app.state.metrics = app_metrics

@@ -1,10 +1,10 @@
 """Read access to the PostgreSQL archive, through ``archiver.read`` and ``archiver.errors`` only.
 
-The archive is optional: without DATABASE_URL the archive pages say it is not
-configured; when PostgreSQL cannot be reached they say so and the dashboard tries to
-connect again on a later request (at most every ``retry_after`` seconds). The reader
-raises only archiver errors: its ``ArchiveUnavailable`` becomes
-``dashboard.errors.ArchiveUnavailable`` here.
+The archive is optional: without DASHBOARD_DATABASE_URL (or DATABASE_URL) the archive
+pages say it is not configured; when PostgreSQL cannot be reached, or refuses the
+dashboard's role, they say so and the dashboard tries to connect again on a later request
+(at most every ``retry_after`` seconds). The reader raises only archiver errors: its
+``ArchiveUnavailable`` becomes ``dashboard.errors.ArchiveUnavailable`` here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,14 @@ from dashboard.errors import ArchiveUnavailable, BadQuery
 if TYPE_CHECKING:
     from archiver.read import ArchivedOperation, ArchivePage, ArchiveReader
 
-__all__ = ["ArchiveAccess"]
+__all__ = ["READER_FALLBACK_WARNING", "ArchiveAccess"]
 
 log = logging.getLogger("dashboard.archive")
+
+READER_FALLBACK_WARNING = (
+    "DASHBOARD_DATABASE_URL is unset: the dashboard reads the archive with DATABASE_URL, the archiver's role, "
+    "which may write; give it a read-only role (docs/security.md#postgresql)"
+)
 
 _UNREACHABLE = (
     TimeoutError,  # the connect timeout of this module
@@ -42,7 +47,7 @@ class ArchiveAccess:
         self.retry_after = retry_after
         self._reader: ArchiveReader | None = None
         self._stack = contextlib.AsyncExitStack()
-        self._problem: str | None = None if dsn else "the archive is not configured (set DATABASE_URL)"
+        self._problem: str | None = None if dsn else "the archive is not configured (set DASHBOARD_DATABASE_URL)"
         self._last_attempt = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -77,7 +82,7 @@ class ArchiveAccess:
             self._problem = None
         except _UNREACHABLE as exc:
             self._reader = None
-            self._problem = f"PostgreSQL is unreachable ({exc or type(exc).__name__})"
+            self._problem = _describe(exc)
             log.warning("archive unavailable: %s", self._problem)
 
     async def close(self) -> None:
@@ -139,5 +144,11 @@ class ArchiveAccess:
             raise self._lost(exc) from exc
 
     def _lost(self, exc: BaseException) -> ArchiveUnavailable:
-        self._problem = f"PostgreSQL is unreachable ({exc or type(exc).__name__})"
+        self._problem = _describe(exc)
         return ArchiveUnavailable(self._problem)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, archiver_errors.ArchiveAccessDenied):
+        return f"PostgreSQL refused the dashboard's role ({exc}); see docs/security.md#postgresql"
+    return f"PostgreSQL is unreachable ({exc or type(exc).__name__})"

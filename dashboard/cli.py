@@ -21,7 +21,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bucket", help="KV bucket (default: $KVSTATE_BUCKET or operations)")
     parser.add_argument("--host", help="interface to listen on (default: $DASHBOARD_HOST or 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default: $DASHBOARD_PORT or 8000)")
-    parser.add_argument("--database-url", help="PostgreSQL archive (default: $DATABASE_URL; unset = no archive pages)")
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL archive, as a read-only role (default: $DASHBOARD_DATABASE_URL, else $DATABASE_URL; "
+        "neither = no archive pages)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -32,7 +36,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Dashb
         "KVSTATE_BUCKET": args.bucket,
         "DASHBOARD_HOST": args.host,
         "DASHBOARD_PORT": args.port,
-        "DATABASE_URL": args.database_url,
+        "DASHBOARD_DATABASE_URL": args.database_url,
     }
     return DashboardSettings.from_env(environ_with(environ, options))
 

@@ -2,7 +2,7 @@
 
     DashboardError                    base of the dashboard's own errors (500)
     ├── BadQuery                      a filter, page token or form field that cannot be used (400)
-    └── ArchiveUnavailable            DATABASE_URL unset or PostgreSQL unreachable (503)
+    └── ArchiveUnavailable            no archive URL, PostgreSQL unreachable or refusing the role (503)
 
 ``ERROR_STATUS`` names the answer to every class of ``kvstate.errors``, ``archiver.errors``
 (what ``archiver.read`` raises) and the tree above: 400 for input the caller can fix, 404
@@ -65,7 +65,7 @@ class BadQuery(DashboardError):
 
 
 class ArchiveUnavailable(DashboardError):
-    """The archive cannot be read: DATABASE_URL is unset or PostgreSQL is unreachable."""
+    """The archive cannot be read: no archive URL is set, PostgreSQL is unreachable or refuses the role."""
 
 
 NATS_RETRY_AFTER = 5
@@ -149,6 +149,7 @@ ERROR_STATUS: dict[type[Exception], ErrorStatus] = {
     # archiver.errors: what archiver.read raises, and the rest of the archiver's tree
     archiver_errors.ArchiverError: _INTERNAL,
     archiver_errors.ArchiveUnavailable: _ARCHIVE,
+    archiver_errors.ArchiveAccessDenied: _ARCHIVE,  # a deployment to fix (grant, password): retried like the rest
     archiver_errors.MigrationError: _ARCHIVE,  # the archive's schema is not one this reader knows
     archiver_errors.InvalidPageToken: _BAD_REQUEST,
     archiver_errors.InvalidQuery: _BAD_REQUEST,

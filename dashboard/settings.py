@@ -69,10 +69,12 @@ class DashboardSettings:
         "when set, required (bearer token or basic-auth password) for cancel and API writes",
     )
     database_url: str | None = setting(
-        "DATABASE_URL",
+        "DASHBOARD_DATABASE_URL",
         _NONE,
         _optional,
-        "PostgreSQL of the archive the dashboard reads (optional: unset, no archive pages)",
+        "PostgreSQL of the archive the dashboard reads, as a read-only role (a member of "
+        "`ARCHIVER_READER_ROLE`, [security](security.md#postgresql)); TLS parameters such as `?sslmode=` pass "
+        "through; unset: `DATABASE_URL`, with a warning; neither: no archive pages",
     )
     stats_window: float = setting(
         "DASHBOARD_STATS_WINDOW", 900.0, positive_float, "seconds of history behind the p50/p95 and throughput figures"
@@ -99,6 +101,9 @@ class DashboardSettings:
         "detail page and the API link each operation's and attempt's trace; an http(s) URL, unset: no links",
     )
 
+    database_url_fallback: bool = field(default=False, compare=False)
+    """True when DASHBOARD_DATABASE_URL was unset and the archive URL came from DATABASE_URL (the archiver's)"""
+
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 500:
             raise ConfigurationError(f"DASHBOARD_PAGE_SIZE={self.page_size}: must be between 1 and 500")
@@ -111,5 +116,11 @@ class DashboardSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DashboardSettings:
-        """Settings from an environment mapping (pass ``os.environ`` at the process edge)."""
-        return from_environ(cls, environ, kv=Settings.from_env(environ))
+        """Settings from an environment mapping (pass ``os.environ`` at the process edge).
+
+        Without DASHBOARD_DATABASE_URL the dashboard reads the archive with DATABASE_URL, so
+        that deployments from before the read-only role keep their archive pages."""
+        fallback: dict[str, object] = {}
+        if not environ.get("DASHBOARD_DATABASE_URL", "").strip() and environ.get("DATABASE_URL", "").strip():
+            fallback = {"database_url": environ["DATABASE_URL"].strip(), "database_url_fallback": True}
+        return from_environ(cls, environ, kv=Settings.from_env(environ), **fallback)

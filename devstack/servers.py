@@ -12,6 +12,8 @@ a server from the main thread).
         ...  # nats.url
     with PostgresServer(tmp_path / "pg") as pg:
         ...  # pg.dsn("postgres")
+    with PostgresServer(tmp_path / "pg", password=secret) as pg:   # scram-sha-256 instead of trust
+        ...  # pg.dsn("postgres") carries the password
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -31,6 +34,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from devstack.pgauth import postgres_url, scram_verifier
 
 __all__ = [
     "NatsServer",
@@ -118,6 +123,28 @@ def parent_death_signal(sig: int) -> Callable[[], None]:
         prctl(_PR_SET_PDEATHSIG, sig)
 
     return ask
+
+
+_SCRAM_HBA = """\
+# Written by kvstate up when it converted this cluster from trust: a password on every connection.
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 scram-sha-256
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+local   replication  all                 scram-sha-256
+host    replication  all   127.0.0.1/32  scram-sha-256
+host    replication  all   ::1/128       scram-sha-256
+"""
+
+
+def _trusts(hba: Path) -> bool:
+    """True when a rule of the pg_hba.conf ``hba`` lets connections in without a password (``trust``)."""
+    for line in hba.read_text(errors="replace").splitlines():
+        fields = line.split("#", 1)[0].split()
+        method_at = 3 if fields[:1] == ["local"] else 4
+        if len(fields) > method_at and fields[method_at] == "trust":
+            return True
+    return False
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -269,6 +296,12 @@ class PostgresServer(_ServerProcess):
     PostgreSQL refuses to run as root, so under root the server (and initdb) runs as the
     ``postgres`` system user created by Debian's package. ``settings`` are passed as
     ``-c name=value`` (for example ``{"synchronous_commit": "off"}``).
+
+    With ``password`` every connection needs a password instead (scram-sha-256, the
+    superuser ``postgres`` has ``password``; ``kvstate up`` runs it so). A cluster an
+    earlier run initialised with trust is converted before it starts: the password is set
+    in single-user mode (as a SCRAM verifier) and pg_hba.conf is rewritten for
+    scram-sha-256.
     """
 
     def __init__(
@@ -279,10 +312,12 @@ class PostgresServer(_ServerProcess):
         settings: dict[str, str] | None = None,
         bin_dir: Path | None = None,
         die_with_parent: bool = False,
+        password: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.port = port
         self.die_with_parent = die_with_parent
+        self.password = password
         self.settings = dict(settings or {})
         self.bin_dir = bin_dir or find_postgres_bin()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -290,11 +325,19 @@ class PostgresServer(_ServerProcess):
         self.socket_dir = self.directory / "socket"
         self.log_path = self.directory / "postgres.log"
 
-    def dsn(self, database: str = "postgres") -> str:
-        """A libpq URL for ``database`` as the superuser ``postgres``."""
+    @property
+    def auth(self) -> str:
+        """The authentication method of every connection: ``trust``, or ``scram-sha-256`` with a password."""
+        return "trust" if self.password is None else "scram-sha-256"
+
+    def dsn(self, database: str = "postgres", *, user: str = "postgres", password: str | None = None) -> str:
+        """A libpq URL for ``database`` as ``user`` (the superuser ``postgres`` by default, with the
+        server's password); ``password`` for another role."""
         if self.port is None:
             raise ServerStartError("server not started")
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        if user == "postgres" and password is None:
+            password = self.password
+        return postgres_url(user, password, self.port, database)
 
     def _as_postgres(self, argv: list[str]) -> list[str]:
         if os.geteuid() != 0:
@@ -320,33 +363,76 @@ class PostgresServer(_ServerProcess):
         self._allow_traversal()
         self._chown(self.directory)
         if (self.data_dir / "PG_VERSION").exists():
+            if self.password is not None and _trusts(self.data_dir / "pg_hba.conf"):
+                self._convert_to_password()
             return
         self.data_dir.mkdir(exist_ok=True)
         self._chown(self.data_dir)
+        argv = [
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "-A",
+            self.auth,
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        ]
+        pwfile = self.directory / "initdb.pwfile"
+        if self.password is not None:
+            self._write_for_postgres(pwfile, self.password + "\n")
+            argv.append(f"--pwfile={pwfile}")
+        try:
+            result = subprocess.run(
+                self._as_postgres(argv),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "HOME": str(self.directory)},
+                start_new_session=True,  # a Ctrl-C meant for the caller must not cut initdb short
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise ServerStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+
+    def _write_for_postgres(self, path: Path, text: str) -> None:
+        """Write ``path`` readable by the server's user only (mode 0600 from its creation)."""
+        path.unlink(missing_ok=True)  # a file left by a run cut short may have another mode
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if os.geteuid() == 0:
+                entry = pwd.getpwnam("postgres")
+                os.fchown(fd, entry.pw_uid, entry.pw_gid)
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+
+    def _convert_to_password(self) -> None:
+        """Turn a trust cluster (an earlier ``kvstate up``) into a password one, before it starts.
+
+        The superuser gets the password as a SCRAM verifier in single-user mode (no server
+        listens meanwhile), then pg_hba.conf asks every connection for scram-sha-256. A run
+        cut short in between leaves trust in place and is done again next time."""
+        assert self.password is not None
+        statement = f"ALTER ROLE postgres PASSWORD '{scram_verifier(self.password)}';\n"
         result = subprocess.run(
-            self._as_postgres(
-                [
-                    str(self.bin_dir / "initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    "postgres",
-                    "-A",
-                    "trust",
-                    "-E",
-                    "UTF8",
-                    "--no-sync",
-                    "--locale=C",
-                ]
-            ),
+            self._as_postgres([str(self.bin_dir / "postgres"), "--single", "-D", str(self.data_dir), "postgres"]),
+            input=statement,
             capture_output=True,
             text=True,
             timeout=120,
             env={**os.environ, "HOME": str(self.directory)},
-            start_new_session=True,  # a Ctrl-C meant for the caller must not cut initdb short
+            start_new_session=True,
         )
-        if result.returncode != 0:
-            raise ServerStartError(f"initdb failed:\n{result.stdout}\n{result.stderr}")
+        if result.returncode != 0 or "ERROR:" in result.stdout + result.stderr:
+            raise ServerStartError(f"could not set the postgres password:\n{result.stdout}\n{result.stderr}")
+        hba = self.data_dir / "pg_hba.conf"
+        self._write_for_postgres(hba.with_name("pg_hba.conf.new"), _SCRAM_HBA)
+        hba.with_name("pg_hba.conf.new").replace(hba)
 
     def start(self, timeout: float = 30.0) -> Self:
         """initdb if needed, start postgres and wait until it accepts connections."""

@@ -3,7 +3,9 @@
 Unless ``NATS_URL`` / ``DATABASE_URL`` point at running servers, it starts a nats-server
 (JetStream data in ``$KVSTATE_STATE_DIR/nats``, ``sync_interval`` written in its
 configuration) and a PostgreSQL cluster (``$KVSTATE_STATE_DIR/postgres``, database
-``kvstate``); creates the bucket and stores the demo pipeline; then starts the archiver,
+``kvstate``, scram-sha-256 passwords kept 0600 in ``$KVSTATE_STATE_DIR/pgpass``, the
+archiver as the owner role ``kvstate``, the dashboard as the read-only ``kvstate_dashboard``:
+``devstack.pgauth``, ``devstack.pgroles``); creates the bucket and stores the demo pipeline; then starts the archiver,
 the dashboard and the demo as child processes (``python -m kvstate.cli <command>``),
 prints the dashboard's address and waits. Ctrl-C or SIGTERM stops the children by pid in
 reverse order (SIGTERM, then SIGKILL after a grace period), then the servers. The state
@@ -40,6 +42,8 @@ import asyncpg
 
 from demo.runner import load_pipeline
 from devstack.errors import StackError
+from devstack.pgauth import load_passwords, without_password
+from devstack.pgroles import ARCHIVER_ROLE, DASHBOARD_ROLE, provision
 from devstack.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
 from kvstate import Client, KvstateError, Settings
 from kvstate.settings import environ_with, from_environ, setting, setting_specs
@@ -94,8 +98,8 @@ class StackSettings:
         "DATABASE_URL",
         None,
         _optional,
-        "PostgreSQL of the archive (archiver: required; dashboard: optional, enables archive pages; "
-        "`kvstate up`: use this server instead of starting one)",
+        "PostgreSQL of the archive (archiver: required; dashboard: read when `DASHBOARD_DATABASE_URL` is unset; "
+        "`kvstate up`: use this server instead of starting one with passwords in `$KVSTATE_STATE_DIR/pgpass`)",
         shown_default="unset",
     )
     nats_port: int = setting(
@@ -185,6 +189,8 @@ class Stack:
         self.log_dir = self.state_dir / "logs"
         self.nats: NatsServer | None = None
         self.postgres: PostgresServer | None = None
+        self.dashboard_database_url: str | None = None
+        """the read-only URL of the dashboard, when this stack started PostgreSQL"""
         self.children: list[_Child] = []
         self.signalled = 0
 
@@ -260,11 +266,11 @@ class Stack:
             # Locally, let finished operations move to the archive after 10 s rather than the
             # archiver's default of two minutes, so a newcomer sees both sides within a minute.
             env["ARCHIVER_GRACE_PERIOD"] = str(LOCAL_GRACE_PERIOD)
-        self._spawn("archiver", env, required=True)
-        self._spawn("dashboard", env, required=True)
+        self._spawn("archiver", self._child_env("archiver", env), required=True)
+        self._spawn("dashboard", self._child_env("dashboard", env), required=True)
         self._wait_for_dashboard(env)
         if self.demo:
-            self._spawn("demo", env, required=False, terminal=True)
+            self._spawn("demo", self._child_env("demo", env), required=False, terminal=True)
         self._write_pids(env)
         return env
 
@@ -283,17 +289,40 @@ class Stack:
 
     def _start_postgres(self) -> str:
         port = self.settings.postgres_port if _port_free(self.settings.postgres_port) else free_port()
+        passwords = load_passwords(self.state_dir / "pgpass", ("postgres", ARCHIVER_ROLE, DASHBOARD_ROLE))
         server = PostgresServer(
-            self.state_dir / "postgres", port=port, settings={"synchronous_commit": "off"}, die_with_parent=True
+            self.state_dir / "postgres",
+            port=port,
+            settings={"synchronous_commit": "off"},
+            die_with_parent=True,
+            password=passwords["postgres"],
         )
-        self._say(f"starting PostgreSQL on port {port} (synchronous_commit off)")
+        self._say(f"starting PostgreSQL on port {port} (synchronous_commit off, scram-sha-256)")
         self.postgres = server
         try:
             server.start()
-            asyncio.run(_create_database(server.dsn("postgres"), DATABASE))
+            asyncio.run(provision(server, DATABASE, passwords[ARCHIVER_ROLE], passwords[DASHBOARD_ROLE]))
+        except asyncpg.InvalidPasswordError as exc:
+            raise StackError(
+                f"PostgreSQL in {server.directory} refuses the postgres password of {self.state_dir / 'pgpass'}: "
+                "that file was replaced or edited (restore it, or remove both to start a new archive)"
+            ) from exc
         except (ServerStartError, OSError, asyncpg.PostgresError) as exc:
             raise StackError(f"PostgreSQL did not start: {exc}") from exc
-        return server.dsn(DATABASE)
+        self.dashboard_database_url = server.dsn(DATABASE, user=DASHBOARD_ROLE, password=passwords[DASHBOARD_ROLE])
+        return server.dsn(DATABASE, user=ARCHIVER_ROLE, password=passwords[ARCHIVER_ROLE])
+
+    def _child_env(self, name: str, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with the archive credentials ``name`` may have: the archiver's owner URL for the
+        archiver only, the read-only URL for the dashboard only, none for the demo."""
+        child = dict(env)
+        if self.dashboard_database_url is not None:
+            child["DASHBOARD_DATABASE_URL"] = self.dashboard_database_url
+        if name != "dashboard":
+            child.pop("DASHBOARD_DATABASE_URL", None)
+        if name == "demo" or (name == "dashboard" and child.get("DASHBOARD_DATABASE_URL", "").strip()):
+            child.pop("DATABASE_URL", None)
+        return child
 
     def _prepare_bucket(self, kv: Settings) -> None:
         try:
@@ -367,13 +396,15 @@ class Stack:
 
     def _announce(self, env: dict[str, str]) -> None:
         nats_where = f"data in {self.nats.directory}, sync_interval {self.nats.sync_interval}" if self.nats else "yours"
-        pg_where = f"data in {self.postgres.directory}" if self.postgres else "yours"
+        pg_where = (
+            f"data in {self.postgres.directory}, passwords in {self.state_dir / 'pgpass'}" if self.postgres else "yours"
+        )
         lines = [
             "",
             "kvstate is up",
             f"  dashboard  {self.dashboard_url(env)}",
             f"  nats       {env['NATS_URL']}  ({nats_where})",
-            f"  postgres   {env['DATABASE_URL']}  ({pg_where})",
+            f"  postgres   {without_password(env['DATABASE_URL'])}  ({pg_where})",
             f"  metrics    {self.dashboard_url(env)}metrics (dashboard)"
             + (
                 f", http://127.0.0.1:{port}/metrics (archiver)" if (port := env["ARCHIVER_METRICS_PORT"]) != "0" else ""
@@ -428,16 +459,6 @@ class Stack:
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def _create_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
 
 
 async def _store_pipeline(settings: Settings) -> None:

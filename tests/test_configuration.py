@@ -26,6 +26,8 @@ NOT_OURS = {
     "POSTGRES_DB",
     "POSTGRES_USER",
     "POSTGRES_HOST_AUTH_METHOD",
+    "ARCHIVE_OWNER_PASSWORD",  # of docker-compose.yml's postgres init script
+    "ARCHIVE_READER_PASSWORD",
     "PGDATA",
     "PATH",
     "HOME",

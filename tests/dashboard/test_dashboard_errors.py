@@ -51,6 +51,7 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "WaitTimeout": (504, "DEADLINE_EXCEEDED"),
     "ArchiverError": (500, "INTERNAL"),
     "ArchiveUnavailable": (503, "UNAVAILABLE"),
+    "ArchiveAccessDenied": (503, "UNAVAILABLE"),
     "MigrationError": (503, "UNAVAILABLE"),
     "InvalidPageToken": (400, "INVALID_ARGUMENT"),
     "InvalidQuery": (400, "INVALID_ARGUMENT"),

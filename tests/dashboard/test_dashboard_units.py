@@ -91,6 +91,20 @@ def test_cli_registers_the_subcommand_with_nats_url() -> None:
         settings_from(bucket, {})
 
 
+def test_the_archive_url_is_the_dashboards_own_and_falls_back_to_database_url() -> None:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    environ = {"DATABASE_URL": "postgresql://kvstate:owner@db/kvstate"}
+    fallback = settings_from(parser.parse_args(["dashboard"]), environ)
+    assert (fallback.database_url, fallback.database_url_fallback) == (environ["DATABASE_URL"], True)
+    own = settings_from(parser.parse_args(["dashboard"]), {**environ, "DASHBOARD_DATABASE_URL": "postgresql://r@db/k"})
+    assert (own.database_url, own.database_url_fallback) == ("postgresql://r@db/k", False)
+    option = settings_from(parser.parse_args(["dashboard", "--database-url", "postgresql://o@db/k"]), environ)
+    assert (option.database_url, option.database_url_fallback) == ("postgresql://o@db/k", False)
+    assert settings_from(parser.parse_args(["dashboard"]), {}).database_url is None
+    assert "DASHBOARD_DATABASE_URL" in env_variables(DashboardSettings)
+
+
 def test_filters_round_trip_through_the_url() -> None:
     params = {
         "status": ["running,failed"],

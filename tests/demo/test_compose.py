@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 import yaml
 
 from demo.settings import DemoSettings
-from devstack.servers import NatsServer
+from devstack.servers import NatsServer, PostgresServer
 from devstack.up import StackSettings
 from kvstate import Settings
 from kvstate.settings import env_variables
@@ -20,8 +25,15 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_SERVICES = {"archiver", "dashboard", "demo"}
 INIT_SERVICES = {"bucket-init"}
 NATS_NODES = {"nats", "nats-1", "nats-2", "nats-3"}
-# variables of the official images, not of our code
-IMAGE_VARIABLES = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+# variables of the official images and of the postgres-roles init script, not of our code
+IMAGE_VARIABLES = {
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_DB",
+    "POSTGRES_HOST_AUTH_METHOD",
+    "ARCHIVE_OWNER_PASSWORD",
+    "ARCHIVE_READER_PASSWORD",
+}
 _INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(:?-[^}]*)?\}")
 
 
@@ -98,6 +110,8 @@ def test_every_nats_config_states_its_sync_interval_and_is_valid(compose: dict[s
 
     binary = NatsServer(tmp_path).binary
     for name, config in compose["configs"].items():
+        if not name.startswith("nats-"):
+            continue  # postgres-roles: test_the_postgres_init_script_makes_an_owner_and_a_read_only_login
         text = config["content"]
         assert re.search(r"^\s*sync_interval: (always|\d+(ms|s|m))$", text, re.M), name
         path = tmp_path / f"{name}.conf"
@@ -131,8 +145,66 @@ def test_every_variable_compose_sets_is_read_by_a_settings_class(compose: dict[s
             set_here |= set(environment)
         else:
             assert set(environment) <= IMAGE_VARIABLES, name
-    assert {"NATS_URL", "DATABASE_URL", "DASHBOARD_PORT", "DEMO_RATE", "KVSTATE_REPLICAS"} <= set_here
+    expected = {"NATS_URL", "DATABASE_URL", "DASHBOARD_DATABASE_URL", "DASHBOARD_PORT", "DEMO_RATE", "KVSTATE_REPLICAS"}
+    assert expected <= set_here
     assert set_here - known == set()
     interpolated = set(_INTERPOLATION.findall((ROOT / "docker-compose.yml").read_text()))
     names = {var for var, _ in interpolated}
-    assert names - known - {"POSTGRES_PASSWORD"} == set()
+    assert names - known - IMAGE_VARIABLES == set()
+
+
+def test_the_postgres_init_script_makes_an_owner_and_a_read_only_login(compose: dict[str, Any], tmp_path: Path) -> None:
+    """The postgres-roles config, run as the image runs it (sh, psql as the superuser), on a real PostgreSQL;
+    then the archiver and the dashboard connect with the URLs the compose file gives them."""
+    from archiver.store import ArchiveStore
+
+    services = compose["services"]
+    postgres = services["postgres"]
+    assert postgres["environment"]["POSTGRES_HOST_AUTH_METHOD"] == "scram-sha-256"
+    (mount,) = postgres["configs"]
+    assert mount == {"source": "postgres-roles", "target": "/docker-entrypoint-initdb.d/kvstate-roles.sh"}
+    script = tmp_path / "kvstate-roles.sh"
+    script.write_text(compose["configs"]["postgres-roles"]["content"].replace("$$", "$"))  # compose's escape
+    passwords = {"ARCHIVE_OWNER_PASSWORD": "owner-secret-1", "ARCHIVE_READER_PASSWORD": "reader-secret-2"}
+    server = PostgresServer(tmp_path / "pg", settings={"fsync": "off"}, password="super-secret-0").start()
+    try:
+        env = {
+            **os.environ,
+            **passwords,
+            "POSTGRES_USER": "postgres",
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(server.port),
+            "PGPASSWORD": "super-secret-0",
+            "PATH": f"{server.bin_dir}:{os.environ['PATH']}",
+        }
+        result = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+        def url(service: str, variable: str) -> str:
+            """The service's URL from the compose file, pointed at this server, with the test's password."""
+            parts = urlsplit(services[service]["environment"][variable])
+            secret = passwords["ARCHIVE_OWNER_PASSWORD" if service == "archiver" else "ARCHIVE_READER_PASSWORD"]
+            return f"postgresql://{parts.username}:{secret}@127.0.0.1:{server.port}{parts.path}"
+
+        archiver_url, dashboard_url = url("archiver", "DATABASE_URL"), url("dashboard", "DASHBOARD_DATABASE_URL")
+
+        async def check() -> None:
+            async with ArchiveStore.open(archiver_url) as store:  # migrations and grants as a plain owner
+                assert store.reader_access is not None and store.reader_access.problems == ()
+            owner = await asyncpg.connect(archiver_url)
+            try:
+                assert not await owner.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            finally:
+                await owner.close()
+            reader = await asyncpg.connect(dashboard_url)
+            try:
+                assert await reader.fetchval("SELECT count(*) FROM archived_operations") == 0
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await reader.execute("DELETE FROM archived_operations")
+            finally:
+                await reader.close()
+
+        asyncio.run(check())
+    finally:
+        server.stop()
+    assert "DATABASE_URL" not in services["dashboard"]["environment"]  # the dashboard never gets the owner's password

@@ -14,13 +14,16 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
+import msgspec
 import pytest
 
-from devstack.servers import free_port
+from devstack.servers import PostgresServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +73,48 @@ def dashboard_healthy(url: str) -> bool:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
+
+
+def passwords(state: Path) -> dict[str, str]:
+    """The roles and passwords `kvstate up` keeps in the state folder (libpq's password-file lines)."""
+    found = {}
+    for line in (state / "pgpass").read_text().splitlines():
+        if not line.startswith("#"):
+            host, _port, _database, role, password = line.split(":", 4)
+            assert host == "127.0.0.1"
+            found[role] = password
+    return found
+
+
+def archive_url(state: Path, info: dict[str, Any]) -> str:
+    """The archiver's URL: where stack.json says PostgreSQL is, with the password from the state folder."""
+    if not (state / "pgpass").exists():
+        return str(info["database_url"])  # a server given to kvstate up
+    parts = urlsplit(info["database_url"])
+    return f"postgresql://kvstate:{passwords(state)['kvstate']}@{parts.hostname}:{parts.port}{parts.path}"
+
+
+def child_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def check_archive_credentials(state: Path, info: dict[str, Any], out: Path) -> None:
+    """Each child has only its own archive URL; no password was ever printed."""
+    secret = passwords(state)
+    assert set(secret) == {"postgres", "kvstate", "kvstate_dashboard"}
+    archiver = child_environ(info["children"]["archiver"])
+    dashboard = child_environ(info["children"]["dashboard"])
+    assert urlsplit(archiver["DATABASE_URL"]).username == "kvstate" and "DASHBOARD_DATABASE_URL" not in archiver
+    assert urlsplit(archiver["DATABASE_URL"]).password == secret["kvstate"]
+    reader = urlsplit(dashboard["DASHBOARD_DATABASE_URL"])
+    assert (reader.username, reader.password) == ("kvstate_dashboard", secret["kvstate_dashboard"])
+    assert "DATABASE_URL" not in dashboard  # the dashboard never holds the archiver's password
+    if "demo" in info["children"]:
+        demo = child_environ(info["children"]["demo"])
+        assert "DATABASE_URL" not in demo and "DASHBOARD_DATABASE_URL" not in demo
+    text = out.read_text()
+    assert not [role for role, password in secret.items() if password in text]
 
 
 def archived_count(database_url: str) -> int:
@@ -142,8 +187,9 @@ def run_stack_once(state: Path, tmp_path: Path, name: str, min_archived: int) ->
         assert set(info["servers"]) == {"nats", "postgres"}
         wait_until(lambda: dashboard_healthy(info["dashboard"]), 30, "the dashboard", proc, out)
         assert f"dashboard  {info['dashboard']}" in out.read_text()
+        check_archive_credentials(state, info, out)
         archived = wait_until(
-            lambda: (n := archived_count(info["database_url"])) >= min_archived and n,
+            lambda: (n := archived_count(archive_url(state, info))) >= min_archived and n,
             60,
             f"{min_archived} archived operations",
             proc,
@@ -170,9 +216,15 @@ def test_kvstate_up_runs_the_system_and_stops_everything_on_sigint(tmp_path: Pat
     first = run_stack_once(state, tmp_path, "first", min_archived=1)
     assert (state / "nats" / "nats-server.conf").read_text().count("sync_interval: 1s") == 1
     assert (state / "postgres" / "data" / "PG_VERSION").exists()
+    assert os.stat(state / "pgpass").st_mode & 0o777 == 0o600
+    hba = (state / "postgres" / "data" / "pg_hba.conf").read_text()
+    rules = [line.split() for line in hba.splitlines() if line.strip() and not line.startswith("#")]
+    assert rules and all(rule[-1] == "scram-sha-256" for rule in rules)
+    secret = passwords(state)
     # the second run starts on the same data: the archive still holds the first run's operations
     second = run_stack_once(state, tmp_path, "second", min_archived=first + 1)
     assert second > first
+    assert passwords(state) == secret  # the same passwords, from the state folder
 
 
 def test_kvstate_up_killed_with_sigkill_leaves_no_process_and_starts_again(tmp_path: Path) -> None:
@@ -221,3 +273,68 @@ def test_kvstate_up_uses_the_servers_it_is_given_and_leaves_them_running(
     assert not (state / "nats").exists() and not (state / "postgres").exists()
     assert nats_server.proc.poll() is None  # the given servers keep running
     assert archived_count(database_url) >= 1
+
+
+def test_kvstate_up_converts_a_state_folder_an_earlier_version_made_with_trust(tmp_path: Path) -> None:
+    """A `.state` from before passwords: PostgreSQL with trust, the archive owned by postgres. kvstate up
+    moves it to scram-sha-256 and the roles, and the dashboard reads the old archive as its reader."""
+    pytest.importorskip("archiver.cli")
+    pytest.importorskip("dashboard.cli")
+    from archiver.rows import row_for
+    from archiver.store import ArchiveStore
+    from kvstate import OpStatus, Pipeline, StageSpec, new_operation
+
+    state = tmp_path / "state"
+    old = PostgresServer(state / "postgres")  # what kvstate up started before: trust, no password
+    old.start()
+    try:
+        pipeline = Pipeline(name="orders", stages=(StageSpec(name="ingest"),))
+        op = new_operation("old-archived-operation", pipeline, datetime.now(UTC), {})
+        op = msgspec.structs.replace(op, status=OpStatus.SUCCEEDED, finished_at=op.created_at, revision=2)
+
+        async def archive_one() -> None:
+            conn = await asyncpg.connect(old.dsn("postgres"))
+            await conn.execute("CREATE DATABASE kvstate")
+            await conn.close()
+            async with ArchiveStore.open(old.dsn("kvstate"), reader_role=None) as store:
+                await store.write([row_for(op, op.created_at)])
+
+        asyncio.run(archive_one())
+    finally:
+        old.stop()
+    out = tmp_path / "converted.out"
+    with kvstate_up(stack_env(state), out, "--no-demo") as proc:
+        info = own_stack(state, proc, out)
+        wait_until(lambda: dashboard_healthy(info["dashboard"]), 30, "the dashboard", proc, out)
+        check_archive_credentials(state, info, out)
+        with urllib.request.urlopen(info["dashboard"] + "archive", timeout=10) as response:
+            assert op.id in response.read().decode()  # read through kvstate_dashboard
+        assert archived_count(archive_url(state, info)) == 1
+
+        async def owners() -> set[str]:
+            conn = await asyncpg.connect(archive_url(state, info))
+            try:
+                rows = await conn.fetch("SELECT tableowner FROM pg_tables WHERE schemaname = 'public'")
+                return {r["tableowner"] for r in rows}
+            finally:
+                await conn.close()
+
+        assert asyncio.run(owners()) == {"kvstate"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, out.read_text()
+    hba = (state / "postgres" / "data" / "pg_hba.conf").read_text()
+    assert "trust" not in hba.split("\n", 1)[1] and "scram-sha-256" in hba
+    assert "Traceback" not in out.read_text()
+
+
+def test_kvstate_up_says_so_when_the_password_file_does_not_match_the_cluster(tmp_path: Path) -> None:
+    pytest.importorskip("archiver.cli")
+    state = tmp_path / "state"
+    PostgresServer(state / "postgres", password="a-password-since-lost").init()  # pgpass gone, cluster kept
+    out = tmp_path / "mismatch.out"
+    with kvstate_up(stack_env(state), out, "--no-demo") as proc:
+        assert proc.wait(90) == 1
+    text = out.read_text()
+    assert f"refuses the postgres password of {state / 'pgpass'}" in text and "Traceback" not in text
+    assert not any(password in text for password in passwords(state).values())
+    assert processes_mentioning(state) == []
