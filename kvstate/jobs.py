@@ -32,6 +32,7 @@ from enum import StrEnum
 
 import msgspec
 
+from kvstate._time import new_ulid
 from kvstate.errors import InvalidJob, InvalidKey, JobBusy, JobFinished
 from kvstate.keys import validate_id, validate_stage_name
 from kvstate.model import CancelInfo
@@ -196,7 +197,7 @@ def event_id_for(job_id: str, op_id: str) -> str:
 
 
 def new_job(
-    job_id: str,
+    job_id: str | None,
     action: JobAction | str,
     targets: Sequence[str],
     now: datetime,
@@ -209,8 +210,9 @@ def new_job(
     stages: Sequence[str] = (),
     lease_seconds: float = DEFAULT_LEASE,
 ) -> Job:
-    """A pending job; InvalidJob when nothing matched, more than ``max_operations`` did, or a field is unusable."""
-    validate_id(job_id, "job id")
+    """A pending job (``job_id`` None: a new ULID); InvalidJob when nothing matched, more than
+    ``max_operations`` did, or a field is unusable."""
+    job_id = validate_id(job_id, "job id") if job_id is not None else new_ulid()
     try:
         kind = JobAction(action)
     except ValueError:
