@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -18,12 +19,14 @@ from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
 from kvstate import (
     Client,
+    JobStore,
     NotRetryable,
     OperationExists,
     OperationNotFound,
     OpStatus,
     Outcome,
     UnknownStage,
+    new_job,
 )
 
 
@@ -157,3 +160,20 @@ async def test_kvstate_archive_redrive(client: Client, archiver_settings: Archiv
     assert (await client.get("again")).actions[-1].by == "carol"
     twice = await asyncio.to_thread(kvstate, archiver_settings, "archive", "redrive", "again", "--reason", "x")
     assert twice.returncode == 2 and "still in the bucket" in twice.stderr
+
+
+async def test_job_records_are_neither_archived_nor_removed(
+    client: Client, archiver_settings: ArchiverSettings
+) -> None:
+    """The archiver follows op.> only: a finished bulk job's record stays in the bucket for kvstate jobs."""
+    await archived_failure(client, archiver_settings, "before")
+    jobs = JobStore(client)
+    job = await jobs.create(
+        new_job("J1", "retry", ["before"], datetime.now(UTC), filter="id=before", reason="x", max_operations=5, rate=5)
+    )
+    await jobs.cancel(job.id)  # a finished job
+    async with Archiver(archiver_settings) as archiver:
+        counts = await archiver.run(burst=True)
+    assert counts.archived == 0 and counts.dead_letters == 0
+    assert (await jobs.get("J1")).state.value == "cancelled"
+    assert len(await rows_of(archiver_settings.database_url, "J1")) == 0
