@@ -231,8 +231,7 @@ def _create(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         request["stages"] = args.stage
     if args.rate is not None:
         request["rate"] = args.rate
-    if args.by:
-        request["by"] = args.by
+    request["by"] = args.by
     try:
         status, answer = dashboard.post("/api/jobs", request)
     except (urllib.error.URLError, OSError) as exc:
@@ -293,7 +292,7 @@ def register(sub: Any) -> None:
     create.add_argument("--action", dest="job_action", required=True, choices=[a.value for a in JobAction])
     create.add_argument("--stage", action="append", help="retry: a stage to run again (default: the failed stage)")
     create.add_argument("--reason", required=True)
-    create.add_argument("--by", help="who (default: what the dashboard records, api)")
+    create.add_argument("--by", default="kvstate-cli", help="who (recorded in the job; default kvstate-cli)")
     create.add_argument("--rate", type=float, help="operations per second (default: the dashboard's setting)")
     create.add_argument("--dry-run", action="store_true", help="only show how many match, and a sample")
     create.add_argument("--dashboard", default=DEFAULT_DASHBOARD, help=f"dashboard URL (default {DEFAULT_DASHBOARD})")

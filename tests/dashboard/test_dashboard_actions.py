@@ -360,7 +360,7 @@ async def test_kvstate_jobs_create_asks_the_dashboard(client: Client, live_serve
     while not (job := await jobs.get(job_id)).done:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    assert job.state is JobState.DONE and job.counts.applied == 2 and job.by == "api"
+    assert job.state is JobState.DONE and job.counts.applied == 2 and job.by == "kvstate-cli"
 
 
 # ---------------------------------------------------------------------- re-drive
