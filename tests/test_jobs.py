@@ -204,6 +204,13 @@ async def test_a_cancel_job_runs_to_done_and_counts_what_it_skipped(client: Clie
         await jobs.get("nope")
 
 
+async def test_a_job_record_over_the_buckets_value_size_is_refused(client: Client) -> None:
+    targets = [f"{i:05d}" + "x" * 95 for i in range(3000)]  # 3,000 ids of 100 characters: about 310 KB
+    with pytest.raises(InvalidJob, match="over the bucket's value size"):
+        await JobStore(client).create(job_of(targets, max_operations=5000))
+    assert await JobStore(client).list() == []
+
+
 async def test_a_retry_job_retries_failed_operations_from_their_failed_stage(client: Client) -> None:
     ids = []
     for i in range(3):
