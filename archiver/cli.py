@@ -1,8 +1,10 @@
-"""``kvstate archiver`` (run the archiver) and ``kvstate archive get|search`` (read the archive).
+"""``kvstate archiver`` (run the archiver), ``kvstate archive get|search`` (read the archive) and
+``kvstate archive redrive`` (put an archived operation back into the bucket).
 
 Plugged into the ``kvstate`` command through the ``kvstate.commands`` entry-point group;
 ``python -m archiver`` runs the archiver too. Exit codes: 0 ok, 1 failed (not found,
-PostgreSQL unreachable), 2 bad usage or configuration.
+PostgreSQL or NATS unreachable), 2 bad usage or configuration, or a re-drive that cannot be
+done as asked (an unknown stage, nothing to run again, the operation still in the bucket).
 """
 
 from __future__ import annotations
@@ -23,12 +25,20 @@ import msgspec
 from archiver import runtime
 from archiver._pg import shown_dsn
 from archiver.errors import ArchiveUnavailable, InvalidQuery
-from archiver.read import TERMINAL_STATUSES, ArchivedOperation, ArchivePage, ArchiveReader
+from archiver.read import TERMINAL_STATUSES, ArchivedOperation, ArchivePage, ArchiveReader, redrive
 from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
-from kvstate.errors import ConfigurationError, KvstateError, ValidationError
-from kvstate.settings import environ_with
+from kvstate.client import Client
+from kvstate.errors import (
+    ConfigurationError,
+    InvalidTransition,
+    KvstateError,
+    OperationExists,
+    OperationNotFound,
+    ValidationError,
+)
+from kvstate.settings import Settings, environ_with
 
 __all__ = ["main", "register", "register_archive"]
 
@@ -177,8 +187,26 @@ def _print_page(page: ArchivePage) -> None:
         sys.stdout.write(f"\nmore: --page-token {page.next_token}\n")
 
 
-async def _archive_command(args: argparse.Namespace, database_url: str) -> int:
+async def _redrive(args: argparse.Namespace, archive: ArchiveReader, kv: Settings) -> int:
+    async with Client(kv, name="kvstate-archive-redrive") as client:
+        result = await redrive(archive, client, args.id, args.stage, reason=args.reason, by=args.by)
+    op = result.operation
+    if args.json:
+        sys.stdout.write(_json({"outcome": result.outcome.value, "operation": op}) + "\n")
+        return 0
+    action = op.actions[-1]
+    sys.stdout.write(
+        f"{result.outcome.value}: {op.id} is back in the bucket, {op.status.value} at revision {result.revision}, "
+        f"running again from {', '.join(action.stages)} (re-drive {op.redrives} of archived revision "
+        f"{action.archived_revision})\n"
+    )
+    return 0
+
+
+async def _archive_command(args: argparse.Namespace, database_url: str, kv: Settings) -> int:
     async with ArchiveReader.connect(database_url) as archive:
+        if args.action == "redrive":
+            return await _redrive(args, archive, kv)
         if args.action == "get":
             item = await archive.get(args.id)
             if item is None:
@@ -211,17 +239,26 @@ def _cmd_archive(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         sys.stderr.write(f"kvstate archive: {exc}\n")
         return 2
     try:
-        return asyncio.run(_archive_command(args, settings.database_url))
-    except (InvalidQuery, ValidationError) as exc:
+        return asyncio.run(_archive_command(args, settings.database_url, settings.kv))
+    except (InvalidQuery, ValidationError, InvalidTransition) as exc:
         sys.stderr.write(f"kvstate archive: {exc}\n")
         return 2
+    except OperationExists as exc:
+        sys.stderr.write(f"kvstate archive: {exc}: it is still in the bucket, retry it there (kvstate retry)\n")
+        return 2
+    except OperationNotFound as exc:
+        sys.stderr.write(f"kvstate archive: {exc}\n")
+        return 1
     except ArchiveUnavailable as exc:
         sys.stderr.write(f"kvstate archive: cannot read the archive at {shown_dsn(settings.database_url)}: {exc}\n")
+        return 1
+    except KvstateError as exc:
+        sys.stderr.write(f"kvstate archive: {exc}\n")
         return 1
 
 
 def register_archive(subparsers: Any) -> None:
-    """Add ``kvstate archive get ID`` and ``kvstate archive search ...``."""
+    """Add ``kvstate archive get ID``, ``kvstate archive search ...`` and ``kvstate archive redrive ID ...``."""
     parser = subparsers.add_parser("archive", help="look up finished operations in the PostgreSQL archive")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -239,7 +276,17 @@ def register_archive(subparsers: Any) -> None:
     search.add_argument("--limit", type=int, default=20)
     search.add_argument("--page-token", help="the token printed under the previous page")
 
-    for sub in (get, search):
+    again = actions.add_parser(
+        "redrive", help="put an archived operation back into the bucket and run it again from a stage"
+    )
+    again.add_argument("id")
+    again.add_argument("--stage", action="append", help="a stage to run again, with every stage after it (repeatable)")
+    again.add_argument("--reason", required=True, help="why (recorded in the operation's actions)")
+    again.add_argument("--by", default="kvstate-cli", help="who (recorded with the reason; default kvstate-cli)")
+    again.add_argument("--nats-url", help="NATS server URL (default: $NATS_URL)")
+    again.add_argument("--bucket", help="KV bucket (default: $KVSTATE_BUCKET or operations)")
+
+    for sub in (get, search, again):
         sub.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL)")
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         sub.set_defaults(handler=_cmd_archive)

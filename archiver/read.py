@@ -5,13 +5,17 @@
         page = await archive.search(status=["failed"], failed_stage="geo", limit=20)
         more = await archive.search(status=["failed"], failed_stage="geo", page_token=page.next_token)
 
-Results come newest finished first (``finished_at`` desc, then ``id`` desc, then
-``source`` desc) with keyset pagination: the opaque ``next_token`` names the last row
+Results come newest finished first (``finished_at`` desc, then ``id``, ``source`` and
+``redrives`` desc) with keyset pagination: the opaque ``next_token`` names the last row
 shown, so pages never skip or repeat rows while new operations are archived.
 
 An id reused by a re-created bucket (or by another bucket archived into the same
-database) has one row per source: ``get`` returns the newest finished of them,
-``snapshots`` all of them, and searches list each.
+database) has one row per source, and an operation re-driven and finished again one per
+life: ``get`` returns the newest finished of them, ``snapshots`` all of them, and
+searches list each.
+
+``redrive`` puts an archived operation back into the bucket (``kvstate archive redrive``,
+the dashboard's re-drive button): it reads the archive and writes through the kvstate client.
 
 Errors are the archiver's own: ``ArchiveUnavailable`` (with PostgreSQL's detail and hint)
 when PostgreSQL cannot be reached or fails, ``InvalidQuery`` / ``InvalidPageToken`` for
@@ -43,6 +47,7 @@ __all__ = [
     "ArchivedOperation",
     "InvalidPageToken",
     "InvalidQuery",
+    "redrive",
 ]
 
 MAX_LIMIT = 500
@@ -51,7 +56,8 @@ TERMINAL_STATUSES = tuple(sorted(status.value for status in kvstate.TERMINAL_STA
 
 _SELECT = (
     "SELECT id, pipeline, status, failed_stage, created_at, updated_at, finished_at, duration, revision, "
-    "archived_at, value_schema, origin, cancel, metadata, stages, history, source FROM archived_operations"
+    "archived_at, value_schema, origin, cancel, metadata, stages, history, source, redrives, actions "
+    "FROM archived_operations"
 )
 
 
@@ -70,6 +76,8 @@ class ArchivedOperation(msgspec.Struct, frozen=True, kw_only=True):
     operation: kvstate.Operation
     source: int = 0
     """the bucket incarnation it came from (several rows of one id differ in it)"""
+    redrives: int = 0
+    """its life: 0, or how many times it had been re-driven from the archive (rows of one id and source differ in it)"""
 
 
 class ArchivePage(msgspec.Struct, frozen=True):
@@ -83,14 +91,15 @@ class _Token(msgspec.Struct, frozen=True, array_like=True):
     finished_at: datetime
     id: str
     source: int = 0  # tokens handed out before migration 0003 have two members
+    redrives: int = 0  # and before migration 0004 three
 
 
 _token_encoder = msgspec.json.Encoder()
 _token_decoder = msgspec.json.Decoder(_Token)
 
 
-def _encode_token(finished_at: datetime, op_id: str, source: int) -> str:
-    raw = _token_encoder.encode(_Token(finished_at, op_id, source))
+def _encode_token(finished_at: datetime, op_id: str, source: int, redrives: int) -> str:
+    raw = _token_encoder.encode(_Token(finished_at, op_id, source, redrives))
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
@@ -118,6 +127,7 @@ def _archived(record: asyncpg.Record) -> ArchivedOperation:
         archived_at=record["archived_at"],
         operation=operation_from_record(record),
         source=record["source"],
+        redrives=record["redrives"],
     )
 
 
@@ -163,11 +173,11 @@ class ArchiveReader:
 
     async def snapshots(self, op_id: str, *, limit: int = MAX_LIMIT) -> list[ArchivedOperation]:
         """Every archived snapshot of ``op_id``, newest finished first: one per bucket incarnation
-        that used the id (usually one)."""
+        that used the id and per re-drive (usually one)."""
         validate_id(op_id)
         records = await self._fetch(
             "cannot read the archive",
-            _SELECT + " WHERE id = $1 ORDER BY finished_at DESC, source DESC LIMIT $2",
+            _SELECT + " WHERE id = $1 ORDER BY finished_at DESC, source DESC, redrives DESC LIMIT $2",
             op_id,
             limit,
         )
@@ -212,14 +222,14 @@ class ArchiveReader:
         query = _SELECT
         if where:
             query += " WHERE " + " AND ".join(where)
-        query += f" ORDER BY finished_at DESC, id DESC, source DESC LIMIT {arg(limit + 1)}"
+        query += f" ORDER BY finished_at DESC, id DESC, source DESC, redrives DESC LIMIT {arg(limit + 1)}"
         records = await self._fetch("cannot search the archive", query, *args)
         items = [_archived(r) for r in records[:limit]]
         next_token = None
         if len(records) > limit:
             last = items[-1]
             assert last.finished_at is not None  # the column is NOT NULL
-            next_token = _encode_token(last.finished_at, last.id, last.source)
+            next_token = _encode_token(last.finished_at, last.id, last.source, last.redrives)
         return ArchivePage(items, next_token)
 
     async def dead_letters(self, limit: int = 50) -> list[dict[str, object]]:
@@ -280,5 +290,42 @@ def _filters(
         where.append(f"metadata @> {arg(encoded)}::jsonb")
     if page_token is not None:
         after = _decode_token(page_token)
-        where.append(f"(finished_at, id, source) < ({arg(after.finished_at)}, {arg(after.id)}, {arg(after.source)})")
+        where.append(
+            f"(finished_at, id, source, redrives) < "
+            f"({arg(after.finished_at)}, {arg(after.id)}, {arg(after.source)}, {arg(after.redrives)})"
+        )
     return where, args
+
+
+async def redrive(
+    archive: ArchiveReader,
+    client: kvstate.Client,
+    op_id: str,
+    stages: Sequence[str] | None = None,
+    *,
+    reason: str,
+    by: str | None = None,
+    event_id: str | None = None,
+) -> kvstate.UpdateResult:
+    """Put the archived operation ``op_id`` back into the bucket from its newest snapshot, ``stages``
+    run again (default: its failed stage; a cancelled one resumes where it stopped).
+
+    The new life is linked to the snapshot (an action of kind ``redrive`` naming its revision
+    and source) and numbered one past every archived life of the id, so it gets a row of its
+    own when it finishes again. OperationNotFound when the archive does not hold the id,
+    OperationExists while the bucket does (retry it there instead: ``kvstate retry``),
+    NotRetryable, UnknownStage or InvalidTransition as for a retry; nothing written then.
+    """
+    snapshots = await archive.snapshots(op_id)
+    if not snapshots:
+        raise kvstate.OperationNotFound(op_id, "it is not in the archive either")
+    newest = snapshots[0]
+    return await client.redrive(
+        newest.operation,
+        list(stages) if stages else None,
+        archived_source=newest.source,
+        redrives=1 + max(s.redrives for s in snapshots),
+        reason=reason,
+        by=by,
+        event_id=event_id,
+    )

@@ -13,7 +13,7 @@ import asyncpg
 import msgspec
 
 from kvstate.derive import failed_stage
-from kvstate.model import CancelInfo, JSONObject, Operation, OpStatus, StageState, Transition
+from kvstate.model import Action, CancelInfo, JSONObject, Operation, OpStatus, StageState, Transition
 
 __all__ = [
     "COLUMNS",
@@ -50,6 +50,7 @@ _history_decoder = msgspec.json.Decoder(list[HistoryEntry])
 _object_history_decoder = msgspec.json.Decoder(list[Transition])
 _metadata_decoder = msgspec.json.Decoder(dict[str, object])
 _cancel_decoder = msgspec.json.Decoder(CancelInfo)
+_actions_decoder = msgspec.json.Decoder(list[Action])
 
 
 class ArchiveRow(NamedTuple):
@@ -73,6 +74,10 @@ class ArchiveRow(NamedTuple):
     metadata: bytes
     stages: bytes
     history: bytes
+    redrives: int = 0
+    """the operation's life: 0, or how many times it was re-driven from the archive (migration 0004)"""
+    actions: bytes | None = None
+    """its cancels, retries and re-drives (the value's ``actions``), None without any"""
 
 
 COLUMNS: tuple[str, ...] = ArchiveRow._fields
@@ -104,6 +109,8 @@ def row_for(op: Operation, archived_at: datetime, source: int = 0) -> ArchiveRow
         metadata=_encoder.encode(op.metadata),
         stages=_encoder.encode(op.stages),
         history=encode_history(op.history, op.created_at),
+        redrives=op.redrives,
+        actions=_encoder.encode(op.actions) if op.actions else None,
     )
 
 
@@ -140,6 +147,7 @@ def operation_from_record(record: asyncpg.Record | dict[str, Any]) -> Operation:
     """The archived ``Operation`` of a row read with the archive's jsonb codec (JSON as bytes)."""
     get = record.__getitem__
     cancel = get("cancel")
+    actions = get("actions")
     metadata: JSONObject = _metadata_decoder.decode(get("metadata"))
     return Operation(
         schema=get("value_schema"),
@@ -154,5 +162,7 @@ def operation_from_record(record: asyncpg.Record | dict[str, Any]) -> Operation:
         cancel=_cancel_decoder.decode(cancel) if cancel is not None else None,
         origin=get("origin"),
         history=decode_history(get("history"), get("created_at")),
+        actions=_actions_decoder.decode(actions) if actions is not None else [],
+        redrives=get("redrives"),
         revision=get("revision"),
     )

@@ -1,15 +1,16 @@
 """Writes to the archive: batches of snapshots guarded by revision, and dead letters.
 
-A row is identified by (id, source): ``source`` names the bucket incarnation it came
-from (``register_source``), so an id reused by a re-created bucket or another bucket
-is a row of its own. One batch is one transaction, committed with
-``synchronous_commit = on`` whatever the server's default (the caller removes keys
-once it returns). Ids not archived yet (nearly all of them) are written with COPY
-straight into the table: multi-row inserts, the least WAL. Newer revisions of
-archived ids are copied into a temporary staging table (not WAL-logged) and upserted
+A row is identified by (id, source, redrives): ``source`` names the bucket incarnation it
+came from (``register_source``), so an id reused by a re-created bucket or another bucket
+is a row of its own, and ``redrives`` the operation's life (a re-drive from the archive
+starts a new one), so an operation re-driven and finished again keeps its earlier row.
+One batch is one transaction, committed with ``synchronous_commit = on`` whatever the
+server's default (the caller removes keys once it returns). Ids not archived yet (nearly
+all of them) are written with COPY straight into the table: multi-row inserts, the least
+WAL. Newer revisions of archived ids are copied into a temporary staging table (not WAL-logged) and upserted
 from there with
 
-    ON CONFLICT (id, source) DO UPDATE ... WHERE archived_operations.revision < EXCLUDED.revision
+    ON CONFLICT (id, source, redrives) DO UPDATE ... WHERE archived_operations.revision < EXCLUDED.revision
 
 so a replayed or late snapshot never overwrites a newer one, and a replay of the same
 revision changes nothing. If another archiver inserts one of the new ids first, the
@@ -42,17 +43,18 @@ __all__ = [
 ]
 
 _STAGING = "archive_staging"
-_UPDATABLE = [c for c in COLUMNS if c not in ("id", "source")]
+_KEY = ("id", "source", "redrives")
+_UPDATABLE = [c for c in COLUMNS if c not in _KEY]
 _UPSERT = (
     f"INSERT INTO archived_operations ({', '.join(COLUMNS)}) "
     f"SELECT {', '.join(COLUMNS)} FROM {_STAGING} "
-    "ON CONFLICT (id, source) DO UPDATE SET "
+    "ON CONFLICT (id, source, redrives) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _UPDATABLE)
-    + " WHERE archived_operations.revision < EXCLUDED.revision RETURNING id, source"
+    + " WHERE archived_operations.revision < EXCLUDED.revision RETURNING id, source, redrives"
 )
 _HELD = (
-    "SELECT a.id, a.source, a.revision FROM archived_operations a "
-    "JOIN unnest($1::text[], $2::integer[]) AS k(id, source) USING (id, source)"
+    "SELECT a.id, a.source, a.redrives, a.revision FROM archived_operations a "
+    "JOIN unnest($1::text[], $2::integer[], $3::integer[]) AS k(id, source, redrives) USING (id, source, redrives)"
 )
 _WRITER_SETTINGS = {"synchronous_commit": "on"}
 """startup parameters of the writer's connections: its commits are durable whatever the server
@@ -182,14 +184,15 @@ class ArchiveStore:
     async def write(self, rows: Sequence[ArchiveRow], dead_letters: Sequence[DeadLetter] = ()) -> WriteResult:
         """Upsert ``rows`` and park ``dead_letters`` in one durable transaction.
 
-        Rows for the same (id, source) within the batch collapse to the newest revision first.
-        Raises ArchiveUnavailable (nothing written) when PostgreSQL fails.
+        Rows for the same (id, source, redrives) within the batch collapse to the newest revision
+        first. Raises ArchiveUnavailable (nothing written) when PostgreSQL fails.
         """
-        newest: dict[tuple[str, int], ArchiveRow] = {}
+        newest: dict[tuple[str, int, int], ArchiveRow] = {}
         for row in rows:
-            kept = newest.get((row.id, row.source))
+            key = (row.id, row.source, row.redrives)
+            kept = newest.get(key)
             if kept is None or kept.revision < row.revision:
-                newest[(row.id, row.source)] = row
+                newest[key] = row
         kept_rows = list(newest.values())
         try:
             async with self._pool.acquire() as conn:
@@ -207,31 +210,35 @@ class ArchiveStore:
                         held = await self._held(conn, kept_rows)
         except DATABASE_ERRORS as exc:
             raise database_error(exc, f"cannot write a batch of {len(rows)} rows") from exc
-        return WriteResult(frozenset(op_id for op_id, _ in written), len(rows) - len(written), parked, held)
+        return WriteResult(frozenset(op_id for op_id, _, _ in written), len(rows) - len(written), parked, held)
 
     @staticmethod
     async def _write_rows(
         conn: asyncpg.pool.PoolConnectionProxy, rows: list[ArchiveRow], *, fast: bool
-    ) -> frozenset[tuple[str, int]]:
+    ) -> frozenset[tuple[str, int, int]]:
         """``fast``: everything by one COPY into the table (multi-row inserts, the least WAL), which
         fails with UniqueViolationError when one of the ids is archived already; otherwise
         COPY into a staging table and the upsert guarded by revision, which writes only rows
-        that are new or newer than the archived ones. Returns (id, source) of the rows written."""
+        that are new or newer than the archived ones. Returns (id, source, redrives) of the rows written."""
         if not rows:
             return frozenset()
         if fast:
             await conn.copy_records_to_table("archived_operations", records=rows, columns=COLUMNS)
-            return frozenset((row.id, row.source) for row in rows)
+            return frozenset((row.id, row.source, row.redrives) for row in rows)
         await conn.copy_records_to_table(_STAGING, records=rows, columns=COLUMNS)
-        return frozenset((r["id"], r["source"]) for r in await conn.fetch(_UPSERT))
+        return frozenset((r["id"], r["source"], r["redrives"]) for r in await conn.fetch(_UPSERT))
 
     @staticmethod
     async def _held(conn: asyncpg.pool.PoolConnectionProxy, rows: list[ArchiveRow]) -> frozenset[tuple[str, int, int]]:
         """(id, source, revision) of ``rows`` that the archive holds at exactly their revision (in the transaction)."""
-        records = await conn.fetch(_HELD, [row.id for row in rows], [row.source for row in rows])
-        archived = {(r["id"], r["source"]): int(r["revision"]) for r in records}
+        records = await conn.fetch(
+            _HELD, [row.id for row in rows], [row.source for row in rows], [row.redrives for row in rows]
+        )
+        archived = {(r["id"], r["source"], r["redrives"]): int(r["revision"]) for r in records}
         return frozenset(
-            (row.id, row.source, row.revision) for row in rows if archived.get((row.id, row.source)) == row.revision
+            (row.id, row.source, row.revision)
+            for row in rows
+            if archived.get((row.id, row.source, row.redrives)) == row.revision
         )
 
     @staticmethod
@@ -247,12 +254,14 @@ class ArchiveStore:
         return {op_id: revision for op_id, (revision, _) in (await self.archived_snapshots(ids, source)).items()}
 
     async def archived_snapshots(self, ids: Sequence[str], source: int = 0) -> dict[str, tuple[int, float]]:
-        """(archived revision, finished_at as a timestamp) of each of ``ids`` archived from ``source``."""
+        """(archived revision, finished_at as a timestamp) of the latest life of each of ``ids`` archived
+        from ``source`` (a re-driven operation has a row per life: the earlier ones are not what the
+        bucket holds)."""
         try:
             async with self._pool.acquire() as conn:
                 records = await conn.fetch(
-                    "SELECT id, revision, finished_at FROM archived_operations "
-                    "WHERE id = ANY($1::text[]) AND source = $2",
+                    "SELECT DISTINCT ON (id) id, revision, finished_at FROM archived_operations "
+                    "WHERE id = ANY($1::text[]) AND source = $2 ORDER BY id, redrives DESC",
                     list(ids),
                     source,
                 )

@@ -7,6 +7,7 @@
     POST /api/operations/{id}:apply    one event (the tagged JSON of kvstate.events, at most 64 KiB) through
                                        the state machine; Idempotency-Key = event id, If-Match = revision
     POST /api/operations/{id}:cancel   cancel, If-Match honoured
+    POST /api/operations/{id}:retry    run a finished operation again from stages (body: reason, stages), If-Match
     GET  /api/operations               filter (``status=running AND stage=geo``), page_size, page_token
     GET  /api/csrf                     a CSRF token for API writes (send it back as X-CSRFToken)
     GET  /api/overview                 the overview's figures (``pipeline``), from the page's context builder
@@ -49,6 +50,7 @@ from dashboard.methods import (
     idempotency_key,
     if_match,
     operation_method,
+    retry_request,
     wait_timeout,
 )
 from dashboard.pages import Dashboard, pipeline_param, query_params
@@ -149,6 +151,8 @@ async def _post(request: Request[Any, Any, Any], dashboard: Dashboard, name: str
     check_write_access(request, dashboard.settings.auth_token)
     expected, key = if_match(request.headers), idempotency_key(request.headers)
     body = await request.body()  # at most APPLY_MAX_BODY (the route's limit), else 413
+    if method == "retry":
+        return await _retry(dashboard, op_id, body, expected, key)
     event: Event
     if method == "apply":
         event = decode_event(body, key)
@@ -164,6 +168,20 @@ async def _post(request: Request[Any, Any, Any], dashboard: Dashboard, name: str
     result = await dashboard.client.apply(op_id, event, expected_revision=expected)
     if method == "cancel":
         result.raise_for_stale()  # a cancel of a finished operation is a 409, not a silent no-op
+    found = _Found(_resource(dashboard, result.operation), result.revision, waitable=False)
+    return _answer(found, {OUTCOME_HEADER: result.outcome.value})
+
+
+async def _retry(
+    dashboard: Dashboard, op_id: str, body: bytes, expected: int | None, key: str | None
+) -> Response[OperationResource]:
+    """``:retry``: the operation run again from the stages named (default: its failed stage), revision-checked."""
+    if len(body) > dashboard.settings.max_body:
+        raise HTTPException(status_code=413, detail="Request Entity Too Large")
+    asked = retry_request(body)
+    result = await dashboard.client.retry(
+        op_id, asked.stages or None, reason=asked.reason, by=asked.by or "api", event_id=key, expected_revision=expected
+    )
     found = _Found(_resource(dashboard, result.operation), result.revision, waitable=False)
     return _answer(found, {OUTCOME_HEADER: result.outcome.value})
 
@@ -319,6 +337,35 @@ class OperationsApi(Controller):
         ] = None,
     ) -> Response[OperationResource]:
         return await _post(request, dashboard, "{name}:cancel")  # only the literal path: InvalidKey (400)
+
+    @post(
+        "/operations/{name}:retry",
+        operation_class=_MethodOperation,
+        operation_id="RetryOperation",
+        summary="Run a finished operation again from a stage",
+        description=(
+            'Body: `{"reason": "why", "stages": ["geo"], "by": "who"}`; `reason` required, `stages` optional (default: '
+            "the failed stage; a cancelled operation resumes where it stopped), each run again with every stage "
+            'after it. Who and why are recorded in the operation\'s `actions`. `If-Match: "N"` retries only at '
+            "revision N (412 otherwise); `Idempotency-Key` makes a repeated retry a `duplicate` (200). A pending or "
+            "running operation is 409 FAILED_PRECONDITION, an unknown stage 400; nothing is written then."
+        ),
+        status_code=200,
+        response_headers=_WRITE_HEADERS,
+        responses=_WRITE_ERRORS,
+    )
+    async def retry_documented(
+        self,
+        request: Request[Any, Any, Any],
+        dashboard: Dashboard,
+        if_match: Annotated[
+            str | None, HeaderParameter(name="If-Match", description='"N": retry only at revision N')
+        ] = None,
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", description="the event id")
+        ] = None,
+    ) -> Response[OperationResource]:
+        return await _post(request, dashboard, "{name}:retry")  # only the literal path: InvalidKey (400)
 
     @get("/operations", summary="List live operations from the dashboard's index")
     async def list_operations(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> OperationList:

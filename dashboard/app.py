@@ -1,7 +1,8 @@
 """The dashboard application: ``create_app(settings)`` and its lifespan.
 
 The lifespan opens, in order: the kvstate client, the broadcaster and the one watcher
-feeding the in-memory index, the archive reader; and closes them in reverse order.
+feeding the in-memory index, the archive reader, the supervisor of the bulk jobs run here;
+and closes them in reverse order (the jobs are left paused).
 Every exception goes through ``dashboard.errors.exception_to_response``.
 """
 
@@ -25,12 +26,15 @@ from litestar.response import ServerSentEvent
 from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from dashboard.action_pages import ActionPages
+from dashboard.actions_api import ActionsApi
 from dashboard.api import OperationsApi
 from dashboard.archive import READER_FALLBACK_WARNING, ArchiveAccess
 from dashboard.contexts import DashboardState
 from dashboard.errors import exception_to_response
 from dashboard.feed import Broadcaster, IndexFeed, running
 from dashboard.index import OperationIndex
+from dashboard.jobs import JobSupervisor
 from dashboard.metrics import DashboardMetrics
 from dashboard.pages import Pages
 from dashboard.security import add_security_headers, csrf_middleware
@@ -109,17 +113,21 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
             app.state.metrics = app_metrics
             async with running(feed, broadcaster):
                 await archive.open()
+                jobs = JobSupervisor(client, on_step=lambda job: broadcaster.notify())
                 try:
-                    app.state.dashboard = DashboardState(settings, client, index, feed, broadcaster, archive)
+                    app.state.dashboard = DashboardState(settings, client, index, feed, broadcaster, archive, jobs=jobs)
                     yield
                 finally:
+                    await jobs.stop()  # the jobs it runs are left paused, resumable
                     app.state.dashboard = None
                     await archive.close()
 
     return Litestar(
         route_handlers=[
             Pages,
+            ActionPages,
             OperationsApi,
+            ActionsApi,
             events,
             healthz,
             metrics,

@@ -22,6 +22,7 @@ from dashboard.errors import ArchiveUnavailable, BadQuery
 
 if TYPE_CHECKING:
     from archiver.read import ArchivedOperation, ArchivePage, ArchiveReader
+    from kvstate import Client, UpdateResult
 
 __all__ = ["READER_FALLBACK_WARNING", "ArchiveAccess"]
 
@@ -140,6 +141,25 @@ class ArchiveAccess:
             raise BadQuery("page_token", str(exc)) from exc
         except archiver_errors.InvalidQuery as exc:
             raise BadQuery("archive search", str(exc)) from exc
+        except _UNREACHABLE as exc:
+            raise self._lost(exc) from exc
+
+    async def redrive(
+        self,
+        client: Client,
+        op_id: str,
+        stages: Sequence[str] | None,
+        *,
+        reason: str,
+        by: str | None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """Put archived ``op_id`` back into the bucket (``archiver.read.redrive``, the same refusals)."""
+        from archiver.read import redrive
+
+        reader = await self._ready()
+        try:
+            return await redrive(reader, client, op_id, stages, reason=reason, by=by, event_id=event_id)
         except _UNREACHABLE as exc:
             raise self._lost(exc) from exc
 

@@ -16,6 +16,7 @@ from dashboard.errors import ArchiveUnavailable, BadQuery
 from dashboard.feed import Broadcaster, IndexFeed
 from dashboard.formatting import show, trace_link
 from dashboard.index import OperationIndex
+from dashboard.jobs import JobSupervisor, filter_expression, job_resource
 from dashboard.query import (
     ArchiveQuery,
     archive_query,
@@ -30,6 +31,7 @@ from kvstate import (
     Client,
     ConnectionLostError,
     CorruptValue,
+    JobStore,
     KvstateError,
     Operation,
     OperationNotFound,
@@ -38,6 +40,7 @@ from kvstate import (
     Revision,
     StageStatus,
     attempts,
+    retry_stages,
 )
 from kvstate.keys import validate_id
 
@@ -49,6 +52,8 @@ __all__ = [
     "archive_context",
     "archive_search",
     "banner_context",
+    "job_context",
+    "jobs_context",
     "operation_context",
     "operations_context",
     "overview_context",
@@ -70,6 +75,15 @@ class DashboardState:
     broadcaster: Broadcaster
     archive: ArchiveAccess
     extra: dict[str, Any] = field(default_factory=dict)
+    jobs: JobSupervisor | None = None
+    """runs the bulk jobs created here (set by the lifespan)"""
+
+    @property
+    def supervisor(self) -> JobSupervisor:
+        """The job supervisor; RuntimeError outside the lifespan."""
+        if self.jobs is None:
+            raise RuntimeError("the dashboard's job supervisor is not started")
+        return self.jobs
 
 
 def banner_context(state: DashboardState, now: float) -> dict[str, Any]:
@@ -180,6 +194,7 @@ def operations_context(state: DashboardState, params: Mapping[str, Sequence[str]
         "stage_names": sorted({s.name for p in state.index.pipelines.values() for s in p.stages}),
         "total_in_bucket": len(state.index),
         "stuck_ids": {row.id for row in page if state.index.stuck_stages_of(row.id)},
+        "filter_expression": filter_expression(flt),
         "now": now,
     }
 
@@ -312,6 +327,10 @@ async def operation_context(state: DashboardState, op_id: str, now: float) -> di
             "stuck": stuck,
             "age": (now_dt - op.created_at).total_seconds(),
             "cancellable": context["source"] == "live" and not op.status.terminal,
+            "retryable": context["source"] == "live" and op.status.terminal,
+            "redrivable": context["source"] == "archive",
+            "retry_default": retry_stages(op, pipeline) if pipeline is not None else (),
+            "stage_names": list(pipeline.stage_names) if pipeline is not None else list(op.stages),
             "stage_metadata": [(name, st) for name, st in op.stages.items() if st.metadata or st.error],
             "history": list(reversed(op.history)),
         }
@@ -361,3 +380,27 @@ async def archive_context(state: DashboardState, params: Mapping[str, Sequence[s
         pairs = [(k, v) for k in sorted(params) if k != "page_token" for v in params[k] if v]
         context["next_url"] = "/archive?" + query_string([*pairs, ("page_token", page.next_token)])
     return context
+
+
+# ---------------------------------------------------------------------- bulk jobs
+
+
+async def jobs_context(state: DashboardState, now: float) -> dict[str, Any]:
+    """Every bulk job in the bucket, newest first, with its progress."""
+    jobs = await JobStore(state.client).list()
+    return {"jobs": [job_resource(job) for job in jobs], "now": now}
+
+
+async def job_context(state: DashboardState, job_id: str, now: float) -> dict[str, Any]:
+    """One bulk job: its progress, counts and problems; whether it can be cancelled or resumed here."""
+    validate_id(job_id, "job id")
+    job = await JobStore(state.client).get(job_id)
+    now_dt = datetime.fromtimestamp(now, UTC)
+    lease_expired = job.lease is None or job.lease.until <= now_dt
+    return {
+        "job": job_resource(job),
+        "job_id": job.id,
+        "cancellable": not job.done,
+        "resumable": not job.done and lease_expired and not (state.jobs is not None and state.jobs.running(job.id)),
+        "now": now,
+    }

@@ -1,4 +1,4 @@
-"""What the operation methods (``:apply``, ``:cancel``, ``:wait``) read from a request, as pure functions.
+"""What the operation methods (``:apply``, ``:cancel``, ``:retry``, ``:wait``) read from a request, as pure functions.
 
 The API mirrors the NATS write service (kvstate.service): the same event body, the same
 64 KiB limit, ``If-Match`` for the revision. On top of it ``Idempotency-Key`` carries the
@@ -26,11 +26,13 @@ __all__ = [
     "MAX_REASON",
     "MAX_WAIT",
     "METHODS",
+    "RetryRequest",
     "cancel_reason",
     "decode_event",
     "idempotency_key",
     "if_match",
     "operation_method",
+    "retry_request",
     "wait_timeout",
 ]
 
@@ -42,7 +44,7 @@ DEFAULT_WAIT = 30.0
 MAX_REASON = 500
 MAX_KEY_LENGTH = 128
 
-METHODS = {"apply": "POST", "cancel": "POST", "wait": "GET"}
+METHODS = {"apply": "POST", "cancel": "POST", "retry": "POST", "wait": "GET"}
 """The custom methods of an operation (AIP-136), with the HTTP method each takes."""
 
 _REVISION = re.compile(r'([0-9]{1,19})|"([0-9]{1,19})"')
@@ -76,7 +78,7 @@ def operation_method(name: str, http_method: str) -> tuple[str, str]:
             raise MethodNotAllowedException(f":{method} takes {expected}", headers={"Allow": expected})
     elif http_method != "GET":
         raise MethodNotAllowedException(
-            "POST to an operation's method: ID:apply or ID:cancel", headers={"Allow": "GET"}
+            "POST to an operation's method: ID:apply, ID:cancel or ID:retry", headers={"Allow": "GET"}
         )
     return validate_id(op_id), method
 
@@ -141,6 +143,37 @@ def cancel_reason(body: bytes, content_type: str, default: str) -> str:
     if len(reason) > MAX_REASON:
         raise BadQuery("reason", f"at most {MAX_REASON} characters")
     return reason
+
+
+class RetryRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of ``:retry``: why, the stages to run again (none: the failed stage), who."""
+
+    reason: str
+    stages: list[str] = []
+    by: str | None = None
+
+
+_retry_decoder = msgspec.json.Decoder(RetryRequest)
+
+
+def retry_request(body: bytes) -> RetryRequest:
+    """The ``:retry`` body, ``{"reason": "...", "stages": [...], "by": "..."}`` with a reason; else BadQuery."""
+    if not body.strip():
+        raise BadQuery("body", 'empty: send {"reason": "why", "stages": ["geo"]} (stages optional)')
+    try:
+        request = _retry_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadQuery("body", f"not a retry request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadQuery("body", f"not JSON: {exc}") from None
+    reason = request.reason.strip()
+    if not reason:
+        raise BadQuery("reason", "say why the operation runs again")
+    if len(reason) > MAX_REASON:
+        raise BadQuery("reason", f"at most {MAX_REASON} characters")
+    if request.by is not None and not 1 <= len(request.by) <= 64:
+        raise BadQuery("by", "1-64 characters")
+    return msgspec.structs.replace(request, reason=reason)
 
 
 def wait_timeout(values: Sequence[str]) -> float:

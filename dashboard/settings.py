@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from kvstate.errors import ConfigurationError
+from kvstate.jobs import MAX_RATE, MIN_RATE
 from kvstate.settings import Settings, from_environ, positive_float, positive_int, setting, tcp_port
 
 __all__ = ["TRACE_ID_PLACEHOLDER", "DashboardSettings", "trace_url_problem"]
@@ -103,6 +104,15 @@ class DashboardSettings:
 
     database_url_fallback: bool = field(default=False, compare=False)
     """True when DASHBOARD_DATABASE_URL was unset and the archive URL came from DATABASE_URL (the archiver's)"""
+    job_max_operations: int = setting(
+        "DASHBOARD_JOB_MAX_OPERATIONS",
+        5000,
+        positive_int,
+        "most operations one bulk job may change (a filter matching more is refused); its record keeps their ids",
+    )
+    job_rate: float = setting(
+        "DASHBOARD_JOB_RATE", 50.0, positive_float, "operations per second a bulk job changes, unless it asks for fewer"
+    )
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 500:
@@ -111,6 +121,10 @@ class DashboardSettings:
             raise ConfigurationError(f"DASHBOARD_MAX_BODY={self.max_body}: must be at least 1024")
         if self.auth_token is not None and len(self.auth_token) < 8:
             raise ConfigurationError("DASHBOARD_AUTH_TOKEN must be at least 8 characters")
+        if not MIN_RATE <= self.job_rate <= MAX_RATE:
+            raise ConfigurationError(
+                f"DASHBOARD_JOB_RATE={self.job_rate:g}: must be between {MIN_RATE:g} and {MAX_RATE:g}"
+            )
         if self.trace_url is not None and (problem := trace_url_problem(self.trace_url)) is not None:
             raise ConfigurationError(f"DASHBOARD_TRACE_URL={self.trace_url!r}: {problem}")
 

@@ -23,6 +23,9 @@ OperationExists                            REJECT   the id holds other data
 RevisionMismatch                           REJECT   a conditional update's revision is gone for good:
                                                     re-read and decide again, do not resend it
 StaleUpdate                                STALE    not an error: the operation moved past this event
+JobNotFound, JobFinished                   REJECT   bulk jobs: no such job, or it ended
+JobBusy                                    RETRY    another runner holds the job's lease; it ends
+                                                    or expires
 anything else                              None     a bug or a broken setup: the caller decides
                                                     (the demo hands the message back and counts it)
 ========================================== ======== ==================================================
@@ -46,6 +49,9 @@ from kvstate import (
     ConnectionLostError,
     CorruptValue,
     InvalidTransition,
+    JobBusy,
+    JobFinished,
+    JobNotFound,
     OperationExists,
     OperationNotFound,
     RevisionMismatch,
@@ -68,7 +74,7 @@ class Verdict(enum.Enum):
     """not an error: the state machine moved past this event; acknowledge it"""
 
 
-TRANSIENT: tuple[type[Exception], ...] = (ConnectionLostError, ConflictError, BucketError)
+TRANSIENT: tuple[type[Exception], ...] = (ConnectionLostError, ConflictError, BucketError, JobBusy)
 """Errors a later try can get past."""
 PERMANENT: tuple[type[Exception], ...] = (
     ValidationError,
@@ -77,6 +83,8 @@ PERMANENT: tuple[type[Exception], ...] = (
     CorruptValue,
     OperationExists,
     RevisionMismatch,
+    JobNotFound,
+    JobFinished,
 )
 """Errors every later try would meet again."""
 

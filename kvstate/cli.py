@@ -466,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(handler=_cmd_serve)
 
+    from kvstate.cli_actions import register as register_actions  # it imports this module's helpers
+
+    register_actions(sub)  # kvstate retry, kvstate jobs
+
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
             register = ep.load()

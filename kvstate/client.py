@@ -69,7 +69,7 @@ from kvstate.events import (
 )
 from kvstate.feed import ChangeFeed
 from kvstate.keys import OPERATION_PREFIX, PIPELINE_PREFIX, operation_key, pipeline_key, validate_id
-from kvstate.machine import Decision, apply_event, new_operation
+from kvstate.machine import Decision, already_applied, apply_event, new_operation, redrive, retry
 from kvstate.metrics import ClientMetrics
 from kvstate.model import BucketInfo, JSONObject, Operation, OpStatus, Outcome, StageStatus, UpdateResult
 from kvstate.pipeline import Pipeline
@@ -594,6 +594,92 @@ class Client:
         """Put ``stages``, every stage after them and every cancelled stage back to waiting
         (also un-cancels). InvalidTransition when the operation would stay failed."""
         return await self.apply(op_id, Reopen(stages=tuple(stages), **_eid(event_id)))
+
+    async def retry(
+        self,
+        op_id: str,
+        stages: builtins.list[str] | tuple[str, ...] | None = None,
+        *,
+        reason: str | None = None,
+        by: str | None = None,
+        event_id: str | None = None,
+        expected_revision: int | None = None,
+    ) -> UpdateResult:
+        """Run a finished operation again from ``stages`` (default: ``kvstate.derive.retry_stages``).
+
+        A reopen that only a finished operation takes, decided inside the compare-and-set
+        (``kvstate.machine.retry``): NotRetryable while it is pending or running, UnknownStage
+        for a stage its pipeline lacks, InvalidTransition when it would stay failed, nothing
+        written in each case. ``by`` and ``reason`` are recorded in its actions and history.
+        With ``expected_revision`` it applies only at that revision (RevisionMismatch). A
+        retry with the ``event_id`` of one that landed comes back ``duplicate``.
+        """
+        event_id = event_id or new_ulid()
+        named = tuple(stages) if stages else None
+
+        def mutation(op: Operation, pipeline: Pipeline) -> Decision:
+            if expected_revision is not None and op.revision != expected_revision and not already_applied(op, event_id):
+                raise RevisionMismatch(op.id, expected_revision, op.revision)
+            return retry(op, pipeline, named, utcnow(), event_id=event_id, reason=reason, by=by)
+
+        return await self._submit(op_id, mutation, alone=expected_revision is not None)
+
+    async def redrive(
+        self,
+        snapshot: Operation,
+        stages: builtins.list[str] | tuple[str, ...] | None = None,
+        *,
+        archived_source: int = 0,
+        redrives: int | None = None,
+        reason: str | None = None,
+        by: str | None = None,
+        event_id: str | None = None,
+    ) -> UpdateResult:
+        """Put the archived ``snapshot`` back into the bucket, ``stages`` reopened (``kvstate.machine.redrive``).
+
+        Created with the revision check of a creation, so it never overwrites: OperationExists
+        while the bucket holds the id, unless it holds this very re-drive (same ``event_id``:
+        a retried call, answered ``duplicate``). ``redrives`` numbers the operation's lives
+        for the archive (default: the snapshot's plus one); ``archived_source`` is the archive
+        source of the snapshot. The archiver's ``kvstate archive redrive`` reads the snapshot.
+        """
+        store = self._open_store()
+        definition = await self.pipeline(snapshot.pipeline)
+        event_id = event_id or new_ulid()
+        key = operation_key(snapshot.id)
+        op = redrive(
+            snapshot,
+            definition,
+            tuple(stages) if stages else None,
+            utcnow(),
+            event_id=event_id,
+            archived_source=archived_source,
+            redrives=snapshot.redrives + 1 if redrives is None else redrives,
+            reason=reason,
+            by=by,
+        )
+        data = encode_operation(op, self.settings.max_value_size)
+        give_up = time.monotonic() + self.settings.deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                revision = await store.create(key, data)
+                break
+            except ConflictError:
+                existing = await self._read(snapshot.id, leader=True)
+                if already_applied(existing, event_id):
+                    if attempt > 1:  # this call's earlier write landed, its acknowledgement was lost
+                        return UpdateResult(Outcome.APPLIED, existing)
+                    return UpdateResult(Outcome.DUPLICATE, existing, f"event {event_id} was already applied")
+                raise OperationExists(snapshot.id, existing.revision) from None
+            except ConnectionLostError:
+                if time.monotonic() >= give_up:  # it may have landed: the next try conflicts and finds our event
+                    raise
+                await asyncio.sleep(_TRANSIENT_BACKOFF.delay(attempt))
+        created = _with_revision(op, revision)
+        self._cache.remember(key, created)
+        return UpdateResult(Outcome.APPLIED, created)
 
     async def _pipeline_of(self, op_id: str) -> Pipeline:
         key = operation_key(op_id)

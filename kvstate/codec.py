@@ -5,13 +5,16 @@ from __future__ import annotations
 import msgspec
 
 from kvstate.errors import CorruptValue, InvalidMetadata, InvalidPipeline, ValueTooLarge
-from kvstate.keys import operation_id_from_key
+from kvstate.jobs import JOB_SCHEMA, Job
+from kvstate.keys import JOB_PREFIX, operation_id_from_key
 from kvstate.model import SCHEMA_VERSION, JSONObject, Operation
 from kvstate.pipeline import Pipeline
 
 __all__ = [
+    "decode_job",
     "decode_operation",
     "decode_pipeline",
+    "encode_job",
     "encode_operation",
     "encode_pipeline",
     "normalize_json_object",
@@ -20,6 +23,7 @@ __all__ = [
 _encoder = msgspec.json.Encoder()
 _operation_decoder = msgspec.json.Decoder(Operation)
 _pipeline_decoder = msgspec.json.Decoder(Pipeline)
+_job_decoder = msgspec.json.Decoder(Job)
 _any_decoder = msgspec.json.Decoder()
 
 
@@ -51,6 +55,29 @@ def decode_operation(key: str, revision: int, data: bytes) -> Operation:
             key, revision, f"written in schema {op.schema} by a newer kvstate; this one reads {SCHEMA_VERSION}", data
         )
     return msgspec.structs.replace(op, revision=revision)
+
+
+def encode_job(job: Job, max_size: int | None = None) -> bytes:
+    """The stored JSON of ``job`` (without its revision); ValueTooLarge above ``max_size``."""
+    if job.revision:
+        job = msgspec.structs.replace(job, revision=0)
+    data = _encoder.encode(job)
+    if max_size is not None and len(data) > max_size:
+        raise ValueTooLarge(JOB_PREFIX + job.id, len(data), max_size)
+    return data
+
+
+def decode_job(key: str, revision: int, data: bytes) -> Job:
+    """The job stored at ``key``/``revision``; CorruptValue when it is not one (or of a newer schema)."""
+    try:
+        job = _job_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise CorruptValue(key, revision, str(exc), data) from exc
+    if key.startswith(JOB_PREFIX) and job.id != key[len(JOB_PREFIX) :]:
+        raise CorruptValue(key, revision, f"value has id {job.id[:64]!r}, key says {key[len(JOB_PREFIX) :]!r}", data)
+    if job.schema > JOB_SCHEMA:
+        raise CorruptValue(key, revision, f"a job of schema {job.schema}; this kvstate reads {JOB_SCHEMA}", data)
+    return msgspec.structs.replace(job, revision=revision)
 
 
 def encode_pipeline(pipeline: Pipeline) -> bytes:

@@ -8,6 +8,7 @@ reviewed diff):
 - ``operation.schema.json``: a stored operation value (``op.<id>``), JSON Schema 2020-12;
 - ``event.schema.json``: one event, as the write service (``kvstate serve``) takes it;
 - ``pipeline.schema.json``: a pipeline definition (``pipeline.<name>``);
+- ``job.schema.json``: a bulk job record (``job.<id>``, kvstate.jobs);
 - ``vectors.json``: event sequences applied to an operation of a fixed pipeline, with the
   outcome of each step (applied, duplicate, stale, or the error it raises) and the operation
   after it. An implementation of the state machine in another language passes when it
@@ -40,6 +41,7 @@ from kvstate.events import (
     StartStage,
     SucceedStage,
 )
+from kvstate.jobs import Job
 from kvstate.machine import apply_event, new_operation
 from kvstate.model import Operation
 from kvstate.pipeline import Pipeline, StageSpec
@@ -164,6 +166,17 @@ def build_vectors() -> list[Vector]:
         MergeMetadata(patch={"owner": "fraud"}, expect={"owner": None}, event_id="m-claim-fraud"),
         MergeMetadata(patch={"owner": None}, expect={"owner": "geo"}, event_id="m-release-geo"),
     ]
+    actions: list[Event] = [
+        *_stage("ingest", key="a"),
+        StartStage(stage="validate", event_id="a-v1"),
+        FailStage(stage="validate", error="bad row", retryable=False, event_id="a-v1-fail"),
+        Reopen(stages=("validate",), worker="alice", reason="row fixed upstream", event_id="a-retry"),
+        Reopen(stages=("validate",), worker="alice", reason="row fixed upstream", event_id="a-retry"),
+        StartStage(stage="validate", event_id="a-v2"),
+        Cancel(reason="customer withdrew", worker="support", event_id="a-cancel"),
+        Reopen(stages=("ingest",), worker="bob", reason="customer came back", event_id="a-resume"),
+        Cancel(reason="customer withdrew", worker="support", event_id="a-cancel"),
+    ]
     refused: list[Event] = [
         StartStage(stage="merge", event_id="x-merge-early"),
         StartStage(stage="nope", event_id="x-unknown"),
@@ -190,6 +203,12 @@ def build_vectors() -> list[Vector]:
             metadata,
         ),
         _run(
+            "actions",
+            "cancels and reopens are recorded in actions (who, why, event id; kept after they leave the event "
+            "window, for duplicate detection); a redelivered one is a duplicate; reopen clears a cancellation",
+            actions,
+        ),
+        _run(
             "refused",
             "illegal transitions and unknown stages are refused; a cancelled operation takes no stage",
             refused,
@@ -212,10 +231,13 @@ def schemas() -> dict[str, dict[str, Any]]:
     operation = schema(Operation, "kvstate operation value (op.<id>)")
     # The revision is the key's KV revision, never part of the stored value.
     operation["$defs"]["Operation"]["properties"].pop("revision")
+    job = schema(Job, "kvstate bulk job (job.<id>)")
+    job["$defs"]["Job"]["properties"].pop("revision")
     return {
         "operation.schema.json": operation,
         "event.schema.json": schema(Event, "kvstate event (write service request body)"),
         "pipeline.schema.json": schema(Pipeline, "kvstate pipeline definition (pipeline.<name>)"),
+        "job.schema.json": job,
     }
 
 

@@ -11,7 +11,8 @@ can never name different stages for the same operation (docs/state-model.md#deri
   started past ``idle_after``;
 - ``queued_stages`` / ``ready_since``: where an input waits between stages, and since when;
 - ``sla_due`` / ``sla_breached``: an operation past its pipeline's ``sla``;
-- ``attempts``: every attempt of a stage with its start, end and outcome, from the history.
+- ``attempts``: every attempt of a stage with its start, end and outcome, from the history;
+- ``retry_stages``: the stages a retry runs again when none are named.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "failure_message",
     "queued_stages",
     "ready_since",
+    "retry_stages",
     "sla_breached",
     "sla_due",
     "stuck_checks",
@@ -66,6 +68,30 @@ def failed_stage(op: Operation) -> str | None:
         if state.status is StageStatus.FAILED:
             return name
     return None
+
+
+def retry_stages(op: Operation, pipeline: Pipeline) -> tuple[str, ...]:
+    """The stages a retry of ``op`` runs again when none are named, in pipeline order.
+
+    A failed operation: its failed stage (``failed_stage``), with any other required stage
+    that failed for good (reopening fewer would leave it failed). A cancelled one: the
+    stages the cancel cut off (running or waiting for a retry then). Nothing otherwise:
+    a succeeded operation, or one not finished, has no failure to retry. Reopening a stage
+    also puts every stage after it back to waiting (``kvstate.machine``).
+    """
+    if op.status is OpStatus.FAILED:
+        first = failed_stage(op)
+        required = [
+            spec.name
+            for spec in pipeline.stages
+            if not spec.optional and op.stage(spec.name).status is StageStatus.FAILED
+        ]
+        named = set(required) | ({first} if first is not None else set())
+        ordered = [name for name in pipeline.stage_names if name in named]
+        return tuple(ordered + sorted(named - set(ordered)))  # a stage the pipeline lost: still named
+    if op.status is OpStatus.CANCELLED:
+        return tuple(spec.name for spec in pipeline.stages if op.stage(spec.name).status is StageStatus.CANCELLED)
+    return ()
 
 
 def failure_message(op: Operation) -> str | None:

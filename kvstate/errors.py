@@ -13,15 +13,21 @@
     │   ├── UnknownPipeline           a pipeline that is not in the bucket
     │   ├── InvalidPipeline           a pipeline definition that is not a DAG
     │   ├── InvalidMetadata           metadata that is not a JSON object/value
-    │   └── ValueTooLarge             an encoded value over the bucket's limit
+    │   ├── ValueTooLarge             an encoded value over the bucket's limit
+    │   └── InvalidJob                a bulk job refused: nothing matched, over the limit, bad fields
     ├── InvalidTransition             a state change the state machine forbids
+    │   └── NotRetryable              a retry or re-drive of an unfinished operation, or with nothing to run
     ├── OperationNotFound             no operation under that id in the bucket
     ├── OperationExists               create() with an id that holds other data
     ├── ConflictError                 compare-and-set kept losing; retries exhausted
     ├── RevisionMismatch              a conditional update found another revision than expected
     ├── StaleUpdate                   raised by UpdateResult.raise_for_stale() on a stale event
     ├── CorruptValue                  a stored value that is not valid kvstate JSON
-    └── WaitTimeout                   wait() gave up before the operation finished
+    ├── WaitTimeout                   wait() gave up before the operation finished
+    └── JobError                      a bulk job cannot do what was asked
+        ├── JobNotFound               no job under that id in the bucket
+        ├── JobFinished               the job already ended: it cannot be cancelled or run again
+        └── JobBusy                   another runner holds the job's lease
 
 Only `kvstate._kv` catches `nats.js.errors.*`; it translates them into these, with the
 original chained as `__cause__`.
@@ -37,11 +43,17 @@ __all__ = [
     "ConflictError",
     "ConnectionLostError",
     "CorruptValue",
+    "InvalidJob",
     "InvalidKey",
     "InvalidMetadata",
     "InvalidPipeline",
     "InvalidTransition",
+    "JobBusy",
+    "JobError",
+    "JobFinished",
+    "JobNotFound",
     "KvstateError",
+    "NotRetryable",
     "OperationExists",
     "OperationNotFound",
     "RevisionMismatch",
@@ -144,6 +156,10 @@ class ValueTooLarge(ValidationError):
             super().__init__(f"value for {key!r} is {size} bytes, over the bucket limit of {limit} bytes")
 
 
+class InvalidJob(ValidationError):
+    """A bulk job kvstate refuses to create: its filter matched nothing or more than the limit, or a field is wrong."""
+
+
 class InvalidTransition(KvstateError):
     """The state machine forbids this change (for example starting a stage before its dependencies)."""
 
@@ -152,6 +168,10 @@ class InvalidTransition(KvstateError):
         self.stage = stage
         where = f" stage {stage!r} of" if stage else ""
         super().__init__(f"illegal transition on{where} operation {op_id!r}: {message}")
+
+
+class NotRetryable(InvalidTransition):
+    """A retry or re-drive of an operation that has not finished, or of one with nothing to run again."""
 
 
 class OperationNotFound(KvstateError):
@@ -222,3 +242,34 @@ class WaitTimeout(KvstateError):
         self.timeout = timeout
         self.last_status = last_status
         super().__init__(f"operation {op_id!r} still {last_status or 'unknown'} after {timeout:g}s")
+
+
+class JobError(KvstateError):
+    """A bulk job (``kvstate.jobs``) cannot do what was asked."""
+
+
+class JobNotFound(JobError):
+    """No job under that id in the bucket."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} not found in the bucket")
+
+
+class JobFinished(JobError):
+    """The job already ended (done, failed or cancelled): it cannot be cancelled or run again."""
+
+    def __init__(self, job_id: str, state: str) -> None:
+        self.job_id = job_id
+        self.state = state
+        super().__init__(f"job {job_id!r} is already {state}")
+
+
+class JobBusy(JobError):
+    """Another runner holds the job's lease: two runners never run one job at once."""
+
+    def __init__(self, job_id: str, owner: str, until: str) -> None:
+        self.job_id = job_id
+        self.owner = owner
+        self.until = until
+        super().__init__(f"job {job_id!r} is being run by {owner} (lease until {until})")

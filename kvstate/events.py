@@ -97,9 +97,10 @@ class Cancel(_Base, tag="cancel", frozen=True):
 
 
 class Reopen(_Base, tag="reopen", frozen=True):
-    """Put finished ``stages`` (and every stage after them) back to waiting."""
+    """Put finished ``stages`` (and every stage after them) back to waiting; ``worker`` is who asks, ``reason`` why."""
 
     stages: tuple[str, ...]
+    reason: str | None = None
 
 
 Event = StartStage | Heartbeat | SucceedStage | FailStage | SkipStage | MergeMetadata | Cancel | Reopen

@@ -4,6 +4,8 @@ Keys (documented in docs/state-format.md):
 
     op.<operation id>       one operation's live state (JSON, schema "kvstate.operation")
     pipeline.<name>         one pipeline definition (JSON, schema "kvstate.pipeline")
+    job.<job id>            one bulk job (JSON, kvstate.jobs.Job); watchers and the change feed
+                            follow ``op.`` keys only, so they never see these
 
 Ids and names are 1-128 characters of ``A-Z a-z 0-9 _ -``: legal in NATS subjects, no
 dots (so one id is one subject token) and no wildcards.
@@ -16,8 +18,10 @@ import re
 from kvstate.errors import InvalidKey
 
 __all__ = [
+    "JOB_PREFIX",
     "OPERATION_PREFIX",
     "PIPELINE_PREFIX",
+    "job_key",
     "operation_id_from_key",
     "operation_key",
     "pipeline_key",
@@ -27,6 +31,7 @@ __all__ = [
 
 OPERATION_PREFIX = "op."
 PIPELINE_PREFIX = "pipeline."
+JOB_PREFIX = "job."
 MAX_ID_LENGTH = 128
 
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -64,6 +69,11 @@ def operation_key(op_id: str) -> str:
 def pipeline_key(name: str) -> str:
     """The bucket key holding pipeline ``name``."""
     return PIPELINE_PREFIX + validate_id(name, "pipeline name")
+
+
+def job_key(job_id: str) -> str:
+    """The bucket key holding bulk job ``job_id``."""
+    return JOB_PREFIX + validate_id(job_id, "job id")
 
 
 def operation_id_from_key(key: str) -> str | None:

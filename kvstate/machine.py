@@ -7,12 +7,14 @@ diagram, in docs/state-model.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import NamedTuple
 
 import msgspec
 
-from kvstate.errors import InvalidMetadata, InvalidTransition
+from kvstate.derive import retry_stages
+from kvstate.errors import InvalidMetadata, InvalidTransition, NotRetryable
 from kvstate.events import (
     Cancel,
     Event,
@@ -26,9 +28,12 @@ from kvstate.events import (
 )
 from kvstate.merge import merge_patch
 from kvstate.model import (
+    ACTION_LIMIT,
     EVENT_WINDOW,
     HISTORY_LIMIT,
     SCHEMA_VERSION,
+    Action,
+    ActionKind,
     CancelInfo,
     JSONObject,
     Operation,
@@ -42,7 +47,16 @@ from kvstate.model import (
 from kvstate.pipeline import Pipeline, StageSpec
 from kvstate.tracing import trace_id_from
 
-__all__ = ["Decision", "apply_event", "derive_status", "new_operation", "ready_stages"]
+__all__ = [
+    "Decision",
+    "already_applied",
+    "apply_event",
+    "derive_status",
+    "new_operation",
+    "ready_stages",
+    "redrive",
+    "retry",
+]
 
 _replace = msgspec.structs.replace
 _WAITING = StageState(status=StageStatus.WAITING)
@@ -130,7 +144,7 @@ def apply_event(op: Operation, pipeline: Pipeline, event: Event, now: datetime) 
     Raises UnknownStage for stages the pipeline lacks, InvalidTransition for changes the
     machine forbids, InvalidMetadata for patches that are not objects.
     """
-    if event.event_id in op.events:
+    if event.event_id in op.events or (isinstance(event, Cancel | Reopen) and _acted(op, event.event_id)):
         return Decision(Outcome.DUPLICATE, op, f"event {event.event_id} was already applied")
     if isinstance(event, Reopen):
         return _reopen(op, pipeline, event, now)
@@ -301,14 +315,18 @@ def _same_json(a: object, b: object) -> bool:
 
 
 def _cancel(op: Operation, pipeline: Pipeline, event: Cancel, now: datetime) -> Decision:
-    cancelled = _replace(op, cancel=CancelInfo(at=now, reason=event.reason, by=event.worker))
+    action = Action(at=now, kind=ActionKind.CANCEL.value, event=event.event_id, by=event.worker, reason=event.reason)
+    cancelled = _replace(
+        op, cancel=CancelInfo(at=now, reason=event.reason, by=event.worker), actions=_actions(op, action)
+    )
     entry = Transition(
         at=now, from_=op.status.value, to=OpStatus.CANCELLED.value, worker=event.worker, event=event.event_id
     )
     return Decision(Outcome.APPLIED, _finalize(cancelled, pipeline, [entry], event, now))
 
 
-def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime) -> Decision:
+def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime, action: Action | None = None) -> Decision:
+    """``event`` applied to ``op``; ``action`` is what the actions log records (default: a reopen)."""
     if not event.stages:
         raise InvalidTransition(op.id, "reopen needs at least one stage")
     targets: set[str] = set()
@@ -327,13 +345,27 @@ def _reopen(op: Operation, pipeline: Pipeline, event: Reopen, now: datetime) -> 
             old = stages[name]
             entries.append(
                 Transition(
-                    at=now, stage=name, from_=old.status.value, to=StageStatus.WAITING.value, event=event.event_id
+                    at=now,
+                    stage=name,
+                    from_=old.status.value,
+                    to=StageStatus.WAITING.value,
+                    worker=event.worker,
+                    event=event.event_id,
                 )
             )
             stages[name] = StageState(status=StageStatus.WAITING, metadata=old.metadata)
     if not entries and op.cancel is None:
         return Decision(Outcome.STALE, op, "every stage named is already waiting")
-    reopened = _replace(op, stages=stages, cancel=None, finished_at=None)
+    if action is None:
+        action = Action(
+            at=now,
+            kind=ActionKind.REOPEN.value,
+            event=event.event_id,
+            by=event.worker,
+            reason=event.reason,
+            stages=list(event.stages),
+        )
+    reopened = _replace(op, stages=stages, cancel=None, finished_at=None, actions=_actions(op, action))
     if derive_status(reopened, pipeline) is OpStatus.FAILED:
         still_failed = [
             s.name
@@ -406,6 +438,115 @@ def _cancel_active_stages(op: Operation, entries: list[Transition], event: Event
         stages[name] = _replace(state, status=StageStatus.CANCELLED, finished_at=finished_at)
         entries.append(_stage_transition(name, state, stages[name], event, now))
     return _replace(op, stages=stages)
+
+
+def already_applied(op: Operation, event_id: str) -> bool:
+    """True when an event with ``event_id`` was applied to ``op``: it is in the event window, or it
+    is the event id of one of its remembered actions (cancels, reopens and re-drives stay
+    known for ``ACTION_LIMIT`` actions, however many other events came after them)."""
+    return event_id in op.events or _acted(op, event_id)
+
+
+def _acted(op: Operation, event_id: str) -> bool:
+    return any(action.event == event_id for action in op.actions)
+
+
+def _actions(op: Operation, action: Action) -> list[Action]:
+    actions = [*op.actions, action]
+    return actions[-ACTION_LIMIT:] if len(actions) > ACTION_LIMIT else actions
+
+
+def retry(
+    op: Operation,
+    pipeline: Pipeline,
+    stages: Sequence[str] | None,
+    now: datetime,
+    *,
+    event_id: str,
+    reason: str | None = None,
+    by: str | None = None,
+) -> Decision:
+    """Run a finished operation again from ``stages``: a ``Reopen`` that only a finished operation takes.
+
+    Without ``stages``, what ``kvstate.derive.retry_stages`` names (a failed operation's failed
+    stage; a cancelled one resumes where the cancel stopped it). A duplicate when
+    ``event_id`` was applied already (checked first, so a retried retry is not refused as
+    running); NotRetryable for an operation still pending or running, or with nothing to
+    run again; UnknownStage for a stage the pipeline lacks; InvalidTransition when the
+    operation would stay failed.
+    """
+    if already_applied(op, event_id):
+        return Decision(Outcome.DUPLICATE, op, f"event {event_id} was already applied")
+    event = _retry_event(op, pipeline, stages, event_id=event_id, reason=reason, by=by)
+    decision = _reopen(op, pipeline, event, now)
+    if decision.outcome is not Outcome.APPLIED:
+        raise NotRetryable(op.id, decision.reason or "nothing to run again")
+    return decision
+
+
+def redrive(
+    snapshot: Operation,
+    pipeline: Pipeline,
+    stages: Sequence[str] | None,
+    now: datetime,
+    *,
+    event_id: str,
+    archived_source: int,
+    redrives: int,
+    reason: str | None = None,
+    by: str | None = None,
+) -> Operation:
+    """The live operation that puts the archived ``snapshot`` back to work from ``stages``.
+
+    The same reopen as ``retry`` (default stages included), on a value that starts a new
+    life in the bucket: its event window holds only ``event_id`` (the archive does not keep
+    the window), an ``Action`` of kind ``redrive`` links it to the archived revision and
+    source, and ``redrives`` (one more than any archived snapshot of the id has) gives the
+    archive a row of its own for it when it finishes again.
+    """
+    if not snapshot.status.terminal:
+        raise NotRetryable(snapshot.id, f"an archived snapshot is finished, this one is {snapshot.status.value}")
+    base = _replace(snapshot, events=[], revision=0)
+    event = _retry_event(base, pipeline, stages, event_id=event_id, reason=reason, by=by)
+    action = Action(
+        at=now,
+        kind=ActionKind.REDRIVE.value,
+        event=event_id,
+        by=by,
+        reason=reason,
+        stages=list(event.stages),
+        archived_revision=snapshot.revision,
+        archived_source=archived_source,
+    )
+    decision = _reopen(base, pipeline, event, now, action)
+    if decision.outcome is not Outcome.APPLIED:
+        raise NotRetryable(snapshot.id, decision.reason or "nothing to run again")
+    return _replace(decision.operation, redrives=redrives)
+
+
+def _retry_event(
+    op: Operation,
+    pipeline: Pipeline,
+    stages: Sequence[str] | None,
+    *,
+    event_id: str,
+    reason: str | None,
+    by: str | None,
+) -> Reopen:
+    """The Reopen a retry of ``op`` applies; NotRetryable when ``op`` has not finished or nothing is named or failed."""
+    if not op.status.terminal:
+        raise NotRetryable(op.id, f"it is {op.status.value}: only a finished operation can be retried")
+    if stages:
+        for name in stages:
+            pipeline.stage(name)  # UnknownStage before anything else
+        named = tuple(dict.fromkeys(stages))
+    else:
+        named = retry_stages(op, pipeline)
+        if not named and op.status is OpStatus.CANCELLED:
+            named = tuple(ready_stages(_replace(op, cancel=None, status=OpStatus.RUNNING), pipeline))
+        if not named:
+            raise NotRetryable(op.id, f"it {op.status.value} with no failed stage: name the stages to run again")
+    return Reopen(stages=named, event_id=event_id, worker=by, reason=reason)
 
 
 def _events(op: Operation, event: Event) -> list[str]:

@@ -15,9 +15,12 @@ import msgspec
 from kvstate.errors import StaleUpdate
 
 __all__ = [
+    "ACTION_LIMIT",
     "EVENT_WINDOW",
     "HISTORY_LIMIT",
     "SCHEMA_VERSION",
+    "Action",
+    "ActionKind",
     "BucketInfo",
     "CancelInfo",
     "JSONObject",
@@ -39,6 +42,9 @@ HISTORY_LIMIT = 50
 
 EVENT_WINDOW = 32
 """Applied event ids remembered per operation for duplicate detection."""
+
+ACTION_LIMIT = 20
+"""Actions (cancels, reopens, re-drives) kept per operation (the oldest are dropped first)."""
 
 JSONObject = dict[str, object]
 """A JSON object: what metadata is made of."""
@@ -137,6 +143,41 @@ class CancelInfo(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     by: str | None = None
 
 
+class ActionKind(StrEnum):
+    """What an ``Action`` did to the operation."""
+
+    CANCEL = "cancel"
+    REOPEN = "reopen"
+    """stages put back to waiting: a retry (``Client.retry``) or a plain ``reopen``"""
+    REDRIVE = "redrive"
+    """put back into the bucket from its archived snapshot (``kvstate archive redrive``)"""
+
+
+class Action(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """One cancel, reopen (a retry) or re-drive of the operation: when, who, why, under which event id.
+
+    Kept apart from the transition history, which a busy operation turns over within a few
+    dozen changes, so that who acted on it and why stays readable, and so that the event id
+    of each such action stays known to duplicate detection long after it left the event
+    window (a bulk job resumed after a crash must not cancel or retry an operation twice).
+    ``kind`` is a string, not the enum, so an older reader accepts a kind added later.
+    """
+
+    at: datetime
+    kind: str
+    """an ``ActionKind`` value: cancel, reopen or redrive"""
+    event: str
+    """the event id the action was applied under"""
+    by: str | None = None
+    reason: str | None = None
+    stages: list[str] = []
+    """the stages a reopen or a re-drive named (the stages after them went back to waiting too)"""
+    archived_revision: int | None = None
+    """re-drive: the revision of the archived snapshot the operation was put back from"""
+    archived_source: int | None = None
+    """re-drive: the archive source (bucket incarnation) that snapshot was archived from"""
+
+
 class Operation(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     """One run of one input through a pipeline.
 
@@ -159,6 +200,10 @@ class Operation(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     events: list[str] = []
     trace_id: str | None = None
     """the W3C trace id the operation was created in, when its creation carried one"""
+    actions: list[Action] = []
+    """its last ``ACTION_LIMIT`` cancels, reopens and re-drives, oldest first"""
+    redrives: int = 0
+    """how many times it was put back into the bucket from the archive; the archive keeps a row per re-drive"""
     revision: int = 0
 
     @property

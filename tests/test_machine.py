@@ -35,7 +35,7 @@ from kvstate.codec import decode_operation, encode_operation
 from kvstate.errors import StaleUpdate
 from kvstate.events import Event
 from kvstate.machine import Decision
-from kvstate.model import EVENT_WINDOW, HISTORY_LIMIT, UpdateResult
+from kvstate.model import ACTION_LIMIT, EVENT_WINDOW, HISTORY_LIMIT, UpdateResult
 from tests.conftest import PIPELINE
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -409,6 +409,7 @@ def test_invariants_hold_for_any_event_stream(stream: list[Event]) -> None:
                 assert event.event_id in new.events
         assert len(new.history) <= HISTORY_LIMIT
         assert len(new.events) <= EVENT_WINDOW
+        assert len(new.actions) <= ACTION_LIMIT
         assert (new.finished_at is not None) == new.status.terminal
         statuses = {new.stage(name).status for name in PIPELINE.stage_names}
         if new.status.terminal:

@@ -29,11 +29,16 @@ async def test_migrations_apply_once_and_record_their_version(database_url: str)
     conn = await asyncpg.connect(database_url)
     try:
         assert await migrations.current_version(conn) == 0
-        assert await migrations.apply(conn) == [1, 2, 3]
+        assert await migrations.apply(conn) == [1, 2, 3, 4]
         assert await migrations.apply(conn) == []
         assert await migrations.current_version(conn) == migrations.MIGRATIONS[-1].version
         rows = await conn.fetch("SELECT version, name FROM archive_schema_version")
-        assert [(r["version"], r["name"]) for r in rows] == [(1, "archive"), (2, "smaller_rows"), (3, "sources")]
+        assert [(r["version"], r["name"]) for r in rows] == [
+            (1, "archive"),
+            (2, "smaller_rows"),
+            (3, "sources"),
+            (4, "redrives"),
+        ]
         indexes = {
             r["indexname"]
             for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'archived_operations'")

@@ -208,7 +208,9 @@ async def test_the_cancel_form_is_part_of_the_live_fragment_until_the_operation_
     assert 'name="_csrf_token" value="' in running and f'hx-post="/operations/{op.id}/cancel"' in running
     await client.fail(op.id, "ingest", "broken", retryable=False)
     finished = (await http.get(f"/partials/operations/{op.id}", headers={"HX-Request": "true"})).text
-    assert "Cancel this operation" not in finished and "cancel-form" not in finished and "hx-post" not in finished
+    assert "Cancel this operation" not in finished and "cancel-form" not in finished
+    assert f'hx-post="/operations/{op.id}/cancel"' not in finished
+    assert f'hx-post="/operations/{op.id}/retry"' in finished  # what a finished operation offers instead
     assert '<div id="cancel-result" hx-preserve="true"' in finished  # a cancel's answer stays on the page
     page = (await http.get(f"/operations/{op.id}")).text
     assert "Cancel this operation" not in page

@@ -17,11 +17,17 @@ from kvstate.errors import (
     ConflictError,
     ConnectionLostError,
     CorruptValue,
+    InvalidJob,
     InvalidKey,
     InvalidMetadata,
     InvalidPipeline,
     InvalidTransition,
+    JobBusy,
+    JobError,
+    JobFinished,
+    JobNotFound,
     KvstateError,
+    NotRetryable,
     OperationExists,
     OperationNotFound,
     RevisionMismatch,
@@ -47,6 +53,11 @@ EXPECTED: dict[type[KvstateError], Verdict | None] = {
     InvalidMetadata: Verdict.REJECT,
     ValueTooLarge: Verdict.REJECT,
     InvalidTransition: Verdict.REJECT,
+    InvalidJob: Verdict.REJECT,
+    NotRetryable: Verdict.REJECT,
+    JobNotFound: Verdict.REJECT,
+    JobFinished: Verdict.REJECT,
+    JobBusy: Verdict.RETRY,  # the other runner ends, or its lease expires
     OperationNotFound: Verdict.REJECT,
     CorruptValue: Verdict.REJECT,
     OperationExists: Verdict.REJECT,
@@ -59,6 +70,7 @@ EXPECTED: dict[type[KvstateError], Verdict | None] = {
     ServerVersionError: None,
     ClientClosedError: None,
     WaitTimeout: None,
+    JobError: None,  # the base class alone: not raised as such
 }
 
 
