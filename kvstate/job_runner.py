@@ -83,7 +83,7 @@ class JobStore:
 
     async def create(self, job: Job) -> Job:
         """Store a new job (revision-checked creation); InvalidJob when its record is over the bucket's value size."""
-        store = self._client.store
+        store = self._client._open_store()
         try:
             data = encode_job(job, self._client.settings.max_value_size)
         except ValueTooLarge as exc:
@@ -97,7 +97,7 @@ class JobStore:
     async def get(self, job_id: str) -> Job:
         """The job ``job_id`` read from the stream leader (coherent); JobNotFound when there is none."""
         key = job_key(job_id)
-        entry = await self._client.store.get(key, leader=True)
+        entry = await self._client._open_store().get(key, leader=True)
         if entry is None or entry.value is None:
             raise JobNotFound(job_id)
         return decode_job(key, entry.revision, entry.value)
@@ -105,7 +105,7 @@ class JobStore:
     async def list(self) -> builtins.list[Job]:
         """Every job in the bucket, newest first (corrupt records skipped with a warning)."""
         found = []
-        async for entry in self._client.store.scan(JOB_PREFIX + "*"):
+        async for entry in self._client._open_store().scan(JOB_PREFIX + "*"):
             try:
                 found.append(decode_job(entry.key, entry.revision, entry.value or b""))
             except CorruptValue as exc:
@@ -126,7 +126,7 @@ class JobStore:
             if new is job:
                 return job
             try:
-                revision = await self._client.store.update(key, encode_job(new), job.revision)
+                revision = await self._client._open_store().update(key, encode_job(new), job.revision)
             except ConflictError:
                 if attempt == attempts:
                     raise
