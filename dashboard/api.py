@@ -41,6 +41,7 @@ from litestar.utils.scope.state import ScopeState
 
 from dashboard.contexts import archive_search, banner_context, overview_context
 from dashboard.errors import BadQuery
+from dashboard.guard import HOLDS_CONNECTION
 from dashboard.methods import (
     APPLY_MAX_BODY,
     MAX_WAIT,
@@ -197,6 +198,9 @@ def _errors(*statuses: tuple[int, str]) -> dict[int, ResponseSpec]:
     return {status: ResponseSpec(ErrorBody, description=text, generate_examples=False) for status, text in statuses}
 
 
+_WRITE_SECURITY: list[dict[str, list[str]]] = [{"token": []}, {"basic": []}, {}]
+"""Writes take the token when DASHBOARD_AUTH_TOKEN is set (``{}``: none when it is not)."""
+
 _WRITE_ERRORS = _errors(
     (400, "INVALID_ARGUMENT: malformed JSON, an unknown event type or stage, a bad If-Match or Idempotency-Key"),
     (401, "UNAUTHENTICATED: the write token is configured and missing"),
@@ -224,6 +228,7 @@ class OperationsApi(Controller):
         ),
         response_headers=_ETAG,
         responses=_errors((404, "NOT_FOUND: not in the bucket, nor in the archive")),
+        opt={HOLDS_CONNECTION: ":wait"},  # an ID:wait long poll holds its connection, as an event stream does
     )
     async def get_operation(
         self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
@@ -277,6 +282,7 @@ class OperationsApi(Controller):
         status_code=200,
         response_headers=_WRITE_HEADERS,
         responses=_WRITE_ERRORS,
+        security=_WRITE_SECURITY,
         request_max_body_size=APPLY_MAX_BODY,
     )
     async def apply_documented(
@@ -306,6 +312,7 @@ class OperationsApi(Controller):
         status_code=200,
         response_headers=_WRITE_HEADERS,
         responses=_WRITE_ERRORS,
+        security=_WRITE_SECURITY,
     )
     async def cancel_documented(
         self,

@@ -169,6 +169,7 @@ _RPC_STATUS = {
     409: "ABORTED",
     412: "FAILED_PRECONDITION",
     413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
@@ -208,6 +209,8 @@ def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Re
     if error.status >= 500 and error.retry_after is None:  # not a dependency that is away for a while
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     headers: dict[str, str] = {}
+    if isinstance(exc, HTTPException) and exc.headers:  # Retry-After of a 429, Allow of a 405
+        headers.update(exc.headers)
     if isinstance(exc, NotAuthorizedException):
         headers["WWW-Authenticate"] = 'Basic realm="kvstate dashboard", charset="UTF-8"'
     if error.retry_after is not None:
