@@ -89,13 +89,17 @@ def host_allowed(host_header: str | None, patterns: tuple[str, ...]) -> bool:
         return True
     if not host_header:
         return False
-    host = host_header.strip().lower()
+    host, port = host_header.strip().lower(), ""
     if host.startswith("["):  # [IPv6]:port
-        host = host[1 : host.find("]")] if "]" in host else ""
+        host, _, rest = host[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return False
+            port = rest[1:]
     elif host.count(":") == 1:
-        host = host.partition(":")[0]
+        host, _, port = host.partition(":")
     host = host.rstrip(".")
-    if not host:
+    if not host or (port and not port.isdigit()):  # a malformed Host is no host of ours
         return False
     for pattern in patterns:
         if pattern.startswith("*."):
