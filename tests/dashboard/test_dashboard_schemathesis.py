@@ -93,6 +93,7 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_schema(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "NO_COLOR": "1"},
+        cwd=ARTIFACTS,  # its cache directory (.schemathesis) goes there, not into the checkout
     )
     try:
         output, _ = await asyncio.wait_for(process.communicate(), 200)
