@@ -54,6 +54,8 @@ def query_params(request: Request[Any, Any, Any]) -> dict[str, list[str]]:
         limit = LONG_QUERY_VALUES.get(key, MAX_QUERY_VALUE)
         if any(len(value) > limit for value in values):
             raise BadQuery(key[:40], f"at most {limit} characters")
+        if any("\x00" in value for value in values):  # no id, name or stored text has one; PostgreSQL refuses it
+            raise BadQuery(key[:40], "a NUL character is no filter value")
     return params
 
 
