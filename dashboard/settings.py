@@ -164,12 +164,14 @@ class DashboardSettings:
         _boolean,
         "`true`: reads need DASHBOARD_AUTH_TOKEN too (every page, fragment, event stream, API read, /metrics and "
         "the OpenAPI document; /healthz and /static stay open)",
+        shown_default="`false`",
     )
     allow_anonymous: bool = setting(
         "DASHBOARD_ALLOW_ANONYMOUS",
         False,
         _boolean,
         "`true`: start on a non-loopback DASHBOARD_HOST without DASHBOARD_AUTH_TOKEN (refused otherwise, exit code 2)",
+        shown_default="`false`",
     )
     allowed_hosts: tuple[str, ...] | None = setting(
         "DASHBOARD_ALLOWED_HOSTS",

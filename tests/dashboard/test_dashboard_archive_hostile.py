@@ -36,7 +36,7 @@ HOSTILE = [
     "E'\\x41'",
     ")",
     "é",
-    "𝕏",
+    "\U0001d54f",  # a mathematical capital X, outside the BMP
     "\u202e",
     "\u0000",
     "\x00' OR 1=1",
