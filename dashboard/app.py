@@ -104,7 +104,9 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
     index = OperationIndex(stats_window=settings.stats_window)
     broadcaster = Broadcaster(debounce=settings.debounce)
     environment = make_environment()
-    renderer = Renderer(environment, globals_={"auth_required": settings.auth_token is not None})
+    # the cancel form asks for the token unless reads need it too: then the browser sends it already (basic auth)
+    ask_token = settings.auth_token is not None and not settings.auth_reads
+    renderer = Renderer(environment, globals_={"auth_required": ask_token})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
