@@ -328,3 +328,44 @@ class TestLiveLimits:
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the streams were never given back")
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.1:8000", True),
+        ("LocalHost:80", True),
+        ("localhost.", True),
+        ("[::1]", True),
+        ("[::1]:8000", True),
+        ("::1", True),
+        ("dash.example.com", False),
+        ("", False),
+        (":8000", False),
+        ("localhost:", True),
+        ("localhost:80x", False),
+        ("[::1]x", False),
+        ("localhost@evil.example", False),
+        ("evil.example#localhost", False),
+    ],
+)
+def test_host_names_are_compared_without_port_case_or_final_dot(host: str, allowed: bool) -> None:
+    from dashboard.guard import host_allowed
+
+    assert host_allowed(host, DashboardSettings().host_patterns) is allowed
+    assert host_allowed(host, ("*",)) is True
+    assert host_allowed("a.dash.example.com:443", ("*.dash.example.com",)) is True
+    assert host_allowed("dash.example.com", ("*.dash.example.com",)) is False
+
+
+def test_allow_anonymous_is_an_option_too() -> None:
+    import argparse
+
+    from dashboard.cli import _add_arguments, settings_from
+
+    parser = argparse.ArgumentParser()
+    _add_arguments(parser)
+    assert settings_from(parser.parse_args(["--host", "0.0.0.0", "--allow-anonymous"]), {}).exposure_problem() is None
+    assert settings_from(parser.parse_args(["--host", "0.0.0.0"]), {}).exposure_problem() is not None
+    assert settings_from(parser.parse_args([]), {"DASHBOARD_ALLOW_ANONYMOUS": "true"}).allow_anonymous
