@@ -155,7 +155,7 @@ async def check(page: Page, url: str, seen: list[str]) -> dict[str, Any]:
     assert response is not None
     await page.wait_for_timeout(250)  # fragments and anything a payload would trigger on load
     for element in (await page.query_selector_all("td, pre, h1, h3, .badge, a"))[:15]:
-        await element.hover(timeout=2000, force=True)
+        await element.hover(timeout=1000, force=True)
     result: dict[str, Any] = await page.evaluate(CHECK_DOM, [sorted(OWN_HX)])
     assert result["problems"] == [], (url, result["problems"][:10])
     assert result["xss"] is None, (url, result["xss"])
@@ -165,6 +165,7 @@ async def check(page: Page, url: str, seen: list[str]) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.timeout(300)  # about 60 page loads: 45 s alone, more on two busy cores
 async def test_no_payload_runs_or_reaches_the_dom_on_any_page(
     client: Client, database_url: str, live_server: str, browser: Any
 ) -> None:
