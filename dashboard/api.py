@@ -34,14 +34,15 @@ from litestar.datastructures import ResponseHeader
 from litestar.enums import ParamType
 from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import OpenAPIType, Schema
+from litestar.openapi.spec import Link, OpenAPIType, Schema
 from litestar.openapi.spec import Operation as OpenAPIOperation
 from litestar.openapi.spec import Parameter as OpenAPIParameter
-from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, PathParameter, QueryParameter
 from litestar.utils.scope.state import ScopeState
 
 from dashboard.contexts import archive_search, banner_context, overview_context
 from dashboard.errors import BadQuery
+from dashboard.guard import HOLDS_CONNECTION
 from dashboard.methods import (
     APPLY_MAX_BODY,
     MAX_WAIT,
@@ -53,8 +54,23 @@ from dashboard.methods import (
     retry_request,
     wait_timeout,
 )
-from dashboard.pages import Dashboard, pipeline_param, query_params
-from dashboard.query import archive_query, decode_page_token, encode_page_token, parse_filter, parse_filter_expression
+from dashboard.pages import (
+    LONG_QUERY_VALUES,
+    MAX_QUERY_VALUE,
+    MAX_QUERY_VALUES,
+    Dashboard,
+    pipeline_param,
+    query_params,
+)
+from dashboard.query import (
+    ARCHIVE_FILTERS,
+    FILTER_KEYS,
+    archive_query,
+    decode_page_token,
+    encode_page_token,
+    parse_filter,
+    parse_filter_expression,
+)
 from dashboard.resources import (
     CsrfToken,
     ErrorBody,
@@ -186,6 +202,12 @@ async def _retry(
     return _answer(found, {OUTCOME_HEADER: result.outcome.value})
 
 
+ID_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+"""An operation id (kvstate.keys.validate_id), as the OpenAPI document states it; anything else is 400."""
+_REVISION_PATTERN = r'^(\*|[0-9]{1,19}|"[0-9]{1,19}")$'
+_KEY_PATTERN = r'^("[!-~]{1,128}"|[!-~]{1,128})$'
+
+
 @dataclass
 class _MethodOperation(OpenAPIOperation):
     """The OpenAPI operation of a literal ``{name}:method`` route: ``name`` declared as the path parameter
@@ -196,10 +218,81 @@ class _MethodOperation(OpenAPIOperation):
             name="name",
             param_in=ParamType.PATH,
             required=True,
-            schema=Schema(type=OpenAPIType.STRING),
+            schema=Schema(type=OpenAPIType.STRING, pattern=ID_PATTERN),
             description="the operation id",
         )
         self.parameters = [name, *(self.parameters or [])]
+
+
+def _query(name: str, description: str, *, repeated: bool = False) -> OpenAPIParameter:
+    text = Schema(type=OpenAPIType.STRING, max_length=LONG_QUERY_VALUES.get(name, MAX_QUERY_VALUE))
+    return OpenAPIParameter(
+        name=name,
+        param_in=ParamType.QUERY,
+        required=False,
+        schema=Schema(type=OpenAPIType.ARRAY, items=text, max_items=MAX_QUERY_VALUES) if repeated else text,
+        description=description,
+        explode=True if repeated else None,
+    )
+
+
+_PAGING = [
+    _query("page_size", "rows per page, 1-500 (default DASHBOARD_PAGE_SIZE)"),
+    _query("page_token", "the next_page_token of the previous page"),
+]
+
+
+@dataclass
+class _QueryOperation(OpenAPIOperation):
+    """An OpenAPI operation whose query parameters the handler reads itself (``query_params``): declared here
+    for the document only, so Litestar neither parses nor checks them (the handler's BadQuery does)."""
+
+    query: tuple[OpenAPIParameter, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.parameters = [*(self.parameters or []), *self.query]
+
+
+@dataclass
+class _ListOperation(_QueryOperation):
+    """The list's OpenAPI operation, with its filters, and links from its answer to the operations each listed
+    id can take (what a client, or schemathesis's stateful phase, does next)."""
+
+    query: tuple[OpenAPIParameter, ...] = (
+        _query("filter", "an expression of the filters: status=running AND stage=geo AND meta.customer=42"),
+        *(
+            _query(key, f"the {key} filter (as in /operations)", repeated=key in ("status", "meta"))
+            for key in FILTER_KEYS
+        ),
+        *_PAGING,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        answer = (self.responses or {}).get("200")
+        if answer is None or not hasattr(answer, "links"):
+            return
+        listed = {"name": "$response.body#/operations/0/metadata/id"}
+        answer.links = {
+            target: Link(operation_id=target, parameters=listed, description=f"{target} of the first listed id")
+            for target in ("GetOperation", "WaitOperation", "ApplyOperationEvent", "CancelOperation")
+        }
+
+
+@dataclass
+class _ArchiveOperation(_QueryOperation):
+    query: tuple[OpenAPIParameter, ...] = (
+        *(
+            _query(key, f"the {key} filter (as in /archive)", repeated=key in ("status", "meta"))
+            for key in ARCHIVE_FILTERS
+        ),
+        *_PAGING,
+    )
+
+
+@dataclass
+class _OverviewOperation(_QueryOperation):
+    query: tuple[OpenAPIParameter, ...] = (_query("pipeline", "the pipeline (default: the one with most operations)"),)
 
 
 _ETAG = [
@@ -211,14 +304,29 @@ _WRITE_HEADERS = [
 ]
 
 
-def _errors(*statuses: tuple[int, str]) -> dict[int, ResponseSpec]:
-    return {status: ResponseSpec(ErrorBody, description=text, generate_examples=False) for status, text in statuses}
+_ACCESS_ERRORS = (
+    (400, "INVALID_ARGUMENT: an unusable parameter, or a Host this dashboard does not answer to"),
+    (401, "UNAUTHENTICATED: the token is configured (for reads: DASHBOARD_AUTH_READS) and missing or wrong"),
+    (429, "RESOURCE_EXHAUSTED: the rate limit, the stream cap or too many wrong tokens (Retry-After)"),
+)
 
+
+def _errors(*statuses: tuple[int, str]) -> dict[int, ResponseSpec]:
+    """The error answers of an API operation: ``statuses`` and those of the guard, which every route has."""
+    described = dict(_ACCESS_ERRORS) | dict(statuses)
+    return {
+        status: ResponseSpec(ErrorBody, description=text, generate_examples=False)
+        for status, text in sorted(described.items())
+    }
+
+
+_WRITE_SECURITY: list[dict[str, list[str]]] = [{"token": []}, {"basic": []}, {}]
+"""Writes take the token when DASHBOARD_AUTH_TOKEN is set (``{}``: none when it is not)."""
 
 _WRITE_ERRORS = _errors(
     (400, "INVALID_ARGUMENT: malformed JSON, an unknown event type or stage, a bad If-Match or Idempotency-Key"),
-    (401, "UNAUTHENTICATED: the write token is configured and missing"),
-    (403, "PERMISSION_DENIED: no CSRF token (send Authorization: Bearer, or X-CSRFToken)"),
+    (401, "UNAUTHENTICATED: the token is configured and missing or wrong"),
+    (403, "PERMISSION_DENIED: no CSRF token (send Authorization: Bearer, or X-CSRFToken), or a cross-site request"),
     (404, "NOT_FOUND: no such operation"),
     (409, "FAILED_PRECONDITION: a transition the state machine forbids; ABORTED: too late (cancel); DATA_LOSS"),
     (412, "FAILED_PRECONDITION: If-Match names another revision; nothing written"),
@@ -240,11 +348,19 @@ class OperationsApi(Controller):
             "The operation as a google.longrunning.Operation: `response` once succeeded, `error` once failed or "
             "cancelled. `If-None-Match` with the ETag answers 304. `ID:wait` is documented at its own path."
         ),
+        operation_id="GetOperation",
         response_headers=_ETAG,
-        responses=_errors((404, "NOT_FOUND: not in the bucket, nor in the archive")),
+        responses=_errors(
+            (400, "INVALID_ARGUMENT: not an operation id"), (404, "NOT_FOUND: not in the bucket, nor in the archive")
+        ),
+        opt={HOLDS_CONNECTION: ":wait"},  # an ID:wait long poll holds its connection, as an event stream does
     )
     async def get_operation(
-        self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        dashboard: Dashboard,
+        # the pattern is for the document only: the route also takes ID:wait (documented at its own path)
+        name: Annotated[str, PathParameter(description="the operation id", schema_extra={"pattern": ID_PATTERN})],
     ) -> Response[OperationResource]:
         return await _get(request, dashboard, name)
 
@@ -274,7 +390,11 @@ class OperationsApi(Controller):
         request: Request[Any, Any, Any],
         dashboard: Dashboard,
         timeout: Annotated[
-            str | None, QueryParameter(description="how long to wait: 30s (default), at most 60s")
+            str | None,
+            QueryParameter(
+                description="how long to wait: 30s (default), at most 60s",
+                schema_extra={"pattern": r"^[0-9]{1,9}(\.[0-9]{1,9})?(ms|s)?$"},
+            ),
         ] = None,
     ) -> Response[OperationResource]:
         return await _get(request, dashboard, "{name}:wait")  # only the literal path: InvalidKey (400)
@@ -295,6 +415,7 @@ class OperationsApi(Controller):
         status_code=200,
         response_headers=_WRITE_HEADERS,
         responses=_WRITE_ERRORS,
+        security=_WRITE_SECURITY,
         request_max_body_size=APPLY_MAX_BODY,
     )
     async def apply_documented(
@@ -303,10 +424,16 @@ class OperationsApi(Controller):
         dashboard: Dashboard,
         data: JSONBody[Event],
         if_match: Annotated[
-            str | None, HeaderParameter(name="If-Match", description='"N": apply only at revision N')
+            str | None,
+            HeaderParameter(
+                name="If-Match",
+                description='"N": apply only at revision N',
+                schema_extra={"pattern": _REVISION_PATTERN},
+            ),
         ] = None,
         idempotency_key: Annotated[
-            str | None, HeaderParameter(name="Idempotency-Key", description="the event id")
+            str | None,
+            HeaderParameter(name="Idempotency-Key", description="the event id", schema_extra={"pattern": _KEY_PATTERN}),
         ] = None,
     ) -> Response[OperationResource]:
         return await _post(request, dashboard, "{name}:apply")  # only the literal path: InvalidKey (400)
@@ -324,16 +451,23 @@ class OperationsApi(Controller):
         status_code=200,
         response_headers=_WRITE_HEADERS,
         responses=_WRITE_ERRORS,
+        security=_WRITE_SECURITY,
     )
     async def cancel_documented(
         self,
         request: Request[Any, Any, Any],
         dashboard: Dashboard,
         if_match: Annotated[
-            str | None, HeaderParameter(name="If-Match", description='"N": cancel only at revision N')
+            str | None,
+            HeaderParameter(
+                name="If-Match",
+                description='"N": cancel only at revision N',
+                schema_extra={"pattern": _REVISION_PATTERN},
+            ),
         ] = None,
         idempotency_key: Annotated[
-            str | None, HeaderParameter(name="Idempotency-Key", description="the event id")
+            str | None,
+            HeaderParameter(name="Idempotency-Key", description="the event id", schema_extra={"pattern": _KEY_PATTERN}),
         ] = None,
     ) -> Response[OperationResource]:
         return await _post(request, dashboard, "{name}:cancel")  # only the literal path: InvalidKey (400)
@@ -367,7 +501,13 @@ class OperationsApi(Controller):
     ) -> Response[OperationResource]:
         return await _post(request, dashboard, "{name}:retry")  # only the literal path: InvalidKey (400)
 
-    @get("/operations", summary="List live operations from the dashboard's index")
+    @get(
+        "/operations",
+        summary="List live operations from the dashboard's index",
+        operation_id="ListOperations",
+        operation_class=_ListOperation,
+        responses=_errors((400, "INVALID_ARGUMENT: an unusable filter, page_size or page_token")),
+    )
     async def list_operations(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> OperationList:
         params = query_params(request)
         expressions = params.pop("filter", [])
@@ -395,6 +535,11 @@ class OperationsApi(Controller):
             "PostgreSQL is unreachable or it refuses the dashboard's role."
         ),
         tags=["archive"],
+        operation_class=_ArchiveOperation,
+        responses=_errors(
+            (400, "INVALID_ARGUMENT: an unusable filter, page_size or page_token"),
+            (503, "UNAVAILABLE: no archive configured (DATABASE_URL), or PostgreSQL unreachable (Retry-After)"),
+        ),
     )
     async def search_archive(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> OperationList:
         params = query_params(request)
@@ -414,13 +559,15 @@ class OperationsApi(Controller):
             "selects a pipeline (default: the one with the most operations)."
         ),
         tags=["overview"],
+        operation_class=_OverviewOperation,
+        responses=_errors((400, "INVALID_ARGUMENT: an unknown pipeline, or pipeline given twice")),
     )
     async def overview(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> Overview:
         now = time.time()
         context = overview_context(dashboard, pipeline_param(request), now) | banner_context(dashboard, now)
         return overview_resource(context)
 
-    @get("/csrf", summary="A CSRF token for API writes")
+    @get("/csrf", summary="A CSRF token for API writes", responses=_errors())
     async def csrf(self, request: Request[Any, Any, Any]) -> CsrfToken:
         token = ScopeState.from_scope(request.scope).csrf_token
         return CsrfToken(csrf_token=token if isinstance(token, str) else "")

@@ -21,6 +21,7 @@ from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.htmx import HTMXPlugin
 from litestar.response import ServerSentEvent
 from litestar.static_files import create_static_files_router
@@ -33,6 +34,7 @@ from dashboard.archive import READER_FALLBACK_WARNING, ArchiveAccess
 from dashboard.contexts import DashboardState
 from dashboard.errors import exception_to_response
 from dashboard.feed import Broadcaster, IndexFeed, running
+from dashboard.guard import HOLDS_CONNECTION, PUBLIC, Guard
 from dashboard.index import OperationIndex
 from dashboard.jobs import JobSupervisor
 from dashboard.metrics import DashboardMetrics
@@ -61,7 +63,7 @@ def _renderer(request: Request[Any, Any, Any]) -> Renderer:
     return renderer
 
 
-@get("/events", include_in_schema=False)
+@get("/events", include_in_schema=False, opt={HOLDS_CONNECTION: True})
 async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     """Change signals for the open pages (server-sent events)."""
     dashboard = _state(request)
@@ -70,7 +72,7 @@ async def events(request: Request[Any, Any, Any]) -> ServerSentEvent:
     )
 
 
-@get("/healthz", summary="Liveness and readiness", tags=["health"])
+@get("/healthz", summary="Liveness and readiness", tags=["health"], opt={PUBLIC: True}, security=[{}])
 async def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     """200 when NATS is reachable and the index is loaded, 503 otherwise (with the reason)."""
     dashboard = _state(request)
@@ -94,12 +96,21 @@ async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
+SECURITY_SCHEMES = {
+    "token": SecurityScheme(type="http", scheme="bearer", description="DASHBOARD_AUTH_TOKEN"),
+    "basic": SecurityScheme(type="http", scheme="basic", description="any user name, DASHBOARD_AUTH_TOKEN as password"),
+}
+
+
 def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litestar:
     """The dashboard's ASGI application for ``settings``."""
+    guard = Guard(settings)
     index = OperationIndex(stats_window=settings.stats_window)
     broadcaster = Broadcaster(debounce=settings.debounce)
     environment = make_environment()
-    renderer = Renderer(environment, globals_={"auth_required": settings.auth_token is not None})
+    # the cancel form asks for the token unless reads need it too: then the browser sends it already (basic auth)
+    ask_token = settings.auth_token is not None and not settings.auth_reads
+    renderer = Renderer(environment, globals_={"auth_required": ask_token})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -131,7 +142,9 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
             events,
             healthz,
             metrics,
-            create_static_files_router(path="/static", directories=[STATIC_DIRECTORY], include_in_schema=False),
+            create_static_files_router(
+                path="/static", directories=[STATIC_DIRECTORY], include_in_schema=False, opt={PUBLIC: True}
+            ),
         ],
         dependencies={
             "dashboard": Provide(_state, sync_to_thread=False),
@@ -141,6 +154,7 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
         plugins=[HTMXPlugin()],  # request.htmx: which requests htmx sent, and what it targets
         before_send=[add_security_headers],
         middleware=[
+            guard.middleware,  # first: outside the CSRF check, which needs to know who authenticated
             csrf_middleware(
                 CSRFConfig(
                     secret=settings.secret or secrets.token_hex(32), cookie_samesite="strict", cookie_httponly=False
@@ -149,7 +163,14 @@ def create_app(settings: DashboardSettings, *, clock: Any = time.time) -> Litest
         ],
         exception_handlers={Exception: exception_to_response},
         request_max_body_size=settings.max_body,
-        openapi_config=OpenAPIConfig(title="kvstate dashboard API", version="0.1.0", path="/schema"),
-        state=State({"renderer": renderer, "dashboard": None}),
+        openapi_config=OpenAPIConfig(
+            title="kvstate dashboard API",
+            version="0.1.0",
+            path="/schema",
+            components=Components(security_schemes=dict(SECURITY_SCHEMES)),
+            # the document tells the truth of this process: reads need the token only with DASHBOARD_AUTH_READS
+            security=[{"token": []}, {"basic": []}] if settings.auth_reads else None,
+        ),
+        state=State({"renderer": renderer, "dashboard": None, "guard": guard}),
         debug=False,
     )

@@ -1,4 +1,9 @@
-"""``kvstate dashboard``: serve the dashboard with uvicorn (also ``python -m dashboard``)."""
+"""``kvstate dashboard``: serve the dashboard with uvicorn (also ``python -m dashboard``).
+
+It refuses to start (exit code 2) on a DASHBOARD_HOST other than a loopback address
+without DASHBOARD_AUTH_TOKEN, unless DASHBOARD_ALLOW_ANONYMOUS (``--allow-anonymous``)
+says that is meant (``DashboardSettings.exposure_problem``).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="PostgreSQL archive, as a read-only role (default: $DASHBOARD_DATABASE_URL, else $DATABASE_URL; "
         "neither = no archive pages)",
     )
+    parser.add_argument(
+        "--allow-anonymous",
+        action="store_true",
+        default=None,
+        help="serve a non-loopback --host without DASHBOARD_AUTH_TOKEN (default: $DASHBOARD_ALLOW_ANONYMOUS or refuse)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -37,6 +48,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Dashb
         "DASHBOARD_HOST": args.host,
         "DASHBOARD_PORT": args.port,
         "DASHBOARD_DATABASE_URL": args.database_url,
+        "DASHBOARD_ALLOW_ANONYMOUS": "true" if args.allow_anonymous else None,
     }
     return DashboardSettings.from_env(environ_with(environ, options))
 
@@ -53,7 +65,10 @@ def serve(settings: DashboardSettings, log_level: str = "info") -> int:
         port=settings.port,
         log_level=log_level,
         lifespan="on",
-        proxy_headers=False,
+        # X-Forwarded-For/-Proto only from DASHBOARD_TRUSTED_PROXIES: the client address the limits and the
+        # audit log use, and https for Secure cookies; from anyone else they are ignored
+        proxy_headers=settings.trusted_proxies is not None,
+        forwarded_allow_ips=list(settings.trusted_proxies or ()),
         server_header=False,
         timeout_graceful_shutdown=3,  # open event streams would otherwise hold shutdown
     )
@@ -67,6 +82,10 @@ def _handler(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         settings = settings_from(args, environ)
     except ConfigurationError as exc:
         sys.stderr.write(f"kvstate dashboard: {exc}\n")
+        return 2
+    problem = settings.exposure_problem()
+    if problem is not None:
+        sys.stderr.write(f"kvstate dashboard: refusing to start: {problem}\n")
         return 2
     return serve(settings, args.log_level)
 

@@ -176,6 +176,7 @@ _RPC_STATUS = {
     409: "ABORTED",
     412: "FAILED_PRECONDITION",
     413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
@@ -213,13 +214,16 @@ def exception_to_response(request: Request[Any, Any, Any], exc: Exception) -> Re
     """The one exception handler: JSON under /api, an htmx fragment for htmx requests, else a page."""
     error = classify(exc)
     if error.status >= 500 and error.retry_after is None:  # not a dependency that is away for a while
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        log.error("unhandled error on %s %s", request.method, request.scope["path"], exc_info=exc)
     headers: dict[str, str] = {}
+    if isinstance(exc, HTTPException) and exc.headers:  # Retry-After of a 429, Allow of a 405
+        headers.update(exc.headers)
     if isinstance(exc, NotAuthorizedException):
         headers["WWW-Authenticate"] = 'Basic realm="kvstate dashboard", charset="UTF-8"'
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
-    if request.url.path.startswith("/api/") or request.url.path in ("/healthz", "/metrics"):
+    path = request.scope["path"]  # not request.url: it raises on a malformed Host header (a port "80x")
+    if path.startswith("/api/") or path in ("/healthz", "/metrics"):
         body = {"error": {"code": error.status, "status": rpc_status(error), "message": error.message}}
         return Response(body, status_code=error.status, media_type=MediaType.JSON, headers=headers)
     template = "partials/error.html" if is_htmx(request) else "error.html"

@@ -84,10 +84,15 @@ def operation_method(name: str, http_method: str) -> tuple[str, str]:
 
 
 def if_match(headers: Mapping[str, str]) -> int | None:
-    """The revision ``If-Match`` names (``"7"``, as the ETag gives it, or ``7``); None without one or for ``*``."""
+    """The revision ``If-Match`` names (``"7"``, as the ETag gives it, or ``7``); None without one or for ``*``.
+
+    An empty header is refused (BadQuery), not taken as "no condition".
+    """
     raw = headers.get("if-match")
-    if raw is None or not raw.strip() or raw.strip() == "*":
+    if raw is None or raw.strip() == "*":
         return None
+    if not raw.strip():  # as a script sends it when the variable holding the ETag is unset: never unconditional
+        raise BadQuery("If-Match", 'empty: send the revision as the ETag gives it ("7"), or leave the header out')
     match = _REVISION.fullmatch(raw.strip())
     if match is None:
         raise BadQuery("If-Match", f'expected one revision as the ETag gives it ("7"), not {raw[:40]!r}')

@@ -37,9 +37,26 @@ Dashboard = NamedDependency[DashboardState]
 Templates = NamedDependency[Renderer]
 
 
+MAX_QUERY_VALUES = 8
+"""Values one query parameter may have (``status=a&status=b``...); more is 400."""
+MAX_QUERY_VALUE = 128
+"""Characters of one query value (page tokens and filter expressions: ``LONG_QUERY_VALUES``); more is 400."""
+LONG_QUERY_VALUES = {"page_token": 512, "filter": 512}
+
+
 def query_params(request: Request[Any, Any, Any]) -> dict[str, list[str]]:
-    """The query string as lists of values per key."""
-    return {key: request.query_params.getall(key) for key in request.query_params}
+    """The query string as lists of values per key; BadQuery past the limits above (as the OpenAPI document
+    states them), so no filter is ever handed an unbounded value."""
+    params = {key: request.query_params.getall(key) for key in request.query_params}
+    for key, values in params.items():
+        if len(values) > MAX_QUERY_VALUES:
+            raise BadQuery(key[:40], f"at most {MAX_QUERY_VALUES} values")
+        limit = LONG_QUERY_VALUES.get(key, MAX_QUERY_VALUE)
+        if any(len(value) > limit for value in values):
+            raise BadQuery(key[:40], f"at most {limit} characters")
+        if any("\x00" in value for value in values):  # no id, name or stored text has one; PostgreSQL refuses it
+            raise BadQuery(key[:40], "a NUL character is no filter value")
+    return params
 
 
 def pipeline_param(request: Request[Any, Any, Any]) -> str | None:

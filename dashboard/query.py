@@ -233,7 +233,20 @@ def _metadata_filter(raw: str | None) -> dict[str, Any] | None:
         parsed: Any = json.loads(value)
     except ValueError:
         parsed = value.strip()
+    if _holds_nul(parsed) or "\x00" in key:
+        # PostgreSQL's jsonb cannot hold a NUL (\u0000): no archived value has one, and the query would fail
+        raise BadQuery("meta", "a NUL character (\\u0000) cannot be in an archived value")
     return {key.strip(): parsed}
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 @dataclass(frozen=True, slots=True)

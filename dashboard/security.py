@@ -1,26 +1,33 @@
-"""Security headers and the optional write token.
+"""Security headers, the token's credentials, and the CSRF check.
 
-Reads are open (bind the dashboard to a trusted network or put it behind a proxy that
-authenticates). When DASHBOARD_AUTH_TOKEN is set, every write (the cancel form and the
-API's ``:cancel`` and ``:apply``) must present it: as ``Authorization: Bearer <token>``, as HTTP basic
-auth with the token as password (any user name), or in the cancel form's ``token`` field.
-CSRF (Litestar's CSRF middleware) protects every POST on top of that, except requests
-that carry ``Authorization: Bearer``: no browser sends that header on its own, so they
-cannot be forged by another site (scripts and ``curl`` write without the cookie dance).
+The token (DASHBOARD_AUTH_TOKEN) is presented as ``Authorization: Bearer <token>``, as
+HTTP basic auth with the token as password (any user name), or in the cancel form's
+``token`` field; ``presented_credentials`` reads the headers and ``token_matches``
+compares in constant time. Which requests need it is ``dashboard.guard``'s business.
+CSRF (Litestar's CSRF middleware) protects every state-changing request on top of that,
+except those the guard authenticated with ``Authorization: Bearer``: no browser sends that
+header on its own, so they cannot be forged by another site (scripts and ``curl`` write
+without the cookie dance). Without a token configured a bearer header is no credential,
+and the CSRF check applies to it like to any other request.
 
 Litestar's middleware reuses any ``csrftoken`` cookie a GET brings without checking its
 signature; a cookie signed with another secret (an earlier process with the default
 random secret, or another app on the same host) would then be embedded in every page and
 every cancel would fail. ``csrf_middleware`` drops such a cookie on safe methods, so the
 page gets a fresh token and the cookie is replaced.
+
+Over TLS (the request's scheme is https, directly or through a trusted proxy) every
+cookie gets ``Secure`` and the answer ``Strict-Transport-Security``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.config.csrf import CSRFConfig
@@ -33,10 +40,15 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "CONTENT_SECURITY_POLICY",
+    "SECURITY_HEADERS",
+    "STRICT_TRANSPORT_SECURITY",
+    "Credentials",
     "add_security_headers",
     "check_write_access",
     "csrf_middleware",
     "csrf_token_is_valid",
+    "presented_credentials",
+    "token_matches",
 ]
 
 CONTENT_SECURITY_POLICY = "; ".join(
@@ -50,17 +62,23 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "form-action 'self'",
         "frame-ancestors 'none'",
         "base-uri 'none'",
+        "object-src 'none'",
     ]
 )
 
-_HEADERS = {
+STRICT_TRANSPORT_SECURITY = "max-age=31536000"
+"""Sent over https only (a browser ignores it over http, and it must not pin a plain-http dashboard)."""
+
+SECURITY_HEADERS = {
     "content-security-policy": CONTENT_SECURITY_POLICY,
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
     "referrer-policy": "no-referrer",
     "cross-origin-opener-policy": "same-origin",
     "permissions-policy": "camera=(), microphone=(), geolocation=()",
+    "cross-origin-resource-policy": "same-origin",
 }
+"""The headers of every HTTP answer."""
 
 
 async def add_security_headers(message: Message, scope: Scope) -> None:
@@ -72,15 +90,64 @@ async def add_security_headers(message: Message, scope: Scope) -> None:
     """
     if message["type"] == "http.response.start":
         headers = MutableScopeHeaders.from_message(message)
-        for name, value in _HEADERS.items():
+        for name, value in SECURITY_HEADERS.items():
             headers[name] = value
+        if scope.get("scheme") == "https":
+            headers["strict-transport-security"] = STRICT_TRANSPORT_SECURITY
+            message["headers"] = [_secure_cookie(name, value) for name, value in message["headers"]]
 
 
-def _has_bearer(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            return value[:7].lower() == b"bearer "
-    return False
+def _secure_cookie(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    if name.lower() != b"set-cookie" or any(part.strip().lower() == b"secure" for part in value.split(b";")[1:]):
+        return name, value
+    return name, value + b"; Secure"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a request presents as the token: how (``bearer``, ``basic``, ``form``), the token, the user name."""
+
+    scheme: str
+    token: str
+    user: str | None = None
+
+
+def presented_credentials(headers: Mapping[str, str]) -> Credentials | None:
+    """The credentials of the ``Authorization`` header (None without one).
+
+    ``Bearer <token>`` and ``Basic`` (the token is the password; the user name is kept
+    for the audit log, printable and clipped). Another scheme, or a header that cannot be
+    decoded, presents an empty token: a wrong one, not none.
+    """
+    header = headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return Credentials("bearer", value.strip())
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return Credentials("basic", "")
+        user, _, password = decoded.partition(":")
+        shown = "".join(c for c in user if c.isprintable())[:64] or None
+        return Credentials("basic", password, shown)
+    return Credentials(scheme[:16] or "unknown", "")
+
+
+def token_matches(presented: str, expected: str) -> bool:
+    """True when ``presented`` is ``expected``, in time independent of both (their SHA-256s compared)."""
+    return hmac.compare_digest(
+        hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(),
+        hashlib.sha256(expected.encode()).digest(),
+    )
+
+
+def _authenticated_bearer(scope: Scope) -> bool:
+    """True when the guard authenticated the request by ``Authorization: Bearer`` with the configured token."""
+    return bool(scope.get("auth") == "bearer")
 
 
 def csrf_token_is_valid(token: str, secret: str) -> bool:
@@ -111,11 +178,12 @@ def _without_foreign_csrf_cookie(headers: list[tuple[bytes, bytes]], config: CSR
 
 
 def csrf_middleware(config: CSRFConfig) -> Callable[[ASGIApp], ASGIApp]:
-    """Litestar's CSRF check for every request without ``Authorization: Bearer``.
+    """Litestar's CSRF check for every request but those the guard authenticated by ``Authorization: Bearer``.
 
     A cross-site form cannot set that header, and a cross-site script can only with a
-    CORS preflight this app never grants, so a request carrying it was not forged by a
-    browser; whether it may write is then up to the write token alone.
+    CORS preflight this app never grants, so a request carrying the right token in it was
+    not forged by a browser. Without a token configured no request is authenticated, so
+    a bearer header skips nothing.
 
     On safe methods a ``csrftoken`` cookie that is not signed with this app's secret is
     removed from the request first, so Litestar issues (and sets) a fresh token instead
@@ -128,7 +196,7 @@ def csrf_middleware(config: CSRFConfig) -> Callable[[ASGIApp], ASGIApp]:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP:
                 await checked(scope, receive, send)
-            elif _has_bearer(scope):
+            elif _authenticated_bearer(scope):
                 await app(scope, receive, send)
             else:
                 if scope["method"] in config.safe_methods:
@@ -140,26 +208,17 @@ def csrf_middleware(config: CSRFConfig) -> Callable[[ASGIApp], ASGIApp]:
     return wrap
 
 
-def _presented_token(connection: ASGIConnection[Any, Any, Any, Any], form_token: str | None) -> str | None:
-    header = connection.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() == "bearer" and credentials:
-        return credentials.strip()
-    if scheme.lower() == "basic" and credentials:
-        try:
-            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return decoded.partition(":")[2]
-    return form_token
-
-
 def check_write_access(
     connection: ASGIConnection[Any, Any, Any, Any], expected: str | None, form_token: str | None = None
 ) -> None:
-    """Raise NotAuthorizedException (401) unless the request carries the write token (when one is set)."""
+    """Raise NotAuthorizedException (401) unless the request carries the token (when one is set).
+
+    The guard refuses such requests before any handler runs; handlers that write call
+    this as well, so a write never depends on the middleware stack alone.
+    """
     if expected is None:
         return
-    presented = _presented_token(connection, form_token)
-    if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+    credentials = presented_credentials(connection.headers)
+    presented = credentials.token if credentials is not None else form_token
+    if presented is None or not token_matches(presented, expected):
         raise NotAuthorizedException("this action needs the dashboard's write token (DASHBOARD_AUTH_TOKEN)")

@@ -91,7 +91,7 @@ class Renderer:
         """An HTML response; ``started`` (perf_counter) lets the caller include context building in the timing."""
         began = time.perf_counter() if started is None else started
         token = ScopeState.from_scope(request.scope).csrf_token
-        body = self.html(template, {**context, "path": request.url.path}, token if isinstance(token, str) else "")
+        body = self.html(template, {**context, "path": request.scope["path"]}, token if isinstance(token, str) else "")
         if self.observe is not None:
             self.observe(template, time.perf_counter() - began)
         return Response(body, status_code=status_code, media_type=MediaType.HTML, headers=headers)

@@ -9,8 +9,10 @@ from collections.abc import Callable
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from archiver.settings import ArchiverSettings
+from archiver.worker import Archiver
 from dashboard.contexts import DashboardState
-from kvstate import Client
+from kvstate import Client, OperationNotFound
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -74,3 +76,48 @@ async def csrf_token(http: AsyncTestClient[Litestar]) -> str:
     token = response.json()["csrf_token"]
     assert http.cookies.get("csrftoken")
     return str(token)
+
+
+async def archived_operations(client: Client, database_url: str) -> dict[str, str]:
+    """One succeeded, one failed and one cancelled operation, archived by the real archiver and removed from
+    the bucket; their ids by status."""
+    ids = {}
+    for status in ("succeeded", "failed", "cancelled"):
+        op = await client.create("orders", metadata={"customer": f"{status}-c", "tier": 2})
+        ids[status] = op.id
+        if status == "cancelled":
+            await client.cancel(op.id, reason="test")
+            continue
+        await client.start(op.id, "ingest")
+        if status == "failed":
+            await client.fail(op.id, "ingest", "bad bytes", retryable=False)
+            continue
+        await client.succeed(op.id, "ingest")
+        for stage in ("validate", "geo", "fraud", "merge"):
+            if stage in ("geo", "fraud"):
+                continue
+            if stage == "merge":
+                for parallel in ("geo", "fraud"):
+                    await client.start(op.id, parallel)
+                    await client.succeed(op.id, parallel)
+                await client.skip(op.id, "profile")
+            await client.start(op.id, stage)
+            await client.succeed(op.id, stage)
+        await client.skip(op.id, "notify")
+    archiver_settings = ArchiverSettings(
+        kv=client.settings,
+        database_url=database_url,
+        grace_period=0.0,
+        batch_timeout=0.05,
+        ack_wait=2.0,
+        metrics_port=0,
+    )
+    async with Archiver(archiver_settings) as archiver:
+        await archiver.run(burst=True)
+    for op_id in ids.values():
+        try:
+            await client.get(op_id)
+        except OperationNotFound:
+            continue
+        raise AssertionError(f"{op_id} was not archived and removed")
+    return ids

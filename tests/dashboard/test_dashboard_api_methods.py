@@ -7,6 +7,7 @@ to have changed nothing by reading the revision before and after.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from dataclasses import replace
 from typing import Any
@@ -233,8 +234,11 @@ async def test_apply_needs_the_write_token_and_csrf_as_cancel_does(
     before = await revision_of(client, op.id)
     event = {"type": "start", "stage": "ingest"}
     async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
-        no_csrf = await http.post(f"/api/operations/{op.id}:apply", json=event)
-        assert no_csrf.status_code == 403
+        anonymous = await http.post(f"/api/operations/{op.id}:apply", json=event)
+        assert anonymous.status_code == 401  # the token is asked for first, before the CSRF check
+        basic = {"Authorization": "Basic " + base64.b64encode(b"me:secret-token").decode()}
+        no_csrf = await http.post(f"/api/operations/{op.id}:apply", json=event, headers=basic)
+        assert no_csrf.status_code == 403  # the token as basic auth, which browsers resend: CSRF applies
         token = await csrf_token(http)
         no_token = await http.post(f"/api/operations/{op.id}:apply", json=event, headers={"X-CSRFToken": token})
         assert no_token.status_code == 401 and no_token.json()["error"]["status"] == "UNAUTHENTICATED"

@@ -14,6 +14,7 @@ import pytest
 from dashboard_support import populate
 from playwright.async_api import expect
 
+from dashboard.settings import DashboardSettings
 from devstack.servers import NatsServer
 from kvstate import Client, Settings
 
@@ -206,3 +207,49 @@ async def test_stored_xss_payloads_never_run(client: Client, live_server: str, b
     assert XSS in await page.locator("pre.value").first.inner_text()  # shown as text, not run
     await page.screenshot(path=str(ARTIFACTS / "xss-detail.png"), full_page=True)
     assert dialogs == []
+
+
+class TestWithTheTokenForReads:
+    """The dashboard as the compose file runs it: every read and write needs the token (basic auth)."""
+
+    TOKEN = "browser-token-0123456789abcdef"
+
+    @pytest.fixture
+    def dashboard_settings(self, settings: Settings) -> DashboardSettings:
+        return DashboardSettings(
+            kv=settings, debounce=0.05, page_size=5, secret="s" * 32, auth_token=self.TOKEN, auth_reads=True
+        )
+
+    async def test_pages_live_updates_and_cancel_work_with_basic_auth_and_nothing_without_it(
+        self, client: Client, live_server: str, browser: Any
+    ) -> None:
+        op = await client.create("orders")
+        await client.start(op.id, "ingest")
+        stranger = await browser.new_context()  # no credentials: a headless browser cannot even load the page
+        for path in ("/", f"/operations/{op.id}", "/events", f"/api/operations/{op.id}"):
+            refused = await stranger.request.get(live_server + path)
+            assert refused.status == 401 and op.id not in await refused.text(), path
+            assert refused.headers["www-authenticate"].startswith("Basic")
+        await stranger.close()
+
+        context = await browser.new_context(http_credentials={"username": "operator", "password": self.TOKEN})
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        await page.goto(live_server + "/")
+        total = page.locator('[data-testid="total"]')
+        await expect(total).to_have_text("1")
+        await page.wait_for_timeout(300)  # the event stream connects, with the same credentials
+        await client.create("orders")
+        await expect(total).to_have_text("2", timeout=3000)  # a live update through the authenticated stream
+
+        await page.goto(f"{live_server}/operations/{op.id}")
+        await page.click("text=Cancel this operation")
+        await page.fill('input[name="reason"]', "with the token")
+        await page.click("text=Yes, cancel the operation")
+        await page.wait_for_selector("#cancel-result .badge.st-cancelled", timeout=3000)
+        stored = await client.get(op.id)
+        assert stored.status.value == "cancelled" and stored.cancel is not None
+        assert stored.cancel.reason == "with the token"
+        assert errors == [], errors
+        await context.close()
