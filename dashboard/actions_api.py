@@ -17,16 +17,29 @@ through the one error table, with nothing created or changed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import ResponseHeader
 from litestar.exceptions import HTTPException, MethodNotAllowedException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, RequestBody, Schema
+from litestar.openapi.spec import Operation as OpenAPIOperation
+from litestar.params import FromPath, HeaderParameter, PathParameter
 
-from dashboard.api import OUTCOME_HEADER, _answer, _Found, _resource
+from dashboard.api import (
+    _KEY_PATTERN,
+    _WRITE_SECURITY,
+    ID_PATTERN,
+    OUTCOME_HEADER,
+    _answer,
+    _errors,
+    _Found,
+    _MethodOperation,
+    _resource,
+)
 from dashboard.contexts import DashboardState
 from dashboard.jobs import (
     JobList,
@@ -42,7 +55,7 @@ from dashboard.jobs import (
 )
 from dashboard.methods import cancel_reason, idempotency_key, retry_request
 from dashboard.pages import Dashboard
-from dashboard.resources import ErrorBody, OperationResource
+from dashboard.resources import OperationResource
 from dashboard.security import check_write_access
 from kvstate import InvalidJob, Job, JobFinished, JobStore, new_job
 from kvstate.jobs import JobAction
@@ -120,17 +133,77 @@ def _job_answer(job: Job, status: int = 200) -> Response[JobResource]:
     return Response(job_resource(job), status_code=status, headers=headers)
 
 
-def _errors(*statuses: tuple[int, str]) -> dict[int, ResponseSpec]:
-    return {status: ResponseSpec(ErrorBody, description=text, generate_examples=False) for status, text in statuses}
-
-
 _JOB_ERRORS = _errors(
     (400, "INVALID_ARGUMENT: a bad filter, action, reason, rate or stage; a filter matching nothing or too much"),
     (401, "UNAUTHENTICATED: the write token is configured and missing"),
     (403, "PERMISSION_DENIED: no CSRF token (send Authorization: Bearer, or X-CSRFToken)"),
     (404, "NOT_FOUND: no such job"),
     (409, "FAILED_PRECONDITION: the job already ended; ABORTED: another runner holds it"),
+    (413, "the body is over the limit"),
 )
+
+
+_TEXT = Schema(type=OpenAPIType.STRING, max_length=4096)
+_JOB_REQUEST = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["filter", "action", "reason"],
+    additional_properties=False,
+    properties={
+        "filter": _TEXT,
+        "action": Schema(type=OpenAPIType.STRING, enum=[action.value for action in JobAction]),
+        "reason": _TEXT,
+        "stages": Schema(type=OpenAPIType.ARRAY, items=_TEXT),
+        "by": Schema(one_of=[_TEXT, Schema(type=OpenAPIType.NULL)]),
+        "rate": Schema(one_of=[Schema(type=OpenAPIType.NUMBER), Schema(type=OpenAPIType.NULL)]),
+        "dry_run": Schema(type=OpenAPIType.BOOLEAN),
+    },
+)
+"""The body of POST /api/jobs (dashboard.jobs.JobRequest), as the document states it."""
+
+
+@dataclass
+class _CreateJobOperation(OpenAPIOperation):
+    """``POST /api/jobs`` with its body declared: the handler decodes it itself (clear 400s)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"application/json": OpenAPIMediaType(schema=_JOB_REQUEST)}, required=True
+        )
+
+
+async def _job_method(request: Request[Any, Any, Any], dashboard: Dashboard, name: str) -> Response[JobResource]:
+    """``POST /api/jobs/ID:cancel`` and ``ID:resume``."""
+    job_id, method = job_method(name, "POST")
+    check_write_access(request, dashboard.settings.auth_token)
+    body = await request.body()
+    _check_size(dashboard, body)
+    jobs = JobStore(dashboard.client)
+    if method == "cancel":
+        reason = cancel_reason(body, request.headers.get("content-type", ""), "cancelled through the API")
+        return _job_answer(await jobs.cancel(job_id, by="api", reason=reason))
+    job = await jobs.get(job_id)
+    if job.done:
+        raise JobFinished(job.id, job.state.value)
+    dashboard.supervisor.start(job.id)  # a lease another runner holds: the runner logs JobBusy and leaves it
+    return _job_answer(job)
+
+
+async def _redrive(request: Request[Any, Any, Any], dashboard: Dashboard, name: str) -> Response[OperationResource]:
+    """``POST /api/archive/operations/ID:redrive``."""
+    op_id, colon, method = name.partition(":")
+    if not colon or method != "redrive":
+        raise NotFoundException("an archived operation has one method: POST ID:redrive")
+    validate_id(op_id)
+    check_write_access(request, dashboard.settings.auth_token)
+    body = await request.body()
+    _check_size(dashboard, body)
+    asked = retry_request(body)
+    key = idempotency_key(request.headers)
+    result = await dashboard.archive.redrive(
+        dashboard.client, op_id, asked.stages or None, reason=asked.reason, by=asked.by or "api", event_id=key
+    )
+    found = _Found(_resource(dashboard, result.operation), result.revision, waitable=False)
+    return _answer(found, {OUTCOME_HEADER: result.outcome.value})
 
 
 class ActionsApi(Controller):
@@ -152,6 +225,7 @@ class ActionsApi(Controller):
             "changed under the event id `job:<job>:<operation>`, so a resumed job never changes one twice."
         ),
         status_code=201,
+        operation_class=_CreateJobOperation,
         responses={200: ResponseSpec(JobPreview, description="the dry run"), **_JOB_ERRORS},
     )
     async def create(self, request: Request[Any, Any, Any], dashboard: Dashboard) -> Response[Any]:
@@ -170,42 +244,67 @@ class ActionsApi(Controller):
     @get(
         "/jobs/{name:str}",
         summary="One bulk job: state, counts, what it skipped or failed and why (ETag = revision)",
-        responses=_errors((404, "NOT_FOUND: no such job")),
+        responses=_errors((400, "INVALID_ARGUMENT: not a job id"), (404, "NOT_FOUND: no such job")),
     )
-    async def get_job(self, dashboard: Dashboard, name: FromPath[str]) -> Response[JobResource]:
+    async def get_job(
+        self,
+        dashboard: Dashboard,
+        name: Annotated[str, PathParameter(description="the job id", schema_extra={"pattern": ID_PATTERN})],
+    ) -> Response[JobResource]:
         job_id, _ = job_method(name, "GET")
         return _job_answer(await JobStore(dashboard.client).get(job_id))
 
-    @post(
-        "/jobs/{name:str}",
-        summary="A job's methods: ID:cancel (its runner stops before the next operation), ID:resume",
-        description=(
-            '`:cancel` (body optional: `{"reason": "..."}`) ends the job as `cancelled`; what it changed so far '
-            "stays changed. `:resume` runs a `paused` job, or one whose runner died (its lease expired), in this "
-            "dashboard. Both answer the job; 409 once it ended, or while another runner's lease holds."
-        ),
-        status_code=200,
-        responses=_JOB_ERRORS,
-    )
+    @post("/jobs/{name:str}", status_code=200, include_in_schema=False)
     async def job_custom_method(
         self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
     ) -> Response[JobResource]:
-        job_id, method = job_method(name, "POST")
-        check_write_access(request, dashboard.settings.auth_token)
-        body = await request.body()
-        _check_size(dashboard, body)
-        jobs = JobStore(dashboard.client)
-        if method == "cancel":
-            reason = cancel_reason(body, request.headers.get("content-type", ""), "cancelled through the API")
-            return _job_answer(await jobs.cancel(job_id, by="api", reason=reason))
-        job = await jobs.get(job_id)
-        if job.done:
-            raise JobFinished(job.id, job.state.value)
-        dashboard.supervisor.start(job.id)  # a lease another runner holds: the runner logs JobBusy and leaves it
-        return _job_answer(job)
+        return await _job_method(request, dashboard, name)
+
+    # The job methods at their real paths, for the OpenAPI document only (as in dashboard.api).
 
     @post(
-        "/archive/operations/{name:str}",
+        "/jobs/{name}:cancel",
+        operation_class=_MethodOperation,
+        operation_id="CancelJob",
+        summary="Cancel a bulk job: its runner stops before the next operation",
+        description=(
+            'Body optional: `{"reason": "..."}`. The job ends as `cancelled`; what it changed so far stays '
+            "changed. 409 once it ended."
+        ),
+        status_code=200,
+        responses=_JOB_ERRORS,
+        security=_WRITE_SECURITY,
+    )
+    async def cancel_job_documented(
+        self, request: Request[Any, Any, Any], dashboard: Dashboard
+    ) -> Response[JobResource]:
+        return await _job_method(request, dashboard, "{name}:cancel")  # only the literal path: 400
+
+    @post(
+        "/jobs/{name}:resume",
+        operation_class=_MethodOperation,
+        operation_id="ResumeJob",
+        summary="Run a paused job, or one whose runner died (its lease expired), in this dashboard",
+        description="Answers the job; 409 once it ended, or while another runner's lease holds.",
+        status_code=200,
+        responses=_JOB_ERRORS,
+        security=_WRITE_SECURITY,
+    )
+    async def resume_job_documented(
+        self, request: Request[Any, Any, Any], dashboard: Dashboard
+    ) -> Response[JobResource]:
+        return await _job_method(request, dashboard, "{name}:resume")  # only the literal path: 400
+
+    @post("/archive/operations/{name:str}", status_code=200, include_in_schema=False)
+    async def redrive(
+        self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
+    ) -> Response[OperationResource]:
+        return await _redrive(request, dashboard, name)
+
+    @post(
+        "/archive/operations/{name}:redrive",
+        operation_class=_MethodOperation,
+        operation_id="RedriveArchivedOperation",
         tags=["archive"],
         summary="ID:redrive: put an archived operation back into the bucket and run it again from a stage",
         description=(
@@ -220,27 +319,24 @@ class ActionsApi(Controller):
         response_headers=[
             ResponseHeader(name=OUTCOME_HEADER, description="applied or duplicate", documentation_only=True)
         ],
+        security=_WRITE_SECURITY,
         responses=_errors(
-            (400, "INVALID_ARGUMENT: no reason, an unknown stage"),
+            (400, "INVALID_ARGUMENT: no reason, an unknown stage, a bad Idempotency-Key"),
+            (401, "UNAUTHENTICATED: the token is configured and missing or wrong"),
+            (403, "PERMISSION_DENIED: no CSRF token (send Authorization: Bearer, or X-CSRFToken), or cross-site"),
             (404, "NOT_FOUND: not in the archive"),
+            (413, "the body is over the limit"),
             (409, "ALREADY_EXISTS: still in the bucket; FAILED_PRECONDITION: nothing to run again"),
             (503, "UNAVAILABLE: no archive configured, or PostgreSQL unreachable"),
         ),
     )
-    async def redrive(
-        self, request: Request[Any, Any, Any], dashboard: Dashboard, name: FromPath[str]
+    async def redrive_documented(
+        self,
+        request: Request[Any, Any, Any],
+        dashboard: Dashboard,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(name="Idempotency-Key", description="the event id", schema_extra={"pattern": _KEY_PATTERN}),
+        ] = None,
     ) -> Response[OperationResource]:
-        op_id, colon, method = name.partition(":")
-        if not colon or method != "redrive":
-            raise NotFoundException("an archived operation has one method: POST ID:redrive")
-        validate_id(op_id)
-        check_write_access(request, dashboard.settings.auth_token)
-        body = await request.body()
-        _check_size(dashboard, body)
-        asked = retry_request(body)
-        key = idempotency_key(request.headers)
-        result = await dashboard.archive.redrive(
-            dashboard.client, op_id, asked.stages or None, reason=asked.reason, by=asked.by or "api", event_id=key
-        )
-        found = _Found(_resource(dashboard, result.operation), result.revision, waitable=False)
-        return _answer(found, {OUTCOME_HEADER: result.outcome.value})
+        return await _redrive(request, dashboard, "{name}:redrive")  # only the literal path: 400

@@ -487,16 +487,23 @@ class OperationsApi(Controller):
         status_code=200,
         response_headers=_WRITE_HEADERS,
         responses=_WRITE_ERRORS,
+        security=_WRITE_SECURITY,
     )
     async def retry_documented(
         self,
         request: Request[Any, Any, Any],
         dashboard: Dashboard,
         if_match: Annotated[
-            str | None, HeaderParameter(name="If-Match", description='"N": retry only at revision N')
+            str | None,
+            HeaderParameter(
+                name="If-Match",
+                description='"N": retry only at revision N',
+                schema_extra={"pattern": _REVISION_PATTERN},
+            ),
         ] = None,
         idempotency_key: Annotated[
-            str | None, HeaderParameter(name="Idempotency-Key", description="the event id")
+            str | None,
+            HeaderParameter(name="Idempotency-Key", description="the event id", schema_extra={"pattern": _KEY_PATTERN}),
         ] = None,
     ) -> Response[OperationResource]:
         return await _post(request, dashboard, "{name}:retry")  # only the literal path: InvalidKey (400)

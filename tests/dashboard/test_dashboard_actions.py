@@ -121,7 +121,8 @@ async def test_retry_needs_the_write_token_and_csrf(client: Client, dashboard_se
         token = await csrf_token(http)
         no_token = await http.post("/api/operations/t1:retry", json={"reason": "x"}, headers={"X-CSRFToken": token})
         assert no_token.status_code == 401
-        no_csrf = await http.post("/api/operations/t1:retry", json={"reason": "x"})
+        # the token as basic auth, which a browser sends by itself: CSRF still applies
+        no_csrf = await http.post("/api/operations/t1:retry", json={"reason": "x"}, auth=("ops", "secret-token"))
         assert no_csrf.status_code == 403
         page = await http.post(
             "/operations/t1/retry", data={"reason": "x", "_csrf_token": token}, headers={"HX-Request": "true"}
@@ -212,10 +213,9 @@ async def test_a_refused_job_is_a_400_and_creates_nothing(
         await running(client, f"b{i}")
     async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
         await eventually(lambda: app.state.dashboard is not None and len(state_of(app).index) == 4)
+        csrf = {"X-CSRFToken": await csrf_token(http)}  # no token configured: a bearer header would be no credential
         for dry_run in (True, False):
-            refused = await http.post(
-                "/api/jobs", json={**request_body, "dry_run": dry_run}, headers={"Authorization": "Bearer any"}
-            )
+            refused = await http.post("/api/jobs", json={**request_body, "dry_run": dry_run}, headers=csrf)
             assert refused.status_code == 400, refused.text
             assert message in refused.json()["error"]["message"]
         assert (await http.get("/api/jobs")).json() == {"jobs": []}

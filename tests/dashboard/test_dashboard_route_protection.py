@@ -47,7 +47,7 @@ def endpoints(app: Litestar) -> list[tuple[str, str]]:
 
 
 def concrete(path: str, op_id: str) -> str:
-    values = {"op_id": op_id, "name": op_id, "file_path": "dashboard.css", "path": "nothing"}
+    values = {"op_id": op_id, "name": op_id, "job_id": "nojob", "file_path": "dashboard.css", "path": "nothing"}
     return _PARAM.sub(lambda m: values[m.group(1)], path)
 
 
@@ -124,17 +124,17 @@ async def test_a_route_added_later_is_guarded_too(client: Client, dashboard_sett
     """The protections are app-level middleware, not a per-handler habit: a new write route gets them."""
     calls: list[str] = []
 
-    @post("/operations/{op_id:str}/retry", status_code=200)
-    async def retry(op_id: FromPath[str]) -> dict[str, str]:
+    @post("/operations/{op_id:str}/archive-again", status_code=200)
+    async def archive_again(op_id: FromPath[str]) -> dict[str, str]:
         calls.append(op_id)
-        return {"retried": op_id}
+        return {"archived again": op_id}
 
     app = create_app(replace(dashboard_settings, auth_token=TOKEN))
-    app.register(retry)
+    app.register(archive_again)
     async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
-        assert (await http.post("/operations/x/retry")).status_code == 401
-        assert (await http.post("/operations/x/retry", headers=BASIC)).status_code == 403  # CSRF
+        assert (await http.post("/operations/x/archive-again")).status_code == 401
+        assert (await http.post("/operations/x/archive-again", headers=BASIC)).status_code == 403  # CSRF
         csrf = (await http.get("/api/csrf")).json()["csrf_token"]
-        ok = await http.post("/operations/x/retry", headers={**BASIC, "X-CSRFToken": csrf})
+        ok = await http.post("/operations/x/archive-again", headers={**BASIC, "X-CSRFToken": csrf})
         assert ok.status_code == 200 and calls == ["x"]
-        assert_headers(ok, "POST /operations/x/retry")
+        assert_headers(ok, "POST /operations/x/archive-again")
