@@ -12,7 +12,6 @@ delivers them again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +24,7 @@ from archiver.store import ArchiveStore
 from kvstate.backoff import Backoff
 from kvstate.errors import KvstateError
 from kvstate.feed import FeedMessage
+from kvstate.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from archiver.batch import WriteBatch
@@ -119,9 +119,7 @@ class Writer:
 
     async def close(self) -> None:
         """Stop the writer (a write under way is cancelled; JetStream delivers its messages again)."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await self.task
+        await cancel_and_wait([self.task])
 
     async def _run(self) -> None:
         while True:

@@ -28,6 +28,7 @@ from litestar.response import ServerSentEventMessage
 
 from dashboard.index import OperationIndex
 from kvstate import Change, Client, CorruptValue, KvstateError, UnknownPipeline, Watcher
+from kvstate.tasks import cancel_and_wait
 
 __all__ = ["Broadcaster", "IndexFeed", "running"]
 
@@ -122,8 +123,7 @@ class Broadcaster:
                 except asyncio.QueueFull:
                     queue.get_nowait()  # make room: the stop matters more than a pending change
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task])
 
 
 class IndexFeed:
@@ -166,9 +166,7 @@ class IndexFeed:
 
     async def stop(self) -> None:
         """Stop watching (the client stops its watcher too when it closes)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
 
     @property
     def running(self) -> bool:

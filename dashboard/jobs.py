@@ -13,7 +13,6 @@ here with ``:resume`` or anywhere with ``kvstate jobs run ID``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from kvstate import (
     UnknownStage,
 )
 from kvstate.job_runner import runner_name
+from kvstate.tasks import cancel_and_wait
 
 __all__ = [
     "MAX_SAMPLE",
@@ -302,7 +302,4 @@ class JobSupervisor:
         if not tasks:
             return
         _, pending = await asyncio.wait(tasks, timeout=_STOP_WAIT)
-        for task in pending:  # a runner stuck on NATS: its lease expires and the job can be resumed
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(pending)  # a runner stuck on NATS: its lease expires and the job can be resumed

@@ -27,6 +27,7 @@ from kvstate.codec import decode_operation
 from kvstate.errors import ClientClosedError, CorruptValue, KvstateError
 from kvstate.keys import OPERATION_PREFIX, operation_id_from_key
 from kvstate.model import Operation
+from kvstate.tasks import cancel_and_wait
 
 __all__ = ["Change", "Watcher"]
 
@@ -225,8 +226,7 @@ class Watcher:
         if self._on_stop is not None:
             self._on_stop(self)
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
+            await cancel_and_wait([self._supervisor])
         if self._sub is not None and not self._store.nc.is_closed:
             # Not left for the inactivity threshold; but stopping never waits on the server
             # for long (asyncio.wait returns at its timeout, whatever the task does).
