@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import httpx
 import pytest
 from playwright.async_api import Page
 
@@ -66,7 +67,7 @@ CHECK_DOM = """
       if (name.startsWith("on")) problems.push(`${el.tagName} ${name}`);
       if ((name.startsWith("hx-") || name.startsWith("sse-") || name.startsWith("data-hx")) && !ownHx.includes(name))
         problems.push(`${el.tagName} ${name}`);
-      if ((name === "hx-get" || name === "hx-post") && !/^\\/(partials|operations)\\//.test(attr.value))
+      if ((name === "hx-get" || name === "hx-post") && !/^\\/(partials|operations|jobs)(\\/|$)/.test(attr.value))
         problems.push(`${el.tagName} ${name}=${attr.value}`);
       if (urlAttrs.includes(name) && /^(javascript|vbscript|data):/.test(value))
         problems.push(`${el.tagName} ${name}=${attr.value.slice(0, 60)}`);
@@ -136,9 +137,10 @@ async def write_payloads(client: Client) -> tuple[list[str], list[str]]:
     raw = json.loads((await client.raw(live[0]) or (0, b"{}"))[1])
     raw["stages"][PAYLOADS[0]] = {"status": "running", "worker": PAYLOADS[10]}
     raw["history"].append({"at": raw["created_at"], "to": PAYLOADS[54], "stage": PAYLOADS[11], "worker": PAYLOADS[63]})
-    await client.store.js.publish(client.store.subject(f"op.{live[0]}"), json.dumps(raw).encode())
-    await client.store.js.publish(client.store.subject("op.evilid"), json.dumps(dict(raw, id=PAYLOADS[0])).encode())
-    await client.store.js.publish(client.store.subject("op.rawvalue"), (PAYLOADS[0] + PAYLOADS[54]).encode())
+    store = client._open_store()
+    await store.js.publish(store.subject(f"op.{live[0]}"), json.dumps(raw).encode())
+    await store.js.publish(store.subject("op.evilid"), json.dumps(dict(raw, id=PAYLOADS[0])).encode())
+    await store.js.publish(store.subject("op.rawvalue"), (PAYLOADS[0] + PAYLOADS[54]).encode())
     return live, finished
 
 
@@ -200,6 +202,17 @@ async def test_no_payload_runs_or_reaches_the_dom_on_any_page(
         paths.append("/operations?meta=" + quote(f"k={payload}", safe=""))
         paths.append("/archive?pipeline=" + quote(payload, safe=""))
         paths.append("/operations/" + quote(payload, safe=""))
+    # a bulk job whose reason and actor are hostile: the job list and the job's page show them
+    async with httpx.AsyncClient(base_url=live_server, timeout=10) as http:
+        token = (await http.get("/api/csrf")).json()["csrf_token"]
+        created = await http.post(
+            "/api/jobs",
+            json={"filter": f"id={live[-1]}", "action": "cancel", "reason": PAYLOADS[54], "by": PAYLOADS[63][:64]},
+            headers={"X-CSRFToken": token},
+        )
+        assert created.status_code == 201, created.text
+    job_id = created.json()["id"]
+    paths += ["/jobs", f"/jobs/{job_id}"]
     shown: dict[str, dict[str, Any]] = {}
     for path in paths:
         shown[path] = await check(page, live_server + path, requests)
@@ -213,6 +226,7 @@ async def test_no_payload_runs_or_reaches_the_dom_on_any_page(
     assert PAYLOADS[0] in shown[f"/operations/{finished[0]}"]["text"]  # the first chunk, failed and archived
     assert all(op_id in shown["/archive"]["text"] for op_id in finished)
     assert shown["/operations/" + quote(PAYLOADS[0], safe="")]["status"] in (400, 404)
+    assert PAYLOADS[54] in shown[f"/jobs/{job_id}"]["text"] and shown["/jobs"]["status"] == 200
     assert dialogs == []
     csp = [line for line in console if "Content Security Policy" in line]
     assert csp == [], csp[:5]
