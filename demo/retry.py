@@ -23,6 +23,12 @@ OperationExists                            REJECT   the id holds other data
 RevisionMismatch                           REJECT   a conditional update's revision is gone for good:
                                                     re-read and decide again, do not resend it
 StaleUpdate                                STALE    not an error: the operation moved past this event
+PermissionDenied (and AuthenticationFailed) None    a broken setup, not a bad message: the NATS
+                                                    permissions refuse this service what it needs
+                                                    (docs/security.md); no try succeeds until an
+                                                    operator changes them, and dropping the message
+                                                    would lose the work, so it goes back with a
+                                                    back-off like any error of the setup
 anything else                              None     a bug or a broken setup: the caller decides
                                                     (the demo hands the message back and counts it)
 ========================================== ======== ==================================================

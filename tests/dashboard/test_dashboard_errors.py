@@ -34,6 +34,8 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "BucketError": (503, "UNAVAILABLE"),
     "BucketNotFound": (503, "UNAVAILABLE"),
     "ConnectionLostError": (503, "UNAVAILABLE"),
+    "PermissionDenied": (403, "PERMISSION_DENIED"),
+    "AuthenticationFailed": (503, "UNAVAILABLE"),
     "ValidationError": (400, "INVALID_ARGUMENT"),
     "InvalidKey": (400, "INVALID_ARGUMENT"),
     "UnknownStage": (400, "INVALID_ARGUMENT"),
@@ -72,6 +74,8 @@ SAMPLES: dict[str, Callable[[], Exception]] = {
     "StaleUpdate": lambda: kvstate_errors.StaleUpdate("a", "already cancelled"),
     "CorruptValue": lambda: kvstate_errors.CorruptValue("op.a", 7, "not json", b"{oops"),
     "WaitTimeout": lambda: kvstate_errors.WaitTimeout("a", 1.5, "running"),
+    "PermissionDenied": lambda: kvstate_errors.PermissionDenied("$kv.operations.pipeline.x", "publish"),
+    "AuthenticationFailed": lambda: kvstate_errors.AuthenticationFailed("authorization violation"),
     "InvalidPageToken": lambda: archiver_errors.InvalidPageToken("garbage", "not a token from this archive"),
     "BadQuery": lambda: dashboard_errors.BadQuery("status", "unknown status"),
 }
