@@ -3,6 +3,7 @@
 The public API is re-exported here; ``tests/test_public_api.py`` pins it.
 """
 
+from kvstate._connection import connect
 from kvstate._kv import BucketConfig
 from kvstate.client import Client, Revision
 from kvstate.derive import (
@@ -23,6 +24,7 @@ from kvstate.derive import (
     stuck_stages,
 )
 from kvstate.errors import (
+    AuthenticationFailed,
     BucketError,
     BucketNotFound,
     ClientClosedError,
@@ -37,6 +39,7 @@ from kvstate.errors import (
     KvstateError,
     OperationExists,
     OperationNotFound,
+    PermissionDenied,
     RevisionMismatch,
     ServerVersionError,
     StaleUpdate,
@@ -81,6 +84,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TERMINAL_STATUSES",
     "Attempt",
+    "AuthenticationFailed",
     "BucketConfig",
     "BucketError",
     "BucketNotFound",
@@ -111,6 +115,7 @@ __all__ = [
     "OperationExists",
     "OperationNotFound",
     "Outcome",
+    "PermissionDenied",
     "Pipeline",
     "Reopen",
     "Revision",
@@ -140,6 +145,7 @@ __all__ = [
     "__version__",
     "apply_event",
     "attempts",
+    "connect",
     "derive_status",
     "failed_stage",
     "failure_message",

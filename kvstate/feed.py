@@ -252,6 +252,10 @@ class ChangeFeed:
         if self._buffer is None:  # a stall guard's restart failed half-way
             await self.open()
         assert self._buffer is not None
+        denied, self._buffer.denied = self._buffer.denied, None
+        if denied is not None:  # raised once per refusal: the next fetch asks again
+            with nats_errors(self.name, bucket_known=True):
+                raise denied
         problem = self._buffer.problem
         if problem is not None:
             await self.open()

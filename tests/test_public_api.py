@@ -11,6 +11,7 @@ from kvstate import errors
 
 EXPECTED = {
     "Attempt",
+    "AuthenticationFailed",
     "BucketConfig",
     "BucketError",
     "BucketNotFound",
@@ -41,6 +42,7 @@ EXPECTED = {
     "OperationExists",
     "OperationNotFound",
     "Outcome",
+    "PermissionDenied",
     "Pipeline",
     "Reopen",
     "Revision",
@@ -70,6 +72,7 @@ EXPECTED = {
     "Watcher",
     "apply_event",
     "attempts",
+    "connect",
     "derive_status",
     "failed_stage",
     "failure_message",
