@@ -27,7 +27,7 @@ from archiver.runtime import freeze_heap
 from archiver.settings import ArchiverSettings
 from archiver.worker import Archiver
 from kvstate.errors import ConfigurationError, KvstateError, ValidationError
-from kvstate.settings import environ_with
+from kvstate.settings import environ_with, redact_url
 
 __all__ = ["main", "register", "register_archive"]
 
@@ -215,7 +215,8 @@ def _cmd_archive(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         sys.stderr.write(f"kvstate archive: {exc}\n")
         return 2
     except ArchiveUnavailable as exc:
-        sys.stderr.write(f"kvstate archive: cannot read the archive at {settings.database_url}: {exc}\n")
+        where = redact_url(settings.database_url)
+        sys.stderr.write(f"kvstate archive: cannot read the archive at {where}: {exc}\n")
         return 1
 
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 from kvstate.errors import ConfigurationError
-from kvstate.settings import Settings, env_value, positive_float, positive_int, tcp_port
+from kvstate.settings import Settings, env_value, positive_float, positive_int, redacted_repr, tcp_port
 
 __all__ = ["TRACE_ID_PLACEHOLDER", "DashboardSettings", "trace_url_problem"]
 
@@ -96,6 +96,8 @@ class DashboardSettings:
         "debounce": "DASHBOARD_DEBOUNCE",
         "trace_url": "DASHBOARD_TRACE_URL",
     }
+
+    __repr__ = redacted_repr  # no password of DATABASE_URL or NATS_URL, no token
 
     def __post_init__(self) -> None:
         if not 1 <= self.page_size <= 500:
