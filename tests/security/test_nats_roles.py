@@ -1,0 +1,344 @@
+"""Least privilege, as shipped: every role of deploy/nats/auth.conf does its job, and nothing else.
+
+A real nats-server with TLS and client certificates runs the shipped file itself (included
+by the test's configuration, the passwords in its environment). Each role connects the way a
+deployment would (``kvstate.Settings``: user, password, CA, client certificate, the role's
+inbox prefix) and does what it is for; what it is not for fails with ``PermissionDenied``,
+fast: the server's violation arrives in a round trip, far inside ``KVSTATE_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import msgspec
+import pytest
+
+from kvstate import Client, KvstateError, PermissionDenied, Pipeline, Settings, StageSpec
+from kvstate._connection import Connection, SubjectDenied
+from kvstate._kv import nats_errors
+from kvstate.service import WriteService
+
+RoleSettings = Callable[..., Settings]
+T = TypeVar("T")
+FAST = 2.0
+"""seconds within which a refusal must arrive (KVSTATE_TIMEOUT is 5 s, KVSTATE_DEADLINE 10 s)"""
+STREAM = "KV_operations"
+
+
+@contextlib.asynccontextmanager
+async def opened(settings: Settings, name: str) -> AsyncIterator[Client]:
+    async with Client(settings, name=name) as client:
+        yield client
+
+
+async def refused(call: Callable[[], Awaitable[object]], action: str, subject_part: str) -> PermissionDenied:
+    """``call()`` raises PermissionDenied for ``action`` on a subject containing ``subject_part``, within FAST."""
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied) as info:
+        await call()
+    elapsed = time.monotonic() - started
+    assert elapsed < FAST, f"refused only after {elapsed:.2f}s: a timeout, not the server's violation"
+    assert info.value.action == action
+    assert info.value.subject is not None and subject_part.lower() in info.value.subject, info.value.subject
+    return info.value
+
+
+async def raw(client: Client, call: Callable[[], Awaitable[T]]) -> T:
+    """A nats-py call outside kvstate's own paths, translated as kvstate translates its own."""
+    with nats_errors("raw", bucket_known=True):
+        return await call()
+
+
+def new_id() -> str:
+    return "sec" + uuid.uuid4().hex[:12]
+
+
+# ---------------------------------------------------------------- service
+
+
+async def test_service_creates_updates_and_reads_operations(role_settings: RoleSettings) -> None:
+    async with opened(role_settings("service"), "service") as service:
+        op = await service.create("orders", op_id=new_id(), metadata={"customer": 42})
+        await service.start(op.id, "ingest", worker="ingest-1")
+        result = await service.succeed(op.id, "ingest", worker="ingest-1", metadata={"bytes": 10})
+        assert result.operation.stages["ingest"].status.value == "succeeded"
+        assert (await service.get(op.id)).revision == result.revision
+        assert [p.name for p in await service.pipelines()] == ["orders"]  # a scan: an ordered consumer
+        waiting = asyncio.create_task(service.wait(op.id, timeout=10))  # a watch
+        await asyncio.sleep(0.2)
+        await service.cancel(op.id, reason="test")
+        assert (await waiting).status.value == "cancelled"
+
+
+async def test_service_may_not_write_a_pipeline(role_settings: RoleSettings) -> None:
+    other = Pipeline(name="evil", heartbeat_timeout=30.0, stages=(StageSpec(name="x"),))
+    async with opened(role_settings("service"), "service") as service:
+        denied = await refused(lambda: service.set_pipeline(other), "publish", "$kv.operations.pipeline.evil")
+        assert "pipeline.evil" in str(denied)
+        assert "evil" not in [p.name for p in await service.pipelines()]  # nothing was written
+        # nor remove one: a removal marker is a write of the key like any other
+        orders = await service.store.get("pipeline.orders")
+        assert orders is not None
+        [result] = await service.store.remove_many([("pipeline.orders", orders.revision)], marker_ttl=None)
+        assert isinstance(result, PermissionDenied) and "pipeline.orders" in (result.subject or "")
+
+
+async def test_service_may_not_open_a_change_feed_or_delete_the_archivers_consumer(role_settings: RoleSettings) -> None:
+    async with opened(role_settings("service"), "service") as service:
+        feed = service.feed("service-feed")
+        await refused(feed.open, "publish", "$js.api.consumer.create.kv_operations.service-feed")
+        js = service.store.js
+        await refused(lambda: raw(service, lambda: js.delete_consumer(STREAM, "archiver")), "publish", ".archiver")
+        await refused(lambda: raw(service, lambda: js.purge_stream(STREAM)), "publish", "stream.purge")
+
+
+async def test_service_cannot_read_another_roles_replies(role_settings: RoleSettings) -> None:
+    async with opened(role_settings("service"), "service") as service:
+        nc = service.store.nc
+        assert isinstance(nc, Connection)
+        await nc.subscribe("_INBOX_dashboard.>")
+        await nc.flush()  # the server answers the SUB before the PONG
+        assert nc.violations.last is not None
+        assert (nc.violations.last.action, nc.violations.last.subject) == ("subscribe", "_inbox_dashboard.>")
+
+
+async def test_a_role_on_the_shared_inbox_is_told_so_at_once(role_settings: RoleSettings) -> None:
+    """The deploy config gives each role its own inbox: a process left on _INBOX gets no reply at all."""
+    started = time.monotonic()
+    with pytest.raises(PermissionDenied) as info:
+        async with opened(role_settings("service", nats_inbox_prefix="_INBOX"), "service"):
+            pass
+    assert time.monotonic() - started < FAST
+    assert info.value.action == "subscribe" and (info.value.subject or "").startswith("_inbox.")
+    assert "NATS_INBOX_PREFIX" in str(info.value)
+
+
+# ---------------------------------------------------------------- writer (kvstate serve)
+
+
+async def test_writer_serves_a_service_that_only_sends_requests(role_settings: RoleSettings) -> None:
+    async with (
+        opened(role_settings("writer"), "writer") as writer,
+        WriteService(writer),
+        opened(role_settings("service"), "service") as service,
+    ):
+        nc = service.store.nc
+        created = await nc.request("kvstate.operations.create.orders", b"{}", timeout=5)
+        op_id = msgspec.json.decode(created.data)["operation"]["id"]
+        event = msgspec.json.encode({"type": "start", "stage": "ingest", "worker": "js-1"})
+        reply = await nc.request(f"kvstate.operations.apply.{op_id}", event, timeout=5)
+        assert reply.headers is not None and reply.headers["Kvstate-Status"] == "OK", reply.data
+        assert (await service.get(op_id)).stages["ingest"].status.value == "running"
+
+
+async def test_writer_may_not_write_a_pipeline(role_settings: RoleSettings) -> None:
+    other = Pipeline(name="evil", heartbeat_timeout=30.0, stages=(StageSpec(name="x"),))
+    async with opened(role_settings("writer"), "writer") as writer:
+        await refused(lambda: writer.set_pipeline(other), "publish", "pipeline.evil")
+
+
+# ---------------------------------------------------------------- archiver
+
+
+async def test_archiver_reads_its_feed_and_removes_keys(role_settings: RoleSettings) -> None:
+    async with opened(role_settings("operator"), "operator") as operator:
+        op = await operator.create("orders", op_id=new_id())
+        done = await operator.cancel(op.id, reason="finished for the archiver")
+    async with opened(role_settings("archiver"), "archiver") as archiver, archiver.feed("archiver") as feed:
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 10
+        while op.id not in seen and time.monotonic() < deadline:
+            for message in await feed.fetch(500, timeout=1.0):
+                seen[message.op_id] = message.revision
+                await message.ack()
+        assert seen.get(op.id) == done.revision
+        assert (await feed.live_revisions())[op.id] == done.revision  # the sweep's listing consumer
+        [removed] = await archiver.remove_many([(op.id, done.revision)], marker_ttl=60)
+        assert isinstance(removed, int), removed
+        deadline = time.monotonic() + 10
+        while (marker := seen.get(op.id)) != removed and time.monotonic() < deadline:
+            for message in await feed.fetch(500, timeout=1.0):  # the removal marker comes through the feed too
+                seen[message.op_id] = message.revision
+                await message.ack()
+        assert marker == removed
+        await archiver.store.nc.flush()
+        nc = archiver.store.nc
+        assert isinstance(nc, Connection) and nc.violations.last is None  # the acks got through:
+        info = await raw(archiver, lambda: archiver.store.js.consumer_info(STREAM, "archiver"))
+        assert info.ack_floor is not None and info.ack_floor.stream_seq >= removed  # (later ones may be prefetched)
+    async with opened(role_settings("operator"), "operator") as operator:
+        assert await operator.store.get(f"op.{op.id}") is None
+
+
+async def test_archiver_may_not_watch_or_write_a_pipeline(role_settings: RoleSettings) -> None:
+    other = Pipeline(name="evil", heartbeat_timeout=30.0, stages=(StageSpec(name="x"),))
+    async with opened(role_settings("archiver"), "archiver") as archiver:
+        await refused(lambda: archiver.set_pipeline(other), "publish", "pipeline.evil")
+
+        async def watch() -> None:
+            async with archiver.watch():
+                pass
+
+        await refused(watch, "publish", "$js.api.consumer.create.kv_operations")
+
+
+# ---------------------------------------------------------------- dashboard
+
+
+async def test_dashboard_reads_watches_and_cancels(role_settings: RoleSettings) -> None:
+    async with opened(role_settings("operator"), "operator") as operator:
+        op = await operator.create("orders", op_id=new_id())
+    async with opened(role_settings("dashboard"), "dashboard") as dashboard:
+        assert (await dashboard.get(op.id)).status.value == "pending"
+        async with dashboard.watch(op.id) as changes:
+            first = await asyncio.wait_for(anext(changes), 5)
+            assert first.initial and first.op_id == op.id
+            result = await dashboard.cancel(op.id, reason="from the dashboard")
+            assert result.operation.status.value == "cancelled"
+            change = await asyncio.wait_for(anext(changes), 5)
+            assert change.revision == result.revision
+        history = await dashboard.history(op.id)
+        assert history[-1].revision == result.revision
+
+
+async def test_dashboard_may_not_delete_the_bucket_the_archivers_consumer_or_pipelines(
+    role_settings: RoleSettings,
+) -> None:
+    other = Pipeline(name="evil", heartbeat_timeout=30.0, stages=(StageSpec(name="x"),))
+    async with opened(role_settings("dashboard"), "dashboard") as dashboard:
+        js = dashboard.store.js
+        await refused(lambda: dashboard.set_pipeline(other), "publish", "pipeline.evil")
+        await refused(lambda: raw(dashboard, lambda: js.delete_consumer(STREAM, "archiver")), "publish", ".archiver")
+        await refused(lambda: raw(dashboard, lambda: js.delete_stream(STREAM)), "publish", "stream.delete")
+        await refused(lambda: raw(dashboard, lambda: js.purge_stream(STREAM)), "publish", "stream.purge")
+        await refused(dashboard.feed("dashboard-feed").open, "publish", "consumer.create")
+        # still usable afterwards: the refusals failed those calls only
+        assert await dashboard.store.info()
+
+
+# ---------------------------------------------------------------- operator
+
+
+async def test_operator_stores_pipelines_and_manages_the_stream(role_settings: RoleSettings) -> None:
+    name = "p" + uuid.uuid4().hex[:8]
+    async with opened(role_settings("operator"), "operator") as operator:
+        await operator.set_pipeline(Pipeline(name=name, heartbeat_timeout=30.0, stages=(StageSpec(name="x"),)))
+        assert (await operator.refresh_pipeline(name)).name == name
+        info = await raw(operator, lambda: operator.store.js.consumers_info(STREAM))
+        assert isinstance(info, list)
+
+
+# ---------------------------------------------------------------- the mechanism
+
+
+async def test_a_refused_request_fails_with_the_subject_and_the_rest_of_the_connection_goes_on(
+    role_settings: RoleSettings,
+) -> None:
+    async with opened(role_settings("dashboard"), "dashboard") as dashboard:
+        nc = dashboard.store.nc
+        results = await asyncio.gather(
+            nc.request("$JS.API.STREAM.PURGE.KV_operations", b"", timeout=5),
+            nc.request("$JS.API.STREAM.INFO.KV_operations", b"", timeout=5),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], SubjectDenied) and results[0].subject == "$js.api.stream.purge.kv_operations"
+        assert not isinstance(results[1], BaseException)  # the allowed request, sent alongside, is answered
+
+
+async def test_a_violation_fails_the_waiting_request_but_a_cancel_of_the_callers_own_wins(
+    role_settings: RoleSettings,
+) -> None:
+    """The server's violation reaches a request by cancelling the task that waits on it: the
+    request then raises SubjectDenied, unless its caller cancelled it too (then it is cancelled)."""
+    async with opened(role_settings("dashboard"), "dashboard") as dashboard:
+        nc = dashboard.store.nc
+        assert isinstance(nc, Connection)
+        for also_cancelled in (False, True):
+            task = asyncio.create_task(nc.request("$KV.operations.op.unanswered", b"", timeout=5))
+            await asyncio.sleep(0)  # the task now waits inside the request; no reply can be read before we yield
+            if also_cancelled:
+                task.cancel()
+            nc.violations.report(SubjectDenied("publish", "$kv.operations.op.unanswered"))
+            if also_cancelled:
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(SubjectDenied):
+                    await task
+
+
+def test_every_kvstate_error_a_refusal_becomes_is_permission_denied() -> None:
+    with pytest.raises(PermissionDenied) as info, nats_errors("pipeline.x"):
+        raise SubjectDenied("publish", "$kv.operations.pipeline.x")
+    assert isinstance(info.value, KvstateError) and isinstance(info.value.__cause__, SubjectDenied)
+    assert info.value.subject == "$kv.operations.pipeline.x" and info.value.action == "publish"
+
+
+# ---------------------------------------------------------------- the real processes, each as its role
+
+
+async def test_the_archiver_archives_and_removes_as_the_archiver_role(
+    role_settings: RoleSettings, database_url: str
+) -> None:
+    from archiver.read import ArchiveReader
+    from archiver.settings import ArchiverSettings
+    from archiver.worker import Archiver
+
+    async with opened(role_settings("service"), "service") as service:
+        op = await service.create("orders", op_id=new_id())
+        done = await service.cancel(op.id, reason="archive me")
+    settings = ArchiverSettings(
+        kv=role_settings("archiver"),
+        database_url=database_url,
+        batch_timeout=0.05,
+        grace_period=0.0,
+        ack_wait=2.0,
+        metrics_port=0,
+    )
+    async with Archiver(settings) as archiver:
+        counts = await archiver.run(burst=True)
+    assert counts.archived >= 1 and counts.removed >= 1, counts
+    async with ArchiveReader.connect(database_url) as archive:
+        archived = await archive.get(op.id)
+    assert archived is not None and archived.revision == done.revision
+    async with opened(role_settings("dashboard"), "dashboard") as dashboard:
+        assert await dashboard.store.get(f"op.{op.id}") is None
+
+
+async def test_the_dashboard_shows_and_cancels_as_the_dashboard_role(role_settings: RoleSettings) -> None:
+    from litestar.testing import AsyncTestClient
+
+    from dashboard.app import create_app
+    from dashboard.settings import DashboardSettings
+
+    async with opened(role_settings("service"), "service") as service:
+        op = await service.create("orders", op_id=new_id())
+    token = "t" * 24
+    app = create_app(DashboardSettings(kv=role_settings("dashboard"), auth_token=token, secret="s" * 32))
+    async with AsyncTestClient(app=app, base_url="http://127.0.0.1") as http:
+        shown = await http.get(f"/api/operations/{op.id}")
+        assert shown.status_code == 200 and shown.json()["metadata"]["status"] == "pending"
+        cancelled = await http.post(
+            f"/api/operations/{op.id}:cancel", json={"reason": "ops"}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["metadata"]["status"] == "cancelled"
+
+
+async def test_the_demos_own_connection_is_kvstates(role_settings: RoleSettings) -> None:
+    from demo.errors import QueueError
+    from demo.queue import close, connect
+
+    nc = await connect(role_settings("operator"), "kvstate-demo")
+    try:
+        assert isinstance(nc, Connection) and nc.is_connected
+    finally:
+        await close(nc)
+    with pytest.raises(QueueError, match="refused the credentials"):
+        await connect(role_settings("operator", nats_password="wrong"), "kvstate-demo")
