@@ -349,3 +349,22 @@ async def test_the_demos_own_connection_is_kvstates(role_settings: RoleSettings)
         await close(nc)
     with pytest.raises(QueueError, match="refused the credentials"):
         await connect(role_settings("operator", nats_password="wrong"), "kvstate-demo")
+
+
+async def test_a_watch_of_more_than_the_flow_control_window_gets_everything(role_settings: RoleSettings) -> None:
+    """A push consumer stops after about 2 MB until its client answers flow control ($JS.FC): the read set allows it."""
+    tag = new_id()
+    async with opened(role_settings("service"), "service") as service:
+        ids = {
+            (await service.create("orders", op_id=f"{tag}{i}", metadata={"blob": "x" * 120_000})).id for i in range(40)
+        }
+    async with opened(role_settings("dashboard"), "dashboard") as dashboard, dashboard.watch() as changes:
+        seen: set[str] = set()
+        async with asyncio.timeout(20):
+            async for change in changes:
+                seen.add(change.op_id)
+                if change.last_initial:
+                    break
+        assert ids <= seen
+        nc = dashboard.store.nc
+        assert isinstance(nc, Connection) and nc.violations.last is None
