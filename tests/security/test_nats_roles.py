@@ -368,3 +368,52 @@ async def test_a_watch_of_more_than_the_flow_control_window_gets_everything(role
         assert ids <= seen
         nc = dashboard.store.nc
         assert isinstance(nc, Connection) and nc.violations.last is None
+
+
+async def test_the_feed_puts_back_what_a_watching_role_changed_in_the_archivers_consumer(
+    role_settings: RoleSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role allowed to create ephemeral consumers can update any consumer by naming it in the
+    legacy request's body, which no subject permission sees: the feed notices and restores it."""
+    import json
+
+    import kvstate.feed
+
+    monkeypatch.setattr(kvstate.feed, "_VERIFY_INTERVAL", 0.2)
+    async with opened(role_settings("archiver"), "archiver") as archiver, archiver.feed("archiver") as feed:
+        js = archiver.store.js
+        await feed.fetch(1000, timeout=0.3)
+        await asyncio.sleep(0.25)
+        await feed.fetch(1000, timeout=0.3)
+        assert feed.restorations == 0  # its own settings are left alone
+        tampering = {
+            "name": "archiver",
+            "deliver_policy": "all",
+            "ack_policy": "explicit",
+            "ack_wait": 1_000_000_000,
+            "filter_subject": "$KV.operations.op.nothing",
+            "inactive_threshold": 2_000_000_000,
+        }
+        async with opened(role_settings("service"), "service") as service:
+            body = json.dumps({"stream_name": STREAM, "config": tampering}).encode()
+            reply = await service.store.nc.request("$JS.API.CONSUMER.CREATE.KV_operations", body, timeout=5)
+            assert b'"error"' not in reply.data  # the server took it: the threat is real
+            op = await service.create("orders", op_id=new_id())
+        assert (await raw(archiver, lambda: js.consumer_info(STREAM, "archiver"))).config.filter_subject.endswith(
+            "nothing"
+        )
+        seen: set[str] = set()
+        deadline = time.monotonic() + 10
+        while op.id not in seen and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            for message in await feed.fetch(1000, timeout=0.3):
+                seen.add(message.op_id)
+                await message.ack()
+        assert feed.restorations == 1 and op.id in seen
+        config = (await raw(archiver, lambda: js.consumer_info(STREAM, "archiver"))).config
+        assert (config.durable_name, config.filter_subject, config.ack_wait) == (
+            "archiver",
+            "$KV.operations.op.>",
+            30.0,
+        )
+        assert not config.inactive_threshold  # a durable again, never deleted while the archivers are down
