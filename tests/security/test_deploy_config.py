@@ -121,7 +121,7 @@ async def test_the_shipped_server_on_the_scripts_certificates_serves_every_role(
             nats_inbox_prefix="_INBOX" if role == "operator" else f"_INBOX_{role}",
         )
         async with Client(settings, create_bucket=role == "operator", name=f"shipped-{role}") as client:
-            assert (await client.store.info()).config.name == "KV_operations"
+            assert (await client._open_store().info()).config.name == "KV_operations"
 
 
 def test_the_certificate_script_keeps_the_keys_private(certificates: Path) -> None:

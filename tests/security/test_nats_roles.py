@@ -83,9 +83,9 @@ async def test_service_may_not_write_a_pipeline(role_settings: RoleSettings) -> 
         assert "pipeline.evil" in str(denied)
         assert "evil" not in [p.name for p in await service.pipelines()]  # nothing was written
         # nor remove one: a removal marker is a write of the key like any other
-        orders = await service.store.get("pipeline.orders")
+        orders = await service._open_store().get("pipeline.orders")
         assert orders is not None
-        [result] = await service.store.remove_many([("pipeline.orders", orders.revision)], marker_ttl=None)
+        [result] = await service._open_store().remove_many([("pipeline.orders", orders.revision)], marker_ttl=None)
         assert isinstance(result, PermissionDenied) and "pipeline.orders" in (result.subject or "")
 
 
@@ -93,14 +93,14 @@ async def test_service_may_not_open_a_change_feed_or_delete_the_archivers_consum
     async with opened(role_settings("service"), "service") as service:
         feed = service.feed("service-feed")
         await refused(feed.open, "publish", "$js.api.consumer.create.kv_operations.service-feed")
-        js = service.store.js
+        js = service._open_store().js
         await refused(lambda: raw(service, lambda: js.delete_consumer(STREAM, "archiver")), "publish", ".archiver")
         await refused(lambda: raw(service, lambda: js.purge_stream(STREAM)), "publish", "stream.purge")
 
 
 async def test_service_cannot_read_another_roles_replies(role_settings: RoleSettings) -> None:
     async with opened(role_settings("service"), "service") as service:
-        nc = service.store.nc
+        nc = service._open_store().nc
         assert isinstance(nc, Connection)
         await nc.subscribe("_INBOX_dashboard.>")
         # Not nc.flush(): nats-py 2.16 writes its PING straight to the socket, ahead of the SUB
@@ -132,7 +132,7 @@ async def test_writer_serves_a_service_that_only_sends_requests(role_settings: R
         WriteService(writer),
         opened(role_settings("service"), "service") as service,
     ):
-        nc = service.store.nc
+        nc = service._open_store().nc
         created = await nc.request("kvstate.operations.create.orders", b"{}", timeout=5)
         op_id = msgspec.json.decode(created.data)["operation"]["id"]
         event = msgspec.json.encode({"type": "start", "stage": "ingest", "worker": "js-1"})
@@ -171,16 +171,16 @@ async def test_archiver_reads_its_feed_and_removes_keys(role_settings: RoleSetti
                 seen[message.op_id] = message.revision
                 await message.ack()
         assert marker == removed
-        nc = archiver.store.nc
+        nc = archiver._open_store().nc
         floor, deadline = 0, time.monotonic() + 5
         while floor < removed and time.monotonic() < deadline:  # the consumer takes acks in its own time
-            info = await raw(archiver, lambda: archiver.store.js.consumer_info(STREAM, "archiver"))
+            info = await raw(archiver, lambda: archiver._open_store().js.consumer_info(STREAM, "archiver"))
             floor = info.ack_floor.stream_seq if info.ack_floor is not None else 0
             await asyncio.sleep(0.05)
         assert floor >= removed  # the acks got through (later messages may sit prefetched, unacknowledged)
         assert isinstance(nc, Connection) and nc.violations.last is None
     async with opened(role_settings("operator"), "operator") as operator:
-        assert await operator.store.get(f"op.{op.id}") is None
+        assert await operator._open_store().get(f"op.{op.id}") is None
 
 
 async def test_archiver_may_not_watch_or_write_a_pipeline(role_settings: RoleSettings) -> None:
@@ -219,14 +219,14 @@ async def test_dashboard_may_not_delete_the_bucket_the_archivers_consumer_or_pip
 ) -> None:
     other = Pipeline(name="evil", heartbeat_timeout=30.0, stages=(StageSpec(name="x"),))
     async with opened(role_settings("dashboard"), "dashboard") as dashboard:
-        js = dashboard.store.js
+        js = dashboard._open_store().js
         await refused(lambda: dashboard.set_pipeline(other), "publish", "pipeline.evil")
         await refused(lambda: raw(dashboard, lambda: js.delete_consumer(STREAM, "archiver")), "publish", ".archiver")
         await refused(lambda: raw(dashboard, lambda: js.delete_stream(STREAM)), "publish", "stream.delete")
         await refused(lambda: raw(dashboard, lambda: js.purge_stream(STREAM)), "publish", "stream.purge")
         await refused(dashboard.feed("dashboard-feed").open, "publish", "consumer.create")
         # still usable afterwards: the refusals failed those calls only
-        assert await dashboard.store.info()
+        assert await dashboard._open_store().info()
 
 
 # ---------------------------------------------------------------- operator
@@ -237,7 +237,7 @@ async def test_operator_stores_pipelines_and_manages_the_stream(role_settings: R
     async with opened(role_settings("operator"), "operator") as operator:
         await operator.set_pipeline(Pipeline(name=name, heartbeat_timeout=30.0, stages=(StageSpec(name="x"),)))
         assert (await operator.refresh_pipeline(name)).name == name
-        info = await raw(operator, lambda: operator.store.js.consumers_info(STREAM))
+        info = await raw(operator, lambda: operator._open_store().js.consumers_info(STREAM))
         assert isinstance(info, list)
 
 
@@ -248,7 +248,7 @@ async def test_a_refused_request_fails_with_the_subject_and_the_rest_of_the_conn
     role_settings: RoleSettings,
 ) -> None:
     async with opened(role_settings("dashboard"), "dashboard") as dashboard:
-        nc = dashboard.store.nc
+        nc = dashboard._open_store().nc
         results = await asyncio.gather(
             nc.request("$JS.API.STREAM.PURGE.KV_operations", b"", timeout=5),
             nc.request("$JS.API.STREAM.INFO.KV_operations", b"", timeout=5),
@@ -264,7 +264,7 @@ async def test_a_violation_fails_the_waiting_request_but_a_cancel_of_the_callers
     """The server's violation reaches a request by cancelling the task that waits on it: the
     request then raises SubjectDenied, unless its caller cancelled it too (then it is cancelled)."""
     async with opened(role_settings("dashboard"), "dashboard") as dashboard:
-        nc = dashboard.store.nc
+        nc = dashboard._open_store().nc
         assert isinstance(nc, Connection)
         for also_cancelled in (False, True):
             task = asyncio.create_task(nc.request("$KV.operations.op.unanswered", b"", timeout=5))
@@ -315,7 +315,7 @@ async def test_the_archiver_archives_and_removes_as_the_archiver_role(
         archived = await archive.get(op.id)
     assert archived is not None and archived.revision == done.revision
     async with opened(role_settings("dashboard"), "dashboard") as dashboard:
-        assert await dashboard.store.get(f"op.{op.id}") is None
+        assert await dashboard._open_store().get(f"op.{op.id}") is None
 
 
 async def test_the_dashboard_shows_and_cancels_as_the_dashboard_role(role_settings: RoleSettings) -> None:
@@ -366,7 +366,7 @@ async def test_a_watch_of_more_than_the_flow_control_window_gets_everything(role
                 if change.last_initial:
                     break
         assert ids <= seen
-        nc = dashboard.store.nc
+        nc = dashboard._open_store().nc
         assert isinstance(nc, Connection) and nc.violations.last is None
 
 
@@ -381,7 +381,7 @@ async def test_the_feed_puts_back_what_a_watching_role_changed_in_the_archivers_
 
     monkeypatch.setattr(kvstate.feed, "_VERIFY_INTERVAL", 0.2)
     async with opened(role_settings("archiver"), "archiver") as archiver, archiver.feed("archiver") as feed:
-        js = archiver.store.js
+        js = archiver._open_store().js
         await feed.fetch(1000, timeout=0.3)
         await asyncio.sleep(0.25)
         await feed.fetch(1000, timeout=0.3)
@@ -396,7 +396,7 @@ async def test_the_feed_puts_back_what_a_watching_role_changed_in_the_archivers_
         }
         async with opened(role_settings("service"), "service") as service:
             body = json.dumps({"stream_name": STREAM, "config": tampering}).encode()
-            reply = await service.store.nc.request("$JS.API.CONSUMER.CREATE.KV_operations", body, timeout=5)
+            reply = await service._open_store().nc.request("$JS.API.CONSUMER.CREATE.KV_operations", body, timeout=5)
             assert b'"error"' not in reply.data  # the server took it: the threat is real
             op = await service.create("orders", op_id=new_id())
         assert (await raw(archiver, lambda: js.consumer_info(STREAM, "archiver"))).config.filter_subject.endswith(
