@@ -450,8 +450,9 @@ _CREDS_SECTION = re.compile(rb"-{3,}\s*BEGIN ([A-Z ]+?)\s*-{3,}\r?\n\s*(\S+)")
 def _check_creds(path: Path) -> None:
     """A credentials file holds a user JWT and a user nkey seed, each in its armoured section.
 
-    nats-py reads the JWT line by line until it finds its section, with no end: a file
-    without one would hang the connection, so it is refused here with the reason.
+    nats-py 2.16 reads the JWT line by line until it finds its section, with no end at the
+    end of the file, synchronously in the event loop: a file with a seed and no JWT hangs
+    the whole process (checked), so such a file is refused here with the reason.
     """
     sections = {name.decode(): value for name, value in _CREDS_SECTION.findall(path.read_bytes())}
     jwt = sections.get("NATS USER JWT")

@@ -24,6 +24,7 @@ from kvstate.cli import main as kvstate_main
 from kvstate.settings import redact_url
 
 SECRET = "hunter2-s3cr3t"
+_SEED = "SUAJ7TU3HYJ3JCZMT3M7QV3JTLFDXAFBZRUKTHX2XNY3DURYWJ3ZRJ4NGA"  # a syntactically valid user seed, used nowhere
 
 
 # ---------------------------------------------------------------- redact_url
@@ -111,6 +112,8 @@ def test_an_unreadable_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ("content", "message"),
     [
         ("nothing here\n", "no -----BEGIN NATS USER JWT----- section"),
+        # a seed and no JWT: nats-py 2.16 would read the file for a JWT forever, inside the event loop
+        (f"-----BEGIN USER NKEY SEED-----\n{_SEED}\n------END USER NKEY SEED------\n", "no -----BEGIN NATS USER JWT"),
         ("-----BEGIN NATS USER JWT-----\nhead.@@@.sig\n------END NATS USER JWT------\n", "claims that are not"),
         ("-----BEGIN NATS USER JWT-----\nhead.e30.sig\n------END NATS USER JWT------\n", "is not a user JWT"),
         ("-----BEGIN NATS USER JWT-----\nabc\n------END NATS USER JWT------\n", "three dot-separated parts"),
