@@ -67,6 +67,10 @@ class SubjectDenied(nats.errors.Error):
     def __str__(self) -> str:
         return str(self.args[0])
 
+    def again(self) -> SubjectDenied:
+        """A fresh instance to raise: one violation may fail several waiting calls, each with its own traceback."""
+        return SubjectDenied(self.action, self.subject, self.hint)
+
 
 class TLSNotOffered(nats.errors.Error):
     """The settings ask for TLS and the server offers none: nothing, credentials least of all, is sent."""
@@ -159,7 +163,7 @@ class Connection(NATS):
         """nats-py's request, raising SubjectDenied as soon as the server refuses ``subject``."""
         tracked = self.violations
         if tracked.inbox_denied is not None:
-            raise tracked.inbox_denied
+            raise tracked.inbox_denied.again()
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - nats-py requests need a running task anyway
             return await super().request(subject, payload, timeout, old_style, headers)
@@ -175,7 +179,7 @@ class Connection(NATS):
             return await super().request(subject, payload, timeout, old_style, headers)
         except asyncio.CancelledError:
             if caught and task.uncancel() == 0:  # our cancel, and no one else's pending
-                raise caught[0] from None
+                raise caught[0].again() from None
             raise
         finally:
             unwatch()
