@@ -56,7 +56,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="session")
 def role_passwords() -> dict[str, str]:
-    return {role: secrets.token_urlsafe(18) for role in ROLES}
+    # nats-server parses an environment variable's value as a configuration value: a
+    # token_urlsafe password such as "10k..." or "2026-..." stopped it (docs/security.md)
+    return {role: "pw" + secrets.token_hex(16) for role in ROLES}
 
 
 @pytest.fixture(scope="session")
