@@ -23,7 +23,6 @@ from typing import Any
 import msgspec
 
 from archiver import runtime
-from archiver._pg import shown_dsn
 from archiver.errors import ArchiveUnavailable, InvalidQuery
 from archiver.read import TERMINAL_STATUSES, ArchivedOperation, ArchivePage, ArchiveReader, redrive
 from archiver.runtime import freeze_heap
@@ -38,7 +37,7 @@ from kvstate.errors import (
     OperationNotFound,
     ValidationError,
 )
-from kvstate.settings import Settings, environ_with
+from kvstate.settings import Settings, environ_with, redact_url
 
 __all__ = ["main", "register", "register_archive"]
 
@@ -250,7 +249,8 @@ def _cmd_archive(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         sys.stderr.write(f"kvstate archive: {exc}\n")
         return 1
     except ArchiveUnavailable as exc:
-        sys.stderr.write(f"kvstate archive: cannot read the archive at {shown_dsn(settings.database_url)}: {exc}\n")
+        where = redact_url(settings.database_url)
+        sys.stderr.write(f"kvstate archive: cannot read the archive at {where}: {exc}\n")
         return 1
     except KvstateError as exc:
         sys.stderr.write(f"kvstate archive: {exc}\n")

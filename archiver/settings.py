@@ -20,6 +20,7 @@ from kvstate.settings import (
     non_negative_float,
     positive_float,
     positive_int,
+    redacted_repr,
     setting,
     tcp_port,
 )
@@ -110,6 +111,8 @@ class ArchiverSettings:
         "seconds with messages waiting (pending or unacknowledged) and no commit or ack before /healthz "
         "reports `stalled` (503); the consumer's stall guard acts after a third of it",
     )
+
+    __repr__ = redacted_repr  # no password of DATABASE_URL or NATS_URL, no token
 
     def __post_init__(self) -> None:
         if self.batch_size > 10_000:

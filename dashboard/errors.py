@@ -6,7 +6,8 @@
 
 ``ERROR_STATUS`` names the answer to every class of ``kvstate.errors``, ``archiver.errors``
 (what ``archiver.read`` raises) and the tree above: 400 for input the caller can fix, 404
-for an operation that is not there, 409 for a conflict, a forbidden transition, an id
+for an operation that is not there, 403 when the dashboard's NATS permissions refuse the
+change, 409 for a conflict, a forbidden transition, an id
 that exists or a stale event, 412 for a conditional update that found another
 revision, 413 for a value too large, 503 with Retry-After while NATS,
 the bucket or the archive cannot be used, 504 for a wait that timed out, and 500 for
@@ -125,6 +126,11 @@ ERROR_STATUS: dict[type[Exception], ErrorStatus] = {
     kvstate_errors.BucketError: _BUCKET,
     kvstate_errors.BucketNotFound: _BUCKET,
     kvstate_errors.ConnectionLostError: _NATS,
+    # the dashboard's NATS user may not do this (docs/security.md): no retry helps
+    kvstate_errors.PermissionDenied: ErrorStatus(
+        403, "Permission denied", "The dashboard's NATS user is not allowed to do this ({exc})."
+    ),
+    kvstate_errors.AuthenticationFailed: _NATS,  # NATS refused the dashboard's own credentials
     kvstate_errors.ValidationError: _BAD_REQUEST,
     kvstate_errors.InvalidKey: _BAD_REQUEST,
     kvstate_errors.UnknownStage: _BAD_REQUEST,

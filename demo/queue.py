@@ -12,7 +12,6 @@ happened carries new ids and meets the state machine's attempt checks (``stale``
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -26,8 +25,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+import kvstate
 from demo.errors import QueueError
-from kvstate import Settings
+from kvstate import KvstateError, Settings
 
 __all__ = ["WorkConsumer", "WorkItem", "WorkMessage", "WorkQueue", "close", "connect", "now"]
 
@@ -220,30 +220,17 @@ def now() -> float:
 
 
 async def connect(settings: Settings, name: str) -> NATS:
-    """A NATS connection that reconnects forever once up; QueueError when the first connect fails."""
+    """The demo's own NATS connection (its work queue shares it with the kvstate client), opened
+    by ``kvstate.connect``: the same credentials and TLS as every kvstate process, reconnecting
+    forever once up. QueueError when the first connect fails."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("NATS error: %s", exc)
 
-    nc = NATS()
     try:
-        # Unlimited reconnects make nats-py retry the first connect forever: bound it.
-        await asyncio.wait_for(
-            nc.connect(
-                servers=settings.servers,
-                name=name,
-                connect_timeout=max(1, int(settings.timeout)),
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                error_cb=on_error,
-            ),
-            timeout=settings.timeout,
-        )
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        await nc.close()
-        raise QueueError(f"cannot connect to NATS at {settings.nats_url}: {exc!r}") from exc
-    return nc
+        return await kvstate.connect(settings, name=name, error_cb=on_error)
+    except KvstateError as exc:
+        raise QueueError(str(exc)) from exc
 
 
 async def close(nc: NATS) -> None:

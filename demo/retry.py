@@ -26,6 +26,12 @@ StaleUpdate                                STALE    not an error: the operation 
 JobNotFound, JobFinished                   REJECT   bulk jobs: no such job, or it ended
 JobBusy                                    RETRY    another runner holds the job's lease; it ends
                                                     or expires
+PermissionDenied (and AuthenticationFailed) None    a broken setup, not a bad message: the NATS
+                                                    permissions refuse this service what it needs
+                                                    (docs/security.md); no try succeeds until an
+                                                    operator changes them, and dropping the message
+                                                    would lose the work, so it goes back with a
+                                                    back-off like any error of the setup
 anything else                              None     a bug or a broken setup: the caller decides
                                                     (the demo hands the message back and counts it)
 ========================================== ======== ==================================================

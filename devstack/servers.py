@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -184,6 +184,11 @@ class NatsServer(_ServerProcess):
     ``cluster_port`` makes it a node of a JetStream cluster (named ``cluster_name``, this
     node ``server_name``) that routes to the nodes listening on ``routes`` (their cluster
     ports, all on 127.0.0.1).
+
+    ``extra_config`` is appended to the configuration as it is (a ``tls`` block, an
+    ``include`` of deploy/nats/auth.conf, ...); ``environment`` is added to the server's
+    environment, for the ``$VARIABLE`` references of such a configuration. The
+    configuration file is readable by its owner only: it may hold secrets then.
     """
 
     def __init__(
@@ -199,9 +204,13 @@ class NatsServer(_ServerProcess):
         cluster_name: str = "kvstate",
         cluster_port: int | None = None,
         routes: Sequence[int] = (),
+        extra_config: str = "",
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.port = port
+        self.extra_config = extra_config
+        self.environment = dict(environment or {})
         self.die_with_parent = die_with_parent
         self.server_name = server_name
         self.cluster_name = cluster_name
@@ -246,20 +255,27 @@ class NatsServer(_ServerProcess):
                 f"  routes: [{routes}]",
                 "}",
             ]
-        self.config_path.write_text("\n".join(lines) + "\n")
+        if self.extra_config:
+            lines.append(self.extra_config)
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left by an earlier version keeps its mode otherwise
+        with os.fdopen(fd, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 20.0) -> Self:
         """Start the server and wait until it reports ready; the port is kept for restarts."""
         self.write_config()
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.config_path), "-l", str(self.log_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=parent_death_signal(signal.SIGTERM) if self.die_with_parent else None,
-        )
+        with open(self.log_path, "ab") as early:  # a configuration error goes to stderr, before the log opens
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.config_path), "-l", str(self.log_path)],
+                env={**os.environ, **self.environment} if self.environment else None,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=early,
+                start_new_session=True,
+                preexec_fn=parent_death_signal(signal.SIGTERM) if self.die_with_parent else None,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")[offset:] if self.log_path.exists() else ""

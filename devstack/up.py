@@ -12,7 +12,8 @@ reverse order (SIGTERM, then SIGKILL after a grace period), then the servers. Th
 folder keeps the data, so running it again carries on where it stopped.
 
 Child logs go to ``$KVSTATE_STATE_DIR/logs/``; the demo's progress line stays on the
-terminal. ``$KVSTATE_STATE_DIR/stack.json`` lists every pid while the stack runs.
+terminal. ``$KVSTATE_STATE_DIR/stack.json`` lists every pid while the stack runs (mode 0600,
+with the passwords of NATS_URL and DATABASE_URL masked, as everything ``kvstate up`` prints).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from devstack.pgauth import load_passwords, without_password
 from devstack.pgroles import ARCHIVER_ROLE, DASHBOARD_ROLE, provision
 from devstack.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
 from kvstate import Client, KvstateError, Settings
-from kvstate.settings import environ_with, from_environ, setting, setting_specs
+from kvstate.settings import environ_with, from_environ, redact_url, redacted_repr, setting, setting_specs
 
 __all__ = ["StackSettings", "register"]
 
@@ -121,6 +122,8 @@ class StackSettings:
     dashboard_port: int = setting("DASHBOARD_PORT", 8000, _port, "port the dashboard listens on")
     dashboard_port_fixed: bool = field(default=False, compare=False)
     """True when DASHBOARD_PORT was set: then a taken port is an error, not a reason to pick another"""
+
+    __repr__ = redacted_repr  # no password of DATABASE_URL or NATS_URL, no token
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> StackSettings:
@@ -378,8 +381,8 @@ class Stack:
         data = {
             "pid": os.getpid(),
             "dashboard": self.dashboard_url(env),
-            "nats_url": env["NATS_URL"],
-            "database_url": env["DATABASE_URL"],
+            "nats_url": redact_url(env["NATS_URL"]),
+            "database_url": redact_url(env["DATABASE_URL"]),
             "children": {child.name: child.proc.pid for child in self.children},
             "servers": {
                 name: server.proc.pid
@@ -387,8 +390,7 @@ class Stack:
                 if server is not None and server.proc is not None
             },
         }
-        path = self.state_dir / "stack.json"
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        _write_private(self.state_dir / "stack.json", json.dumps(data, indent=2) + "\n")
 
     def dashboard_url(self, env: Mapping[str, str]) -> str:
         """Where a browser reaches the dashboard."""
@@ -403,7 +405,7 @@ class Stack:
             "",
             "kvstate is up",
             f"  dashboard  {self.dashboard_url(env)}",
-            f"  nats       {env['NATS_URL']}  ({nats_where})",
+            f"  nats       {redact_url(env['NATS_URL'])}  ({nats_where})",
             f"  postgres   {without_password(env['DATABASE_URL'])}  ({pg_where})",
             f"  metrics    {self.dashboard_url(env)}metrics (dashboard)"
             + (
@@ -464,6 +466,20 @@ class Stack:
 async def _store_pipeline(settings: Settings) -> None:
     async with Client(settings, create_bucket=True, name="kvstate-up") as client:
         await client.set_pipeline(load_pipeline())
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable and writable by this user only from the moment it exists.
+
+    Created under another name with mode 0600 (never world-readable, whatever the umask) and
+    renamed over ``path``, so a reader sees the old file or the whole new one.
+    """
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(staging, path)
 
 
 def _port_free(port: int) -> bool:

@@ -3,6 +3,7 @@
 The public API is re-exported here; ``tests/test_public_api.py`` pins it.
 """
 
+from kvstate._connection import connect
 from kvstate._kv import BucketConfig
 from kvstate.client import Client, Revision
 from kvstate.derive import (
@@ -24,6 +25,7 @@ from kvstate.derive import (
     stuck_stages,
 )
 from kvstate.errors import (
+    AuthenticationFailed,
     BucketError,
     BucketNotFound,
     ClientClosedError,
@@ -44,6 +46,7 @@ from kvstate.errors import (
     NotRetryable,
     OperationExists,
     OperationNotFound,
+    PermissionDenied,
     RevisionMismatch,
     ServerVersionError,
     StaleUpdate,
@@ -95,6 +98,7 @@ __all__ = [
     "Action",
     "ActionKind",
     "Attempt",
+    "AuthenticationFailed",
     "BucketConfig",
     "BucketError",
     "BucketInfo",
@@ -137,6 +141,7 @@ __all__ = [
     "OperationExists",
     "OperationNotFound",
     "Outcome",
+    "PermissionDenied",
     "Pipeline",
     "Reopen",
     "Revision",
@@ -166,6 +171,7 @@ __all__ = [
     "__version__",
     "apply_event",
     "attempts",
+    "connect",
     "derive_status",
     "failed_stage",
     "failure_message",

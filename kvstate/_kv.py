@@ -30,13 +30,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
+from kvstate._connection import SubjectDenied, TLSNotOffered, violations
 from kvstate.backoff import Backoff
 from kvstate.errors import (
+    AuthenticationFailed,
     BucketError,
     BucketNotFound,
     ConflictError,
     ConnectionLostError,
     KvstateError,
+    PermissionDenied,
     ValueTooLarge,
 )
 
@@ -117,22 +120,22 @@ def nats_errors(key: str = "", last: int | None = None, *, bucket_known: bool = 
     """Re-raise nats errors raised inside the block as kvstate errors, the original as cause.
 
     With ``bucket_known`` (the bucket was open), "no responders" is a ConnectionLostError:
-    a stream without a leader for a while, not a missing bucket.
+    a stream without a leader for a while, not a missing bucket. A subject the server's
+    permissions refuse is a PermissionDenied (``kvstate._connection`` raises it as soon as
+    the server says so, instead of the timeout the dropped request would end in).
     """
     try:
         yield
+    except SubjectDenied as exc:
+        raise PermissionDenied(exc.subject, exc.action, exc.hint or (f"for {key!r}" if key else "")) from exc
+    except nats.errors.AuthorizationError as exc:
+        raise AuthenticationFailed(f"the server refused the credentials: {exc}") from exc
+    except TLSNotOffered as exc:
+        raise ConnectionLostError(str(exc)) from exc
     except nats.js.errors.KeyWrongLastSequenceError as exc:
         raise ConflictError(key, last, 1) from exc
     except nats.js.errors.APIError as exc:
-        if exc.err_code in CONFLICT_CODES:
-            raise ConflictError(key, last, 1) from exc
-        if exc.err_code == _MESSAGE_TOO_LARGE:
-            raise ValueTooLarge(key, -1, -1, "the stream (its max message size)") from exc
-        if exc.err_code == _STREAM_NOT_FOUND:
-            raise BucketError(f"the bucket's stream is missing ({exc.description}); run `kvstate bucket init`") from exc
-        if isinstance(exc, nats.js.errors.ServiceUnavailableError):
-            raise ConnectionLostError(f"JetStream unavailable: {exc.description}") from exc
-        raise KvstateError(f"JetStream error {exc.err_code}: {exc.description}") from exc
+        raise _api_error(exc, key, last) from exc
     except nats.js.errors.NoStreamResponseError as exc:
         if bucket_known:
             raise ConnectionLostError(f"no stream leader answered for {key!r} (a leader election?)") from exc
@@ -157,6 +160,19 @@ def nats_errors(key: str = "", last: int | None = None, *, bucket_known: bool = 
         raise ValueTooLarge(key, -1, -1, "the server (its max_payload)") from exc
     except nats.errors.Error as exc:  # anything else nats-py raises still leaves as a kvstate error
         raise KvstateError(f"NATS error on {key!r}: {exc}") from exc
+
+
+def _api_error(exc: nats.js.errors.APIError, key: str, last: int | None) -> KvstateError:
+    """The kvstate error a JetStream API error stands for (``nats_errors``)."""
+    if exc.err_code in CONFLICT_CODES:
+        return ConflictError(key, last, 1)
+    if exc.err_code == _MESSAGE_TOO_LARGE:
+        return ValueTooLarge(key, -1, -1, "the stream (its max message size)")
+    if exc.err_code == _STREAM_NOT_FOUND:
+        return BucketError(f"the bucket's stream is missing ({exc.description}); run `kvstate bucket init`")
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return ConnectionLostError(f"JetStream unavailable: {exc.description}")
+    return KvstateError(f"JetStream error {exc.err_code}: {exc.description}")
 
 
 class KvStore:
@@ -323,8 +339,25 @@ class KvStore:
                 if not waiting:
                     all_answered.set()
 
+        def on_denied(denied: SubjectDenied) -> None:
+            # The server drops a removal it refuses: no ack will come, fail it now.
+            nonlocal waiting
+            for index in positions.get(denied.subject, ()):
+                if results[index] is None:
+                    results[index] = _translated(denied, items[index][0])
+                    waiting -= 1
+            if not waiting:
+                all_answered.set()
+
         with nats_errors("remove", bucket_known=True):
             sub = await self.nc.subscribe(inbox + ".*", cb=on_ack)
+        positions: dict[str, list[int]] = {}
+        tracked = violations(self.nc)
+        unwatch: Callable[[], None] | None = None
+        if tracked is not None:
+            for index, (key, _) in enumerate(items):
+                positions.setdefault((self._prefix + key).lower(), []).append(index)
+            unwatch = tracked.watch_prefix(self._prefix, on_denied)
         unanswered: KvstateError = ConnectionLostError(f"NATS did not acknowledge a removal within {self.timeout:g}s")
         try:
             publish, prefix = self.nc.publish, self._prefix
@@ -339,6 +372,8 @@ class KvStore:
                 async with asyncio.timeout(self.timeout):
                     await all_answered.wait()
         finally:
+            if unwatch is not None:
+                unwatch()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         return [unanswered if result is None else result for result in results]

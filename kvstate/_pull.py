@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
+from kvstate._connection import SubjectDenied, violations
 from kvstate._kv import KvStore, nats_errors
 
 __all__ = ["PULL_GRACE", "PullBuffer", "ack_tokens"]
@@ -68,6 +70,9 @@ class PullBuffer:
         """loop time after which the outstanding request counts as lost"""
         self.problem: str | None = None
         """why the consumer cannot deliver (deleted, missing), when the server said so"""
+        self.denied: SubjectDenied | None = None
+        """a pull request or an acknowledgement of this consumer the server's permissions refused"""
+        self._unwatch: list[Callable[[], None]] = []
 
     async def start(self) -> None:
         """Subscribe for deliveries (once) and forget any request in flight."""
@@ -81,7 +86,26 @@ class PullBuffer:
                     pending_msgs_limit=_PENDING_LIMIT,
                     pending_bytes_limit=_PENDING_BYTES_LIMIT,
                 )
+            tracked = violations(nc)
+            if tracked is not None:
+                self._unwatch = [
+                    tracked.watch(self._next_subject, self._refused),
+                    tracked.watch_prefix(_ACK_PREFIX, self._refused_ack),
+                ]
         self._request, self._owed, self.problem = 0, 0, None
+
+    def _refused(self, denied: SubjectDenied) -> None:
+        # The server dropped the pull request: nothing will be delivered for it.
+        self.denied = denied
+        self._request = 0
+        self._arrived.set()
+
+    def _refused_ack(self, denied: SubjectDenied) -> None:
+        tokens, base = ack_tokens(denied.subject)
+        stream, consumer = self._store.config.stream.lower(), self._consumer.lower()
+        if len(tokens) > base + 1 and (tokens[base], tokens[base + 1]) == (stream, consumer):
+            self.denied = denied  # acks dropped: every message would come back after ack_wait
+            self._arrived.set()
 
     async def take(self, batch: int, timeout: float) -> list[Msg]:
         """Up to ``batch`` messages: those buffered now, else the first to arrive within ``timeout`` (else none)."""
@@ -102,6 +126,9 @@ class PullBuffer:
         """Unsubscribe; what is still buffered is dropped (JetStream delivers unacknowledged messages again)."""
         sub, self._sub = self._sub, None
         self._buffer.clear()
+        unwatch, self._unwatch = self._unwatch, []
+        for stop_watching in unwatch:
+            stop_watching()
         if sub is not None:
             try:
                 with nats_errors(self._consumer):

@@ -31,7 +31,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from kvstate._committer import GroupCommitter, Mutation, RevisionCache
-from kvstate._connection import Connection
+from kvstate._connection import connect
 from kvstate._kv import BucketConfig, KvStore, nats_errors
 from kvstate._time import new_ulid, utcnow
 from kvstate.backoff import Backoff
@@ -116,7 +116,9 @@ class Client:
     """Async client for operation state in a NATS KV bucket.
 
     Use it as an async context manager; it refuses use before ``__aenter__`` and after
-    ``__aexit__``. Pass ``nc`` to reuse a NATS connection you own (it is then not closed).
+    ``__aexit__``. Pass ``nc`` to reuse a NATS connection you own (it is then not closed);
+    open it with ``kvstate.connect(settings)``, so that what the server's permissions refuse
+    raises PermissionDenied at once (on another connection it only times out).
     ``create_bucket=True`` creates the bucket when it is missing (otherwise BucketError).
     ``metrics`` (``kvstate.metrics.ClientMetrics``) counts updates for Prometheus.
     """
@@ -218,28 +220,13 @@ class Client:
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
 
-        nc = Connection()
-        try:
-            # nats-py retries the first connection forever when reconnects are unlimited,
-            # so the initial attempt gets a deadline of its own.
-            await asyncio.wait_for(
-                nc.connect(
-                    servers=self.settings.servers,
-                    name=self._name,
-                    connect_timeout=max(1, int(self.settings.timeout)),
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=1,
-                    allow_reconnect=True,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=on_reconnect,
-                ),
-                timeout=self.settings.timeout,
-            )
-        except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
-            await nc.close()
-            raise ConnectionLostError(f"cannot connect to NATS at {self.settings.nats_url}: {exc!r}") from exc
-        return nc
+        return await connect(
+            self.settings,
+            name=self._name,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
 
     @staticmethod
     def _check_server_version(nc: NATS) -> None:

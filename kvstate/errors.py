@@ -7,6 +7,8 @@
     ├── BucketError                   the bucket is missing or misconfigured
     │   └── BucketNotFound            the bucket does not exist (yet)
     ├── ConnectionLostError           NATS could not be reached in time
+    ├── PermissionDenied              NATS refused this user a subject (a permissions violation)
+    │   └── AuthenticationFailed      NATS refused the connection's credentials or certificate
     ├── ValidationError               input rejected before anything was written
     │   ├── InvalidKey                an id or key that NATS cannot store
     │   ├── UnknownStage              a stage the pipeline does not define
@@ -36,6 +38,7 @@ original chained as `__cause__`.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationFailed",
     "BucketError",
     "BucketNotFound",
     "ClientClosedError",
@@ -56,6 +59,7 @@ __all__ = [
     "NotRetryable",
     "OperationExists",
     "OperationNotFound",
+    "PermissionDenied",
     "RevisionMismatch",
     "ServerVersionError",
     "StaleUpdate",
@@ -99,6 +103,32 @@ class BucketNotFound(BucketError):
 
 class ConnectionLostError(KvstateError):
     """NATS did not answer in time (no responders, timeout, connection closed)."""
+
+
+class PermissionDenied(KvstateError):
+    """NATS refused this connection's user a subject: the server's permissions forbid it (docs/security.md)."""
+
+    def __init__(self, subject: str | None, action: str, detail: str = "") -> None:
+        self.subject = subject
+        """the subject the server named (lower-cased, as nats-py reports it), None when it named none"""
+        self.action = action
+        """what was refused: ``publish``, ``subscribe`` or ``connect``"""
+        self.detail = detail
+        """the server's words"""
+        if subject is None:
+            message = f"NATS refused to {action}: {detail}" if detail else f"NATS refused to {action}"
+        else:
+            message = f"NATS denies this user permission to {action} on {subject!r}"
+            if detail:
+                message += f" ({detail})"
+        super().__init__(message)
+
+
+class AuthenticationFailed(PermissionDenied):
+    """NATS refused the connection: wrong or revoked credentials, or a client certificate it requires is missing."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(None, "connect", detail)
 
 
 class ValidationError(KvstateError):

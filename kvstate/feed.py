@@ -56,6 +56,8 @@ __all__ = ["ChangeFeed", "FeedMessage", "FeedState"]
 log = logging.getLogger("kvstate.feed")
 
 _LISTING_FETCH = 1000
+_VERIFY_INTERVAL = 30.0
+"""seconds between two checks that the durable consumer still has the feed's settings"""
 _REPLAY_CHECK = 0.25
 """seconds between two reads of the consumer's ack floor while the replay is not applied yet"""
 
@@ -156,6 +158,10 @@ class ChangeFeed:
     the consumer was created, or created again after it was deleted or stalled (the
     stream may be a new one then: the bucket was deleted and created again). Closing stops pulling; the durable consumer
     stays on the server, and what was delivered and not acknowledged comes back.
+
+    Every ``_VERIFY_INTERVAL`` seconds a fetch checks that the consumer still has the feed's
+    settings and puts them back if someone else changed them (``restorations`` counts it);
+    processes sharing a feed must therefore open it with the same settings.
     """
 
     def __init__(
@@ -197,9 +203,13 @@ class ChangeFeed:
         self._replay_through: int | None = None
         """the last stream sequence of an operation key when the feed first opened"""
         self._replay_watch: asyncio.Task[None] | None = None
+        self._verified_at = 0.0
+        """loop time of the last check of the consumer's settings"""
         self.generation = 0
         self.pull_restarts = 0
         self.recreations = 0
+        self.restorations = 0
+        """times the consumer's settings were found changed by someone else and put back"""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -209,6 +219,7 @@ class ChangeFeed:
             self._replay_through = await self._store.last_revision(OPERATION_PREFIX + ">")
         with nats_errors(self.name, bucket_known=True):
             await self._store.js.add_consumer(self._store.config.stream, config=self._config)
+        self._verified_at = asyncio.get_running_loop().time()
         self.generation += 1
         await self._start_pulling()
         if not self._replayed.is_set() and self._replay_watch is None:
@@ -252,11 +263,17 @@ class ChangeFeed:
         if self._buffer is None:  # a stall guard's restart failed half-way
             await self.open()
         assert self._buffer is not None
+        denied, self._buffer.denied = self._buffer.denied, None
+        if denied is not None:  # raised once per refusal: the next fetch asks again
+            with nats_errors(self.name, bucket_known=True):
+                raise denied
         problem = self._buffer.problem
         if problem is not None:
             await self.open()
             raise KvstateError(f"consumer {self.name!r}: {problem}; it was created again")
         loop = asyncio.get_running_loop()
+        if loop.time() - self._verified_at >= _VERIFY_INTERVAL:
+            await self._verify()
         if loop.time() - self._last_call > timeout + PULL_GRACE:
             self._quiet_since = loop.time()  # nobody asked in between: that was no stall
         taken = await self._buffer.take(batch, timeout)
@@ -369,6 +386,39 @@ class ChangeFeed:
             await self._store.js.delete_consumer(self._store.config.stream, self.name)
         await self.open()
 
+    async def _verify(self) -> None:
+        """Put the consumer's settings back if someone else changed them; create it again if that is not enough.
+
+        A user allowed to create ephemeral consumers on the stream (any role that watches)
+        can update any consumer by naming it in the body of the legacy create request,
+        which its subject cannot show: measured on nats-server 2.15.1, such a request
+        changed this feed's filter, ack wait and inactivity threshold and made it
+        ephemeral (docs/security.md#nats-threat-model). An update restores most; what it
+        cannot (an inactivity threshold, which would delete the consumer while its
+        archivers are down) takes a new consumer, whose replay the caller absorbs.
+        """
+        self._verified_at = asyncio.get_running_loop().time()
+        try:
+            changed = _changed_settings(self._config, (await self._info()).config)
+            if not changed:
+                return
+            log.warning("consumer %s was changed by someone else (%s); restoring it", self.name, "; ".join(changed))
+            self.restorations += 1
+            with nats_errors(self.name, bucket_known=True):
+                await self._store.js.add_consumer(self._store.config.stream, config=self._config)
+            still = _changed_settings(self._config, (await self._info()).config)
+            if still:
+                log.warning("consumer %s: %s after the update; creating it again", self.name, "; ".join(still))
+                with contextlib.suppress(KvstateError), nats_errors(self.name):
+                    await self._store.js.delete_consumer(self._store.config.stream, self.name)
+                self.recreations += 1
+                buffer, self._buffer = self._buffer, None
+                if buffer is not None:
+                    await buffer.stop()
+                await self.open()
+        except KvstateError as exc:  # NATS away for now: the next fetch asks again
+            log.debug("feed %s: cannot check the consumer's settings yet: %s", self.name, exc)
+
     async def _check_replayed(self) -> None:
         """Set ``replayed`` when the consumer's ack floor passed what the stream held at the first open."""
         through = self._replay_through or 0
@@ -387,3 +437,19 @@ class ChangeFeed:
             if self._replayed.is_set():
                 return
             await asyncio.sleep(_REPLAY_CHECK)
+
+
+def _changed_settings(wanted: api.ConsumerConfig, actual: api.ConsumerConfig) -> list[str]:
+    """What differs in ``actual`` from the settings the feed created its consumer with."""
+    pairs = {
+        "durable_name": (wanted.durable_name, actual.durable_name),
+        "filter_subject": (wanted.filter_subject, actual.filter_subject),
+        "filter_subjects": (wanted.filter_subjects or None, actual.filter_subjects or None),
+        "ack_wait": (wanted.ack_wait, actual.ack_wait),
+        "max_deliver": (wanted.max_deliver, actual.max_deliver),
+        "max_ack_pending": (wanted.max_ack_pending, actual.max_ack_pending),
+        "headers_only": (bool(wanted.headers_only), bool(actual.headers_only)),
+        "inactive_threshold": (wanted.inactive_threshold or None, actual.inactive_threshold or None),
+        "pause_until": (None, actual.pause_until),
+    }
+    return [f"{name} {got!r}, not {want!r}" for name, (want, got) in pairs.items() if want != got]

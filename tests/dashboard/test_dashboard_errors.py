@@ -34,6 +34,8 @@ EXPECTED: dict[str, tuple[int, str]] = {
     "BucketError": (503, "UNAVAILABLE"),
     "BucketNotFound": (503, "UNAVAILABLE"),
     "ConnectionLostError": (503, "UNAVAILABLE"),
+    "PermissionDenied": (403, "PERMISSION_DENIED"),
+    "AuthenticationFailed": (503, "UNAVAILABLE"),
     "ValidationError": (400, "INVALID_ARGUMENT"),
     "InvalidKey": (400, "INVALID_ARGUMENT"),
     "UnknownStage": (400, "INVALID_ARGUMENT"),
@@ -83,6 +85,8 @@ SAMPLES: dict[str, Callable[[], Exception]] = {
     "JobNotFound": lambda: kvstate_errors.JobNotFound("j1"),
     "JobFinished": lambda: kvstate_errors.JobFinished("j1", "done"),
     "JobBusy": lambda: kvstate_errors.JobBusy("j1", "dashboard@host:1", "2026-01-01T00:00:00+00:00"),
+    "PermissionDenied": lambda: kvstate_errors.PermissionDenied("$kv.operations.pipeline.x", "publish"),
+    "AuthenticationFailed": lambda: kvstate_errors.AuthenticationFailed("authorization violation"),
     "InvalidPageToken": lambda: archiver_errors.InvalidPageToken("garbage", "not a token from this archive"),
     "BadQuery": lambda: dashboard_errors.BadQuery("status", "unknown status"),
 }
