@@ -32,7 +32,6 @@ __all__ = [
     "database_errors",
     "dsn_problem",
     "init_connection",
-    "shown_dsn",
 ]
 
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
@@ -73,18 +72,6 @@ def dsn_problem(dsn: str) -> str | None:
             if not os.path.isfile(path):
                 return f"{parameter}={path}: no such file"
     return None
-
-
-def shown_dsn(dsn: str) -> str:
-    """``dsn`` without its password: what may be printed or logged."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "(a URL that cannot be parsed)"
-    if parts.password is None:
-        return dsn
-    user, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}").geturl()
 
 
 def database_error(exc: BaseException, what: str) -> ArchiveUnavailable:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from archiver._pg import dsn_problem, shown_dsn
+from archiver._pg import dsn_problem
 from archiver.grants import DEFAULT_READER_ROLE
 from kvstate.errors import ConfigurationError
 from kvstate.keys import validate_id
@@ -20,6 +20,7 @@ from kvstate.settings import (
     non_negative_float,
     positive_float,
     positive_int,
+    redact_url,
     redacted_repr,
     setting,
     tcp_port,
@@ -129,5 +130,5 @@ class ArchiverSettings:
         A DATABASE_URL it rejects is quoted without its password."""
         url = environ.get("DATABASE_URL", "").strip()
         if url and (problem := dsn_problem(url)) is not None:
-            raise ConfigurationError(f"DATABASE_URL={shown_dsn(url)!r} is not valid: {problem}")
+            raise ConfigurationError(f"DATABASE_URL={redact_url(url)!r} is not valid: {problem}")
         return from_environ(cls, environ, kv=Settings.from_env(environ))

@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kvstate.errors import ConfigurationError
 from kvstate.jobs import MAX_RATE, MIN_RATE
-from kvstate.settings import Settings, from_environ, positive_float, positive_int, setting, tcp_port
+from kvstate.settings import Settings, from_environ, positive_float, positive_int, redact_url, setting, tcp_port
 
 __all__ = [
     "LOOPBACK_HOSTS",
@@ -279,7 +279,7 @@ class DashboardSettings:
             if f.name in ("auth_token", "secret") and value is not None:
                 value = _MASK
             elif f.name == "database_url" and value is not None:
-                value = _without_password(value)
+                value = redact_url(value)
             shown.append(f"{f.name}={value!r}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
@@ -311,16 +311,3 @@ class DashboardSettings:
         if not environ.get("DASHBOARD_DATABASE_URL", "").strip() and environ.get("DATABASE_URL", "").strip():
             fallback = {"database_url": environ["DATABASE_URL"].strip(), "database_url_fallback": True}
         return from_environ(cls, environ, kv=Settings.from_env(environ), **fallback)
-
-
-def _without_password(url: str) -> str:
-    """``url`` with the password of its user info masked (as it is when it has none, or is no URL)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.netloc.rpartition("@")[2]
-    except ValueError:
-        return _MASK
-    return urlunsplit(parts._replace(netloc=f"{user}:{_MASK}@{host}"))

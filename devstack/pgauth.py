@@ -23,14 +23,13 @@ import secrets
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 __all__ = [
     "PASSWORD_HOST",
     "load_passwords",
     "postgres_url",
     "scram_verifier",
-    "without_password",
     "write_private",
 ]
 
@@ -130,13 +129,3 @@ def postgres_url(user: str, password: str | None, port: int, database: str, host
     """``postgresql://user:password@host:port/database``, the password percent-encoded (left out when None)."""
     credentials = quote(user, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
     return f"postgresql://{credentials}@{host}:{port}/{database}"
-
-
-def without_password(url: str) -> str:
-    """``url`` with its password left out (what may be printed or logged)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.netloc.rsplit("@", 1)[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc}"))

@@ -43,7 +43,7 @@ import asyncpg
 
 from demo.runner import load_pipeline
 from devstack.errors import StackError
-from devstack.pgauth import load_passwords, without_password
+from devstack.pgauth import load_passwords
 from devstack.pgroles import ARCHIVER_ROLE, DASHBOARD_ROLE, provision
 from devstack.servers import NatsServer, PostgresServer, ServerStartError, free_port, parent_death_signal
 from kvstate import Client, KvstateError, Settings
@@ -406,7 +406,7 @@ class Stack:
             "kvstate is up",
             f"  dashboard  {self.dashboard_url(env)}",
             f"  nats       {redact_url(env['NATS_URL'])}  ({nats_where})",
-            f"  postgres   {without_password(env['DATABASE_URL'])}  ({pg_where})",
+            f"  postgres   {redact_url(env['DATABASE_URL'])}  ({pg_where})",
             f"  metrics    {self.dashboard_url(env)}metrics (dashboard)"
             + (
                 f", http://127.0.0.1:{port}/metrics (archiver)" if (port := env["ARCHIVER_METRICS_PORT"]) != "0" else ""

@@ -12,9 +12,10 @@ import pytest
 
 from archiver import migrations
 from archiver.store import ArchiveStore
-from devstack.pgauth import load_passwords, scram_verifier, without_password
+from devstack.pgauth import load_passwords, scram_verifier
 from devstack.pgroles import ARCHIVER_ROLE, DASHBOARD_ROLE, provision
 from devstack.servers import PostgresServer
+from kvstate.settings import redact_url
 
 PASSWORD = "a-generated-password-0123"
 
@@ -132,5 +133,5 @@ def test_scram_verifiers_are_salted_and_shown_urls_carry_no_password() -> None:
     with pytest.raises(ValueError):
         scram_verifier("with space")
     url = f"postgresql://kvstate:{PASSWORD}@127.0.0.1:5432/kvstate"
-    assert without_password(url) == "postgresql://kvstate@127.0.0.1:5432/kvstate"
-    assert without_password("postgresql://kvstate@h/db") == "postgresql://kvstate@h/db"
+    assert redact_url(url) == "postgresql://kvstate:***@127.0.0.1:5432/kvstate"
+    assert redact_url("postgresql://kvstate@h/db") == "postgresql://kvstate@h/db"

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
@@ -221,7 +221,9 @@ async def test_dashboard_creates_and_runs_a_bulk_job_a_service_cannot(role_setti
     async with opened(role_settings("operator"), "operator") as operator:
         ids = [(await operator.create("orders", op_id=new_id())).id for _ in range(3)]
     now = datetime.now(UTC)
-    job = new_job(new_id(), "cancel", ids, now, filter="status=pending", reason="incident", max_operations=10, rate=100.0)
+    job = new_job(
+        new_id(), "cancel", ids, now, filter="status=pending", reason="incident", max_operations=10, rate=100.0
+    )
     async with opened(role_settings("service"), "service") as service:
         await refused(lambda: JobStore(service).create(job), "publish", "job.")
     async with opened(role_settings("dashboard"), "dashboard") as dashboard:
