@@ -26,13 +26,17 @@ async def cancel_and_wait(
     Returns the tasks still running after ``rounds`` cancels (logged; normally none). Their
     results and exceptions are consumed: a stopped task's error is not raised here.
     """
-    pending = {task for task in tasks if not task.done()}
+    every = set(tasks)
+    pending = {task for task in every if not task.done()}
     for _ in range(rounds):
         if not pending:
             break
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=patience)
+    for task in every - pending:
+        if not task.cancelled():
+            task.exception()  # retrieved: asyncio logs no "exception was never retrieved"
     for task in pending:
         log.warning("task %r did not stop after %d cancels", task, rounds)
     return pending

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from kvstate.tasks import cancel_and_wait
 
@@ -44,3 +45,19 @@ async def test_finished_and_failed_tasks_are_fine() -> None:
     await asyncio.sleep(0.01)
     assert await cancel_and_wait([done, failed]) == set()
     assert isinstance(failed.exception(), ValueError)
+
+
+async def test_a_failed_task_is_retrieved_so_asyncio_reports_nothing() -> None:
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    task = asyncio.create_task(fails())
+    await asyncio.sleep(0.01)
+    assert await cancel_and_wait([task]) == set()
+    del task
+    gc.collect()
+    assert reported == []
