@@ -14,7 +14,16 @@ from urllib.parse import urlsplit
 
 from kvstate.errors import ConfigurationError
 from kvstate.jobs import MAX_RATE, MIN_RATE
-from kvstate.settings import Settings, from_environ, positive_float, positive_int, redact_url, setting, tcp_port
+from kvstate.settings import (
+    Settings,
+    flag,
+    from_environ,
+    positive_float,
+    positive_int,
+    redact_url,
+    setting,
+    tcp_port,
+)
 
 __all__ = [
     "LOOPBACK_HOSTS",
@@ -33,15 +42,6 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 """The names the dashboard answers to when DASHBOARD_ALLOWED_HOSTS is unset (plus DASHBOARD_HOST)."""
 _WILDCARD_BINDS = ("", "0.0.0.0", "::")
 _MASK = "***"
-
-
-def _boolean(raw: str) -> bool:
-    value = raw.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false (1/0, yes/no, on/off)")
 
 
 def _non_negative_int(raw: str) -> int:
@@ -162,7 +162,7 @@ class DashboardSettings:
     auth_reads: bool = setting(
         "DASHBOARD_AUTH_READS",
         False,
-        _boolean,
+        flag,
         "`true`: reads need DASHBOARD_AUTH_TOKEN too (every page, fragment, event stream, API read, /metrics and "
         "the OpenAPI document; /healthz and /static stay open)",
         shown_default="`false`",
@@ -170,7 +170,7 @@ class DashboardSettings:
     allow_anonymous: bool = setting(
         "DASHBOARD_ALLOW_ANONYMOUS",
         False,
-        _boolean,
+        flag,
         "`true`: start on a non-loopback DASHBOARD_HOST without DASHBOARD_AUTH_TOKEN (refused otherwise, exit code 2)",
         shown_default="`false`",
     )
